@@ -1,0 +1,1 @@
+"""Trainable video heads (nn.Modules), as nouns."""

@@ -1,0 +1,1 @@
+"""Persistence: the Parquet manifest, the Zarr feature store, run directories."""
