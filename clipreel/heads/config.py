@@ -1,0 +1,26 @@
+"""The base of every head's dataclass config: a JSON round trip that refuses keys it does not know."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from clipreel.errors import ClipreelError
+
+
+class HeadConfig:
+    """Mixed into each head's `@dataclass` config: `to_dict()` for the run's JSON, `from_dict()` back."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping):
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ClipreelError(
+                f"{cls.__name__}: unknown keys {unknown}; the known keys are {sorted(known)}. "
+                "Fix or remove them in the run's config JSON."
+            )
+        return cls(**values)
