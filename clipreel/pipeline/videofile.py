@@ -28,7 +28,7 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "h264", fps: 
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     _, height, width, _ = frames.shape
     path = Path(path)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if codec == "h264":

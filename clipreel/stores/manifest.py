@@ -1,0 +1,224 @@
+"""The manifest: one row per video, the single source of row order (row i of the feature store is row i here).
+
+In memory it is a pandas DataFrame with exactly the columns of `MANIFEST_COLUMNS`, in that order; on
+disk it is a zstd-compressed Parquet file, replaced atomically so that a crash never leaves a torn file.
+A label map is a small text file that fixes the order of class names (line i = label i).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipreel.errors import ClipreelError
+
+# column name -> pandas dtype ("str" is pandas' string dtype), in manifest order
+MANIFEST_COLUMNS: dict[str, str] = {
+    "video_id": "str",  # unique name of the video (its path relative to the list's root, without extension)
+    "path": "str",  # absolute path of the video file
+    "label": "int64",  # class id, -1 = unknown
+    "label_name": "str",  # class name, "" if unknown
+    "split": "str",  # train / val / test / ..., "all" by default
+    "num_frames": "int64",  # -1 until the video is probed
+    "fps": "float64",  # NaN until the video is probed
+    "status": "str",  # one of STATUSES
+    "error": "str",  # why the video failed, "" otherwise
+}
+STATUSES = ("pending", "done", "failed")
+
+# value used for a column that a record leaves out (video_id and path have no default: they are required)
+_DEFAULTS = {
+    "label": -1,
+    "label_name": "",
+    "split": "all",
+    "num_frames": -1,
+    "fps": np.nan,
+    "status": "pending",
+    "error": "",
+}
+_REQUIRED = ("video_id", "path")
+
+
+def new_manifest(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Build a manifest from records: fill defaults, enforce dtypes and column order, check ids.
+
+    Columns other than `MANIFEST_COLUMNS` are dropped. Raises `ClipreelError` when `video_id` or
+    `path` is missing, a status is unknown, or a `video_id` appears twice (naming both rows, 0-based).
+    """
+    table = pd.DataFrame(records).reset_index(drop=True)
+    if table.empty and len(table.columns) == 0:  # no records at all: an empty manifest
+        table = pd.DataFrame(columns=list(MANIFEST_COLUMNS))
+    for name in _REQUIRED:
+        if name not in table.columns:
+            raise ClipreelError(f"manifest records have no {name!r} column; every video needs a video_id and a path")
+        empty = table[name].isna() | (table[name].astype(str) == "")
+        if empty.any():
+            row = int(np.flatnonzero(empty)[0])
+            raise ClipreelError(f"manifest row {row} has an empty {name!r}; every video needs a video_id and a path")
+    for name, default in _DEFAULTS.items():
+        if name not in table.columns:
+            table[name] = default
+        elif name != "fps":  # NaN is the real "unknown" of fps; elsewhere it means "not given"
+            table[name] = table[name].where(table[name].notna(), default)
+    try:
+        table = table[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
+    except (ValueError, TypeError) as exc:
+        raise ClipreelError(f"manifest records have a value of the wrong type: {exc}") from exc
+
+    unknown = ~table["status"].isin(STATUSES)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise ClipreelError(
+            f"manifest row {row} has status {table.at[row, 'status']!r}; it must be one of {', '.join(STATUSES)}"
+        )
+    _check_unique_ids(table)
+    return table
+
+
+def _check_unique_ids(table: pd.DataFrame) -> None:
+    """Raise naming the first duplicated video_id and the two rows that hold it."""
+    repeated = table["video_id"].duplicated(keep=False)
+    if not repeated.any():
+        return
+    first_id = table["video_id"][repeated].iloc[0]
+    rows = np.flatnonzero(table["video_id"] == first_id)[:2]
+    raise ClipreelError(
+        f"video_id {first_id!r} appears twice in the manifest (rows {rows[0]} and {rows[1]}, 0-based); "
+        "every video must appear once: remove one of the two"
+    )
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then os.replace."""
+    table = new_manifest(df)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow_table = pa.Table.from_pandas(table, preserve_index=False)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            pq.write_table(arrow_table, temp_file, compression="zstd")
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest written by `write_manifest`, checking that it has the manifest's columns and dtypes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipreelError(f"manifest {path} does not exist; write one with `clipreel manifest VIDEOS {path}`")
+    try:
+        table = pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise ClipreelError(f"{path} is not a Parquet manifest ({exc}); write one with `clipreel manifest`") from exc
+    missing = [name for name in MANIFEST_COLUMNS if name not in table.columns]
+    if missing:
+        raise ClipreelError(
+            f"{path} is not a clipreel manifest: it lacks the column(s) {', '.join(missing)}; "
+            "write one with `clipreel manifest`"
+        )
+    for name, dtype in MANIFEST_COLUMNS.items():
+        if not _has_kind(table[name], dtype):
+            raise ClipreelError(
+                f"{path}: manifest column {name!r} holds {table[name].dtype}, expected {dtype}; "
+                "rewrite it with `clipreel manifest`"
+            )
+    return new_manifest(table)
+
+
+def _has_kind(column: pd.Series, dtype: str) -> bool:
+    """True when `column` can be stored as `dtype` without changing what its values mean."""
+    if dtype == "str":
+        return pd.api.types.is_string_dtype(column) or column.isna().all()
+    if dtype == "int64":
+        return pd.api.types.is_integer_dtype(column)
+    return pd.api.types.is_float_dtype(column) or pd.api.types.is_integer_dtype(column)
+
+
+def status_counts(df: pd.DataFrame) -> dict[str, int]:
+    """How many videos are in each status, e.g. {'pending': 3, 'done': 10, 'failed': 1} (zeros included)."""
+    counts = df["status"].value_counts()
+    return {status: int(counts.get(status, 0)) for status in STATUSES}
+
+
+def write_label_map(names: list[str], path: str | Path) -> Path:
+    """Write class names one per line (line i = label i)."""
+    path = Path(path)
+    for index, name in enumerate(names):
+        if not name.strip() or "\n" in name or name != name.strip():
+            raise ClipreelError(f"class name {name!r} (label {index}) must be non-empty, one line, no outer spaces")
+    _check_unique_names(names, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return path
+
+
+def read_label_map(path: str | Path) -> list[str]:
+    """Read class names in label order from a text file (one per line) or an `id,name` CSV with that header."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipreelError(f"label map {path} does not exist; give a text file with one class name per line")
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ClipreelError(f"label map {path} is empty; give one class name per line")
+    if lines[0].replace(" ", "").lower() == "id,name":
+        names = _names_from_id_csv(lines, path)
+    else:
+        names = [line.strip() for line in lines]
+        for number, name in enumerate(names, start=1):
+            if not name:
+                raise ClipreelError(
+                    f"label map {path}, line {number} is blank; line i must hold the name of label i-1: "
+                    "remove the blank line or name the class"
+                )
+    _check_unique_names(names, str(path))
+    return names
+
+
+def _names_from_id_csv(lines: list[str], path: Path) -> list[str]:
+    """Class names from an `id,name` CSV: ids must be 0..N-1, each once, in any order."""
+    by_id: dict[int, str] = {}
+    reader = csv.reader(lines[1:])
+    for row in reader:
+        number = reader.line_num + 1  # +1 for the header line
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2 or not row[0].strip().lstrip("-").isdigit():
+            raise ClipreelError(f"label map {path}, line {number}: expected 'id,name' with an integer id, got {row}")
+        label, name = int(row[0]), row[1].strip()
+        if label in by_id:
+            raise ClipreelError(f"label map {path}, line {number}: id {label} is given twice; give each id once")
+        by_id[label] = name
+    expected = list(range(len(by_id)))
+    if sorted(by_id) != expected:
+        raise ClipreelError(
+            f"label map {path}: ids must be 0..{len(by_id) - 1} with no gaps, got {sorted(by_id)[:10]}...; "
+            "renumber the ids from 0"
+        )
+    return [by_id[label] for label in expected]
+
+
+def _check_unique_names(names: list[str], where: str) -> None:
+    """Raise when a class name appears twice (two labels could not be told apart by name)."""
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in seen:
+            raise ClipreelError(
+                f"label map {where}: class name {name!r} is given for labels {seen[name]} and {index}; "
+                "class names must be unique"
+            )
+        seen[name] = index
