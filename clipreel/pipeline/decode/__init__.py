@@ -1,0 +1,63 @@
+"""Decoding chosen frames of a video file, behind one interface with two implementations.
+
+- `PyAVDecoder` (CPU, every FFmpeg codec): the default and the reference.
+- `DaliDecoder` (NVDEC on a GPU; on the CPU only VP8/VP9/MJPEG).
+
+Both call `probe` first, so a frame index means the same frame for both: the i-th frame of the
+video stream in presentation order, counting from 0. Both return (n, H, W, 3) uint8 RGB with
+row i = frame indices[i], and raise `DecodeError` (a ClipreelError naming the file) on failure.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from clipreel.errors import ClipreelError
+from clipreel.pipeline.decode.dali import DaliDecoder, dali_available
+from clipreel.pipeline.decode.probe import DecodeError, VideoInfo, probe
+from clipreel.pipeline.decode.pyav import PyAVDecoder
+
+DECODERS = ("auto", "pyav", "dali")
+
+__all__ = [
+    "DECODERS",
+    "DaliDecoder",
+    "DecodeError",
+    "Decoder",
+    "PyAVDecoder",
+    "VideoInfo",
+    "dali_available",
+    "make_decoder",
+    "probe",
+]
+
+
+class Decoder(Protocol):
+    """What every decoder offers: a name and `read(path, indices) -> (n, H, W, 3) uint8 frames`."""
+
+    name: str
+
+    def read(self, path, indices: np.ndarray): ...
+
+
+def make_decoder(name: str = "auto", device: str = "cpu") -> Decoder:
+    """The decoder called `name` for a model on `device` ("cpu", "cuda" or "cuda:k").
+
+    "auto" picks DALI (NVDEC) when the model is on a GPU and nvidia.dali imports, else PyAV.
+    "dali" on the CPU decodes VP8/VP9/MJPEG only.
+    """
+    if name not in DECODERS:
+        raise ClipreelError(f"unknown decoder {name!r}: choose one of {', '.join(DECODERS)}")
+    device = str(device)  # also accepts a torch.device
+    on_gpu = device.startswith("cuda")
+    if name == "pyav" or (name == "auto" and not (on_gpu and dali_available())):
+        return PyAVDecoder()
+    return DaliDecoder(device_id=_cuda_index(device) if on_gpu else None)
+
+
+def _cuda_index(device: str) -> int:
+    """0 for "cuda", k for "cuda:k"."""
+    _, _, index = device.partition(":")
+    return int(index) if index else 0

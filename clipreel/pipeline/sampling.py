@@ -1,0 +1,132 @@
+"""Which frames of a video to look at: the temporal sampling policies of the reference methods.
+
+A policy turns a video's frame count into a (V views, T frames) table of frame indices. Every
+decoder reads exactly these indices, and the feature store records them, so a run can be
+reproduced and audited. Randomness is seeded from (seed, video key) with a stable hash: the same
+video gets the same indices in any process, on any machine, in any order.
+
+Policies:
+- ``tsn``: T equal segments (X-CLIP, ViFi-CLIP, EZ-CLIP). Test: segment centres (view v of V
+  takes offset (v + 0.5) / V inside each segment). Train: a random offset in each segment.
+- ``dense``: T frames ``stride`` apart (EVL). Test: V evenly spaced starts (V = 1: centred clip).
+  Train: random starts. Videos shorter than the clip repeat their last frame.
+- ``uniform``: T indices evenly spaced over the whole video; view v shifts them forward by v / V
+  of the spacing (random: by a random fraction).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from clipreel.errors import ClipreelError
+
+POLICIES = ("tsn", "dense", "uniform")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick frames: policy, T frames per view, stride (dense only), V views, randomness."""
+
+    policy: str = "tsn"
+    frames: int = 8
+    stride: int = 16
+    views: int = 1
+    random: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ClipreelError(
+                f"sampling policy {self.policy!r} is unknown: choose one of {', '.join(POLICIES)}"
+            )
+        for name in ("frames", "stride", "views"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ClipreelError(
+                    f"sampling {name} must be an integer >= 1 (got {value!r}): set it to 1 or more"
+                )
+
+    def to_dict(self) -> dict:
+        """A plain dict (JSON-safe) for store attributes and run configs."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingConfig:
+        """Rebuild a config recorded with `to_dict`; unknown keys are an error, not ignored."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ClipreelError(
+                f"sampling config has unknown keys {unknown}: it was written by another clipreel "
+                f"version; the keys understood here are {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def sample_indices(num_frames: int, cfg: SamplingConfig, key: str) -> np.ndarray:
+    """The frame indices to decode for one video: (V, T) int64, every value in [0, num_frames-1].
+
+    `key` identifies the video (its video_id) and seeds the randomness together with `cfg.seed`.
+    """
+    if num_frames < 1:
+        raise ClipreelError(
+            f"video {key!r} has {num_frames} frames, so no frame can be sampled: "
+            f"check the file decodes, or drop its manifest row"
+        )
+    rng = np.random.default_rng(_stable_seed(cfg.seed, key)) if cfg.random else None
+    if cfg.policy == "tsn":
+        indices = _tsn(num_frames, cfg.frames, cfg.views, rng)
+    elif cfg.policy == "dense":
+        indices = _dense(num_frames, cfg.frames, cfg.stride, cfg.views, rng)
+    else:
+        indices = _uniform(num_frames, cfg.frames, cfg.views, rng)
+    return np.clip(indices, 0, num_frames - 1).astype(np.int64)
+
+
+def _stable_seed(seed: int, key: str) -> int:
+    """A 64-bit seed from (seed, key) that is the same in every process (unlike `hash`)."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _tsn(num_frames: int, frames: int, views: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Segment sampling: frame t of view v sits at (t + offset[v, t]) segment lengths."""
+    segment = num_frames / frames
+    if rng is None:
+        offsets = np.broadcast_to(((np.arange(views) + 0.5) / views)[:, None], (views, frames))
+    else:
+        offsets = rng.random((views, frames))  # (V, T), each in [0, 1)
+    positions = (np.arange(frames)[None, :] + offsets) * segment  # (V, T)
+    return np.floor(positions).astype(np.int64)
+
+
+def _dense(
+    num_frames: int, frames: int, stride: int, views: int, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Clips of T frames `stride` apart; short videos clamp to (repeat) the last frame."""
+    span = (frames - 1) * stride + 1
+    slack = max(num_frames - span, 0)  # how far the clip start can slide
+    if rng is not None:
+        starts = rng.integers(0, slack + 1, size=views)
+    elif views == 1:
+        starts = np.array([slack // 2])
+    else:
+        starts = np.round(np.arange(views) * slack / (views - 1)).astype(np.int64)
+    return starts[:, None] + stride * np.arange(frames)[None, :]  # (V, T), clamped by the caller
+
+
+def _uniform(
+    num_frames: int, frames: int, views: int, rng: np.random.Generator | None
+) -> np.ndarray:
+    """T evenly spaced indices from first to last frame; views shift forward by part of a gap."""
+    grid = np.linspace(0, num_frames - 1, frames)  # (T,)
+    spacing = (num_frames - 1) / (frames - 1) if frames > 1 else 0.0
+    if rng is None:
+        shifts = np.arange(views) / views
+    else:
+        shifts = rng.random(views)  # (V,), each in [0, 1)
+    positions = grid[None, :] + shifts[:, None] * spacing  # (V, T), clamped by the caller
+    return np.round(positions).astype(np.int64)
