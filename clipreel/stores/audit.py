@@ -1,0 +1,199 @@
+"""Looking at a feature store from outside: compare provenances, summarise, verify.
+
+These back `clipreel info`, `clipreel verify` and the "same settings?" check before videos are
+added to an existing store. They are importable from clipreel.stores.features as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from clipreel.errors import ClipreelError
+
+if TYPE_CHECKING:
+    from clipreel.stores.features import FeatureStore
+
+# The provenance settings that decide what the stored numbers mean: videos extracted with a
+# different value of any of these cannot share a store.
+APPEND_KEYS = (
+    "model",
+    "pretrained",
+    "checkpoint_sha256",
+    "image_size",
+    "mean",
+    "std",
+    "frames",
+    "views",
+    "crops",
+    "sampling",
+    "preprocess",  # also interpolation, which changes the pixels the model sees
+    "feature_blocks",
+)
+
+_ABSENT = object()
+
+
+def provenance_diff(old: dict, new: dict, keys: Sequence[str] = APPEND_KEYS) -> list[str]:
+    """One human-readable line per setting in `keys` that differs between `old` (the store) and
+    `new` (this run), e.g. "frames: store has 8, this run asks for 16". Dict settings (sampling)
+    are compared entry by entry ("sampling.stride: ..."). Tuples and lists compare equal."""
+    lines: list[str] = []
+    for key in keys:
+        _compare(key, _plain(old.get(key, _ABSENT)), _plain(new.get(key, _ABSENT)), lines)
+    return lines
+
+
+def _compare(name: str, old, new, lines: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [key for key in new if key not in old]:
+            _compare(f"{name}.{key}", old.get(key, _ABSENT), new.get(key, _ABSENT), lines)
+    elif old is _ABSENT and new is not _ABSENT:
+        lines.append(f"{name}: store does not record it, this run asks for {new!r}")
+    elif new is _ABSENT and old is not _ABSENT:
+        lines.append(f"{name}: store has {old!r}, this run does not set it")
+    elif old != new:
+        lines.append(f"{name}: store has {old!r}, this run asks for {new!r}")
+
+
+def _plain(value):
+    """The value as it reads back from JSON (tuples -> lists, numpy scalars -> numbers)."""
+    if value is _ABSENT:
+        return value
+    return json.loads(json.dumps(value, default=lambda item: item.tolist() if hasattr(item, "tolist") else str(item)))
+
+
+def summarize(store: "FeatureStore") -> dict:
+    """Facts about a store: videos by status, layout, array shapes, bytes, provenance.
+
+    done comes from the done flags (the truth after a crash); failed are the not-done rows the
+    manifest marks failed; every other row is pending.
+    """
+    manifest = store.manifest()
+    videos = store.layout.videos
+    done = store.done_mask()
+    statuses = manifest["status"].to_numpy()[:videos]
+    failed = int(((statuses == "failed") & ~done[: len(statuses)]).sum())
+    arrays = {}
+    for name in store.layout.array_names:
+        array = store.array(name)
+        arrays[name] = {"shape": list(array.shape), "chunks": list(array.chunks), "dtype": str(array.dtype)}
+    return {
+        "path": str(store.path),
+        "schema_version": store.schema_version,
+        "clipreel_version": store.clipreel_version,
+        "videos": videos,
+        "done": int(done.sum()),
+        "failed": failed,
+        "pending": videos - int(done.sum()) - failed,
+        "manifest_rows": len(manifest),
+        "layout": asdict(store.layout),
+        "arrays": arrays,
+        "bytes_on_disk": _bytes_on_disk(store.path),
+        "bytes_per_video": store.layout.bytes_per_video(),
+        "provenance": store.provenance,
+    }
+
+
+def _bytes_on_disk(location: Path | str) -> int:
+    """Total size of the files under the store (any fsspec URL works too)."""
+    if isinstance(location, Path):
+        total = 0
+        for folder, _, names in os.walk(location):
+            total += sum(os.lstat(os.path.join(folder, name)).st_size for name in names)
+        return total
+    import fsspec
+
+    filesystem, path = fsspec.core.url_to_fs(location)
+    return int(filesystem.du(path, total=True))
+
+
+def verify(store: "FeatureStore", check_values: bool = True) -> list[str]:
+    """Problems found in the store, one line each naming the row and video_id; [] when sound.
+
+    Checks: manifest rows == N; provenance frames/views/feature_blocks agree with the shapes;
+    manifest status agrees with the done flags; failed rows carry an error message; every done
+    video has all its chunk files at the right size and (check_values) finite tokens, embeds and
+    attention maps, and frame indices in [0, num_frames).
+    """
+    layout = store.layout
+    manifest = store.manifest()
+    problems: list[str] = []
+    if len(manifest) != layout.videos:
+        problems.append(
+            f"manifest has {len(manifest)} rows but the arrays hold {layout.videos} videos "
+            "(row i of every array is manifest row i)"
+        )
+    problems += _layout_problems(store)
+    done = store.done_mask()
+    rows = min(len(manifest), layout.videos)
+    manifest = manifest.iloc[:rows]
+    ids = manifest["video_id"].astype(str).tolist() + ["<no manifest row>"] * (layout.videos - rows)
+    status = manifest["status"].to_numpy()
+    errors = manifest["error"].fillna("").astype(str).str.strip().to_numpy()
+    for row in np.flatnonzero((status == "done") & ~done[:rows]):
+        problems.append(f"row {row} ({ids[row]}): manifest status is 'done' but its done flag is not set")
+    for row in np.flatnonzero((status != "done") & done[:rows]):
+        problems.append(f"row {row} ({ids[row]}): done flag is set but manifest status is {status[row]!r}")
+    for row in np.flatnonzero((status == "failed") & (errors == "")):
+        problems.append(f"row {row} ({ids[row]}): status 'failed' without an error message")
+    num_frames = pd.to_numeric(manifest["num_frames"], errors="coerce").to_numpy()
+    for row in np.flatnonzero(done):
+        known_frames = num_frames[row] if row < rows else np.nan
+        for problem in _video_problems(store, row, known_frames, check_values):
+            problems.append(f"row {row} ({ids[row]}): {problem}")
+    return problems
+
+
+def _layout_problems(store: "FeatureStore") -> list[str]:
+    """Provenance settings that contradict the array shapes."""
+    layout, provenance = store.layout, store.provenance
+    expected = {"frames": layout.frames, "views": layout.views}
+    problems = [
+        f"provenance {key} is {provenance[key]} but the arrays hold {value}"
+        for key, value in expected.items()
+        if key in provenance and provenance[key] != value
+    ]
+    if "feature_blocks" in provenance and len(provenance["feature_blocks"]) != layout.layers:
+        problems.append(
+            f"provenance feature_blocks {provenance['feature_blocks']} has {len(provenance['feature_blocks'])} "
+            f"entries but the tokens hold {layout.layers} layers"
+        )
+    return problems
+
+
+def _video_problems(store: "FeatureStore", row: int, num_frames: float, check_values: bool) -> list[str]:
+    """What is wrong with one done video's data."""
+    problems = []
+    data_arrays = [name for name in store.layout.array_names if name != "done"]
+    for name in data_arrays:
+        path = store.chunk_file(name, row)
+        if path is None:  # not a raw local file: the value checks below still see missing data
+            continue
+        expected = int(np.prod(store.array(name).shape[1:])) * store.array(name).dtype.itemsize
+        if not os.path.exists(path):
+            problems.append(f"{name} chunk file missing ({path})")
+        elif os.path.getsize(path) != expected:
+            problems.append(f"{name} chunk file has {os.path.getsize(path)} bytes, expected {expected} ({path})")
+    if problems or not check_values:
+        return problems
+    try:
+        values = store.read([row], fields=data_arrays)
+    except ClipreelError as error:
+        return [str(error)]
+    for name in data_arrays:
+        bad = int((~np.isfinite(values[name])).sum())
+        if bad:
+            problems.append(f"{name} has {bad} non-finite values (NaN/inf; or a missing chunk read as NaN)")
+    indices = values["frame_indices"][0]  # (V, T)
+    if indices.min() < 0:
+        problems.append(f"frame_indices has negative values (min {indices.min()}; -1 = never written)")
+    if np.isfinite(num_frames) and num_frames > 0 and indices.max() >= num_frames:
+        problems.append(f"frame_indices up to {indices.max()} but the video has {int(num_frames)} frames")
+    return problems

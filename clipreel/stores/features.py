@@ -1,0 +1,589 @@
+"""The feature store: one Zarr v3 group holding the frozen CLIP features of a video collection.
+
+Layout (documented field by field in docs/store.md):
+
+    NAME.zarr/
+      zarr.json             root group; attributes schema_version, clipreel_version, provenance
+      manifest.parquet      one row per video; row i of every array below is manifest row i
+      tokens/               (N, V, T, K, L, D)          float16  outputs of the K feature blocks, CLS first
+      embeds/               (N, V, T, E)                float32  projected per-frame embeddings (not normalised)
+      attention/            (N, V, 2, T-1, K, P, P)     float16  EVL's cross-frame attention maps (T >= 2 only)
+      frame_indices/        (N, V, T)                   int32    the frame numbers actually sampled
+      done/                 (N,)                        uint8    1 once all of a video's data is written
+
+`attention` holds, per feature block, the head-averaged softmax attention of each frame's patch
+queries over the previous frame's (index 0) and the next frame's (index 1) patch keys: exactly
+what EVL's temporal cross-attention consumes. It depends only on frozen weights, so extraction
+computes it once and training never recomputes q/k (docs/store.md weighs the alternatives).
+
+Every per-video array has one chunk per video, stored uncompressed. A video therefore owns its
+chunk files, and writers in different processes never touch the same file (zarr's
+read-modify-write of a shared chunk loses updates). A video's `done` chunk is written last, so
+a crash can leave a half-written video but never one that reads as done.
+
+Reading goes straight to the chunk files when the store is a local folder (see fastread.py),
+and through zarr otherwise (fsspec URLs, or any array whose encoding is not raw bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import zarr
+import zarr.errors
+
+from clipreel import __version__
+from clipreel.errors import ClipreelError
+from clipreel.stores import fastread
+from clipreel.stores.audit import provenance_diff, summarize, verify
+from clipreel.stores.manifest import new_manifest, read_manifest, write_manifest
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FeatureStore",
+    "StoreLayout",
+    "provenance_diff",
+    "summarize",
+    "verify",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.parquet"
+READABLE_FIELDS = ("tokens", "embeds", "attention", "frame_indices")
+# Where the layer axis K sits within one video's slice of each array that has one.
+LAYER_AXIS = {"tokens": 2, "attention": 3}
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The sizes of a store: N videos, V views, T frames, K feature blocks, L tokens, D width, E."""
+
+    videos: int
+    views: int
+    frames: int
+    layers: int
+    tokens: int
+    width: int
+    embed_dim: int
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one video's slice of the array `name`."""
+        return {
+            "tokens": (self.views, self.frames, self.layers, self.tokens, self.width),
+            "embeds": (self.views, self.frames, self.embed_dim),
+            "attention": (self.views, 2, self.frames - 1, self.layers, self.tokens - 1, self.tokens - 1),
+            "frame_indices": (self.views, self.frames),
+            "done": (),
+        }[name]
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """The per-video arrays of a store of this layout (no attention maps for single frames)."""
+        return tuple(name for name in ARRAYS if name != "attention" or self.frames >= 2)
+
+    def bytes_per_video(self) -> int:
+        """Bytes one video occupies on disk (all its chunks, uncompressed)."""
+        return sum(
+            math.prod(self.row_shape(name)) * np.dtype(ARRAYS[name].dtype).itemsize for name in self.array_names
+        )
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How one per-video array is created."""
+
+    dtype: str
+    fill_value: float | int  # what zarr returns for an unwritten row: NaN / -1 make it obvious
+    dimension_names: tuple[str, ...]
+    # True: every write makes the row's file, whatever the values. False (done only): writing
+    # the fill value 0 deletes the file, so "done chunk exists" is the same as "done == 1".
+    write_empty_chunks: bool
+    description: str
+
+
+ARRAYS = {
+    "tokens": ArraySpec(
+        dtype="float16",
+        fill_value=float("nan"),
+        dimension_names=("video", "view", "frame", "layer", "token", "channel"),
+        write_empty_chunks=True,
+        description="outputs of the feature blocks (provenance feature_blocks), CLS first then patches row-major",
+    ),
+    "embeds": ArraySpec(
+        dtype="float32",
+        fill_value=float("nan"),
+        dimension_names=("video", "view", "frame", "embed"),
+        write_empty_chunks=True,
+        description="projected per-frame image embeddings (ln_post + proj), not L2-normalised",
+    ),
+    "attention": ArraySpec(
+        dtype="float16",
+        fill_value=float("nan"),
+        dimension_names=("video", "view", "direction", "frame_pair", "layer", "query_patch", "key_patch"),
+        write_empty_chunks=True,
+        description="head-averaged softmax attention of frame t's patches over frame t-1's (direction 0, "
+        "t = 1..T-1) and frame t+1's (direction 1, t = 0..T-2) patches, per feature block",
+    ),
+    "frame_indices": ArraySpec(
+        dtype="int32",
+        fill_value=-1,
+        dimension_names=("video", "view", "frame"),
+        write_empty_chunks=True,
+        description="indices of the decoded frames in the video",
+    ),
+    "done": ArraySpec(
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=("video",),
+        write_empty_chunks=False,
+        description="1 once all of the video's data is written (written last)",
+    ),
+}
+
+
+class FeatureStore:
+    """A feature store on disk (a local folder) or behind an fsspec URL. Use create() or open()."""
+
+    def __init__(self, path: Path | str, group: zarr.Group, mode: str, fast_read: bool):
+        self.path = path  # Path for a local folder, str for a URL
+        self.mode = mode
+        self._group = group
+        self._fast_read = fast_read
+        attributes = group.attrs.asdict()
+        self.provenance: dict = dict(attributes.get("provenance", {}))
+        self.schema_version: int = attributes["schema_version"]
+        self.clipreel_version: str | None = attributes.get("clipreel_version")
+        videos, views, frames, layers, tokens, width = group["tokens"].shape
+        self.layout = StoreLayout(videos, views, frames, layers, tokens, width, group["embeds"].shape[-1])
+        self._arrays = {
+            name: group[name].with_config({"write_empty_chunks": ARRAYS[name].write_empty_chunks})
+            for name in self.layout.array_names
+        }
+        # Per array: why its chunk files cannot be read directly (absent when they can), and
+        # the files themselves where they can.
+        self.direct_read_obstacles = {
+            name: obstacle
+            for name, array in self._arrays.items()
+            if (obstacle := fastread.direct_read_obstacle(array)) is not None
+        }
+        self._files = {
+            name: None if name in self.direct_read_obstacles else fastread.RowChunkFiles(array)
+            for name, array in self._arrays.items()
+        }
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layout: StoreLayout,
+        provenance: dict,
+        manifest: pd.DataFrame,
+    ) -> "FeatureStore":
+        """Create a new store at `path` (which must not exist, or be an empty folder)."""
+        location = _location(path)
+        if isinstance(location, Path) and location.exists() and any(location.iterdir()):
+            raise ClipreelError(
+                f"{location} already exists and is not empty: choose a new path, delete it, or add "
+                "videos to an existing store with FeatureStore.open(path, 'r+').append(rows)"
+            )
+        try:
+            json.dumps(provenance, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ClipreelError(f"store provenance must be plain JSON (lists, numbers, strings): {exc}") from None
+        manifest = new_manifest(manifest)
+        if len(manifest) != layout.videos:
+            raise ClipreelError(
+                f"{location}: the manifest has {len(manifest)} rows but the layout asks for "
+                f"{layout.videos} videos; row i of the store is manifest row i, so they must match"
+            )
+        try:
+            group = zarr.create_group(
+                str(location),
+                zarr_format=3,
+                attributes={
+                    "schema_version": SCHEMA_VERSION,
+                    "clipreel_version": __version__,
+                    "provenance": provenance,
+                },
+            )
+        except zarr.errors.BaseZarrError as exc:  # e.g. a group or array already there (URLs)
+            raise ClipreelError(f"cannot create a store at {location}: {exc}. Choose a new path.") from None
+        for name in layout.array_names:
+            spec = ARRAYS[name]
+            row_shape = layout.row_shape(name)
+            group.create_array(
+                name,
+                shape=(layout.videos, *row_shape),
+                chunks=(1, *row_shape),  # one chunk per video: a writer owns its video's files
+                dtype=spec.dtype,
+                compressors=None,  # fp16 activations compress by < 10% (DESIGN.md)
+                filters=None,
+                fill_value=spec.fill_value,
+                dimension_names=spec.dimension_names,
+                attributes={"description": spec.description},
+            )
+        # The manifest is written last: a store without one is an interrupted create.
+        _save_manifest(location, manifest)
+        return cls.open(location, mode="r+")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r", fast_read: bool = True) -> "FeatureStore":
+        """Open an existing store; mode "r" (read only) or "r+" (write videos, manifest, append).
+
+        fast_read=False reads through zarr even where chunk files could be read directly.
+        """
+        if mode not in ("r", "r+"):
+            raise ClipreelError(f"FeatureStore.open: mode {mode!r} must be 'r' or 'r+'")
+        location = _location(path)
+        if isinstance(location, Path) and not location.is_dir():
+            raise ClipreelError(
+                f"{location} is not a feature store: no such folder. Create one with `clipreel extract`."
+            )
+        try:
+            group = zarr.open_group(str(location), mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError) as exc:
+            raise ClipreelError(
+                f"{location} is not a clipreel feature store: it holds no Zarr v3 group (zarr.json) ({exc})"
+            ) from None
+        attributes = group.attrs.asdict()
+        if "schema_version" not in attributes:
+            raise ClipreelError(
+                f"{location} is a Zarr group but not a clipreel feature store: its root has no "
+                "'schema_version' attribute. Point to a store written by `clipreel extract`."
+            )
+        if attributes["schema_version"] != SCHEMA_VERSION:
+            raise ClipreelError(
+                f"{location} has store schema_version {attributes['schema_version']!r}; this clipreel "
+                f"({__version__}) reads schema_version {SCHEMA_VERSION}. Use the clipreel version that "
+                f"wrote it ({attributes.get('clipreel_version')}) or extract again."
+            )
+        required = [name for name in ARRAYS if name != "attention"]
+        if _has_member(group, "tokens") and group["tokens"].shape[2] >= 2:
+            required.append("attention")
+        missing = [name for name in required if not _has_member(group, name)]
+        if not _manifest_exists(location):
+            missing.append(MANIFEST_FILE)
+        if missing:
+            raise ClipreelError(
+                f"{location} is an incomplete clipreel feature store: {', '.join(missing)} missing "
+                "(an interrupted create?). Delete it and extract again."
+            )
+        return cls(location, group, mode, fast_read)
+
+    def __reduce__(self):
+        """Pickle as "open the same path again" (e.g. to hand a store to Ray workers)."""
+        return (FeatureStore.open, (self.path, self.mode, self._fast_read))
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, videos={self.layout.videos}, mode={self.mode!r})"
+
+    # ------------------------------------------------------------------ manifest
+
+    def manifest(self) -> pd.DataFrame:
+        """The store's manifest (manifest.parquet inside the store)."""
+        return _load_manifest(self.path)
+
+    def write_manifest(self, df: pd.DataFrame) -> None:
+        """Replace the manifest (atomically); it must keep one row per video, in row order."""
+        self._require_writable("write the manifest")
+        if len(df) != self.layout.videos:
+            raise ClipreelError(
+                f"{self.path}: the new manifest has {len(df)} rows, the store has {self.layout.videos} "
+                "videos; use append() to add videos"
+            )
+        _save_manifest(self.path, new_manifest(df))
+
+    def append(self, rows: pd.DataFrame) -> None:
+        """Add videos: grow every per-video array by len(rows) and append rows to the manifest.
+
+        The new rows start not done. Do not append while other processes write videos.
+        """
+        self._require_writable("append videos")
+        old = self.manifest()
+        if len(old) != self.layout.videos:
+            raise ClipreelError(
+                f"{self.path}: manifest has {len(old)} rows but the arrays have {self.layout.videos}; "
+                "run `clipreel verify` and fix the store before appending"
+            )
+        combined = new_manifest(pd.concat([old, new_manifest(rows)], ignore_index=True))
+        videos = len(combined)
+        # Arrays first: if we crash before the manifest is written, the extra rows are merely
+        # not done, and verify() reports the row-count mismatch.
+        for array in self._arrays.values():
+            array.resize((videos, *array.shape[1:]))
+        _save_manifest(self.path, combined)
+        self.layout = replace(self.layout, videos=videos)
+
+    # ------------------------------------------------------------------ writing
+
+    def write_video(
+        self,
+        row: int,
+        tokens: np.ndarray,
+        embeds: np.ndarray,
+        frame_indices: np.ndarray,
+        attention: np.ndarray | None = None,
+    ) -> None:
+        """Write one video's data, then its done flag.
+
+        tokens (V, T, K, L, D) float16, embeds (V, T, E) float32, frame_indices (V, T) integers,
+        attention (V, 2, T-1, K, P, P) float16 (required when T >= 2, absent when T == 1).
+        Rewriting a done video first clears its flag, so a crash mid-rewrite leaves it not done.
+        """
+        self._require_writable("write videos")
+        row = self._checked_rows([row])[0]
+        values = {
+            "tokens": _checked_values("tokens", tokens, self.layout.row_shape("tokens"), np.float16, row),
+            "embeds": _checked_values("embeds", embeds, self.layout.row_shape("embeds"), np.float32, row),
+            "frame_indices": _checked_indices(frame_indices, self.layout.row_shape("frame_indices"), row),
+        }
+        if "attention" in self._arrays:
+            if attention is None:
+                raise ClipreelError(f"write_video row {row}: this store keeps cross-frame attention maps; pass attention")
+            values["attention"] = _checked_values(
+                "attention", attention, self.layout.row_shape("attention"), np.float16, row
+            )
+        elif attention is not None:
+            raise ClipreelError(f"write_video row {row}: a single-frame store keeps no attention maps")
+        done = self._arrays["done"]
+        if self._done_rows_among(np.array([row])).any():
+            done[row] = 0
+        for name, array_values in values.items():
+            self._arrays[name][row] = array_values
+        done[row] = 1
+
+    # ------------------------------------------------------------------ reading
+
+    def done_mask(self) -> np.ndarray:
+        """(N,) bool: True where the video's done flag is set.
+
+        Locally this is one listing of the done/ chunk folder (a done chunk exists exactly when
+        the flag is 1), not N chunk reads.
+        """
+        files = self._files["done"] if self._fast_read else None
+        if files is None:
+            return self._arrays["done"][:] == 1
+        rows = files.written_rows()
+        mask = np.zeros(self.layout.videos, dtype=bool)
+        mask[rows[rows < self.layout.videos]] = True
+        return mask
+
+    def read(
+        self,
+        rows: Sequence[int],
+        fields: Sequence[str] = ("tokens", "embeds"),
+        layers: Sequence[int] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Read `fields` of the videos `rows`, stacked in the given row order.
+
+        tokens (B, V, T, K', L, D) float16, embeds (B, V, T, E) float32, attention
+        (B, V, 2, T-1, K', P, P) float16, frame_indices (B, V, T) int32. `layers` keeps those
+        positions along the feature-block axis K of tokens and attention (None = all).
+        Every row must be done; a not-done row is an error naming it.
+        """
+        rows = self._checked_rows(rows)
+        readable = [field for field in READABLE_FIELDS if field in self._arrays]
+        unknown = [field for field in fields if field not in readable]
+        if unknown:
+            raise ClipreelError(f"FeatureStore.read: unknown fields {unknown}; this store has {readable}")
+        keep = self._checked_layers(layers)
+        distinct = np.unique(rows)
+        not_done = distinct[~self._done_rows_among(distinct)]
+        if len(not_done):
+            raise ClipreelError(
+                f"{self.path}: {self._describe_rows(not_done)} {'is' if len(not_done) == 1 else 'are'} "
+                "not done (no done flag yet). Extract them first, or read only rows where "
+                "store.done_mask() is True."
+            )
+        result = {}
+        for field in fields:
+            axis = LAYER_AXIS.get(field) if keep is not None else None
+            files = self._files[field] if self._fast_read else None
+            if files is None:
+                result[field] = self._read_with_zarr(field, rows, axis, keep)
+                continue
+            try:
+                result[field] = fastread.read_rows(files, rows, axis, keep)
+            except fastread.ChunkFileError as error:
+                raise ClipreelError(
+                    f"{self.path}: {self._describe_rows([error.row])} is marked done but its {field} "
+                    f"{error.problem} ({error.path}). The store is damaged: run `clipreel verify`, "
+                    "then extract that video again."
+                ) from None
+        return result
+
+    def array(self, name: str):
+        """The underlying zarr array `name` (for inspection tools; write through write_video)."""
+        return self._arrays[name]
+
+    @property
+    def uses_direct_read(self) -> bool:
+        """True when read() and done_mask() go straight to the chunk files, not through zarr."""
+        return self._fast_read and not self.direct_read_obstacles
+
+    def chunk_file(self, name: str, row: int) -> str | None:
+        """The local file holding row `row` of array `name`, or None if it is not a raw local file."""
+        files = self._files[name]
+        return files.path(row) if files is not None else None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _read_with_zarr(self, field: str, rows: np.ndarray, axis: int | None, keep) -> np.ndarray:
+        """The fallback read: one zarr read per row, on the reader threads (zarr itself is async)."""
+        array = self._arrays[field]
+        row_shape = list(array.shape[1:])
+        if axis is not None:
+            row_shape[axis] = len(keep)
+        if len(rows) == 0:
+            return np.empty((0, *row_shape), dtype=array.dtype)
+
+        def read_one(row: int) -> np.ndarray:
+            if axis is None:
+                return array[int(row)]
+            selection = [int(row)] + [slice(None)] * len(array.shape[1:])
+            selection[1 + axis] = list(keep)
+            return array.oindex[tuple(selection)]
+
+        return np.stack(fastread.map_threads(read_one, rows))
+
+    def _done_rows_among(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) bool: which of these (valid) rows are done."""
+        files = self._files["done"] if self._fast_read else None
+        if files is None and len(rows) == 0:
+            return np.zeros(0, dtype=bool)
+        if files is None:
+            return self._arrays["done"].get_orthogonal_selection(rows) == 1
+        return np.array([os.path.exists(files.path(int(row))) for row in rows], dtype=bool)
+
+    def _checked_rows(self, rows) -> np.ndarray:
+        rows_array = np.asarray(rows)  # lists, ranges, numpy arrays, pandas indexes
+        if rows_array.ndim != 1 or (len(rows_array) and rows_array.dtype.kind not in "iu"):
+            raise ClipreelError(f"rows must be a 1-D sequence of integers, got {rows!r:.80}")
+        rows_array = rows_array.astype(np.int64)
+        bad = rows_array[(rows_array < 0) | (rows_array >= self.layout.videos)]
+        if len(bad):
+            raise ClipreelError(
+                f"{self.path}: rows {bad[:10].tolist()} out of range; the store has {self.layout.videos} "
+                "videos (rows 0..N-1; reopen the store if another process appended)"
+            )
+        return rows_array
+
+    def _checked_layers(self, layers: Sequence[int] | None) -> list[int] | None:
+        """Layer positions to keep along K, or None when that is all of them in order."""
+        if layers is None:
+            return None
+        keep = [int(k) for k in layers]
+        bad = [k for k in keep if not 0 <= k < self.layout.layers]
+        if bad:
+            blocks = self.provenance.get("feature_blocks")
+            raise ClipreelError(
+                f"{self.path}: layers {bad} out of range: the store holds {self.layout.layers} layers "
+                f"(positions 0..{self.layout.layers - 1}; feature blocks {blocks})"
+            )
+        return None if keep == list(range(self.layout.layers)) else keep
+
+    def _describe_rows(self, rows: Sequence[int]) -> str:
+        """'row 3 (video_id abc)' or 'rows 3, 5, ... (video_ids ...)', for error messages."""
+        ids = self.manifest()["video_id"]
+        shown = [f"{int(row)} ({ids.iloc[int(row)]})" if int(row) < len(ids) else str(int(row)) for row in rows[:10]]
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        return ("row " if len(rows) == 1 else "rows ") + ", ".join(shown) + more
+
+    def _require_writable(self, action: str) -> None:
+        if self.mode != "r+":
+            raise ClipreelError(f"{self.path} is open read-only: open it with mode='r+' to {action}")
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _location(path: str | os.PathLike) -> Path | str:
+    """A local Path, or the URL string for any other fsspec protocol ("file://" becomes local)."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :])
+    if "://" in text:
+        return text.rstrip("/")
+    return Path(text)
+
+
+def _has_member(group: zarr.Group, name: str) -> bool:
+    """Whether the group has a child `name`, asked directly (listing the group would warn that
+    manifest.parquet is not a Zarr node)."""
+    try:
+        group[name]
+    except KeyError:
+        return False
+    return True
+
+
+def _manifest_exists(location: Path | str) -> bool:
+    if isinstance(location, Path):
+        return (location / MANIFEST_FILE).is_file()
+    import fsspec
+
+    filesystem, path = fsspec.core.url_to_fs(f"{location}/{MANIFEST_FILE}")
+    return filesystem.isfile(path)
+
+
+def _load_manifest(location: Path | str) -> pd.DataFrame:
+    if isinstance(location, Path):
+        return read_manifest(location / MANIFEST_FILE)
+    import fsspec
+
+    with fsspec.open(f"{location}/{MANIFEST_FILE}", "rb") as file:
+        return new_manifest(pd.read_parquet(io.BytesIO(file.read())))
+
+
+def _save_manifest(location: Path | str, manifest: pd.DataFrame) -> None:
+    """Local: atomic replace. URL: one whole-object write (object stores replace atomically)."""
+    if isinstance(location, Path):
+        write_manifest(manifest, location / MANIFEST_FILE)
+        return
+    import fsspec
+
+    buffer = io.BytesIO()
+    manifest.to_parquet(buffer, index=False, compression="zstd")
+    filesystem, path = fsspec.core.url_to_fs(f"{location}/{MANIFEST_FILE}")
+    filesystem.pipe_file(path, buffer.getvalue())
+
+
+def _checked_values(name: str, values, shape: tuple[int, ...], dtype, row: int) -> np.ndarray:
+    """A video's float array with the expected shape and dtype, and finite (fp16 overflow shows here)."""
+    values = np.asarray(values)
+    if values.shape != shape:
+        raise ClipreelError(f"write_video row {row}: {name} has shape {values.shape}, the store expects {shape}")
+    if values.dtype != dtype:
+        raise ClipreelError(
+            f"write_video row {row}: {name} is {values.dtype}, the store keeps {np.dtype(dtype)} "
+            f"(convert with .astype(np.{np.dtype(dtype).name}))"
+        )
+    if not np.isfinite(values).all():
+        raise ClipreelError(
+            f"write_video row {row}: {name} contains NaN or inf (float16 overflow of large activations?)"
+        )
+    return values
+
+
+def _checked_indices(values, shape: tuple[int, ...], row: int) -> np.ndarray:
+    """Frame indices: any integer dtype, non-negative and within int32, returned as int32."""
+    values = np.asarray(values)
+    if values.shape != shape:
+        raise ClipreelError(f"write_video row {row}: frame_indices has shape {values.shape}, the store expects {shape}")
+    if values.dtype.kind not in "iu":
+        raise ClipreelError(f"write_video row {row}: frame_indices must be integers, got {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+        raise ClipreelError(
+            f"write_video row {row}: frame_indices must be in [0, 2**31), got {values.min()}..{values.max()}"
+        )
+    return values.astype(np.int32)
