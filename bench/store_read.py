@@ -55,9 +55,10 @@ def build(folder: Path, layout: StoreLayout, seed: int) -> tuple[Path, Path]:
     rng = np.random.default_rng(seed)
     embeds = np.zeros(layout.row_shape("embeds"), dtype=np.float32)
     frame_indices = np.zeros(layout.row_shape("frame_indices"), dtype=np.int32)
+    attention = np.zeros(layout.row_shape("attention"), dtype=np.float16)  # not timed: tokens are
     for row in range(layout.videos):
         tokens = rng.standard_normal(layout.row_shape("tokens"), dtype=np.float32).astype(np.float16)
-        store.write_video(row, tokens, embeds, frame_indices)
+        store.write_video(row, tokens, embeds, frame_indices, attention)
         memmap[row] = tokens
     memmap.flush()
     del memmap
@@ -69,9 +70,9 @@ def main() -> None:
     args = parse_args()
     fastread.READ_THREADS = args.threads  # read before the reader pool is first created
     if args.small:
-        layout = StoreLayout(videos=args.videos, views=1, frames=8, layers=5, tokens=50, width=128, embed_dim=64)
+        layout = StoreLayout(videos=args.videos, views=1, frames=8, layers=4, tokens=50, width=128, embed_dim=64)
     else:
-        layout = StoreLayout(videos=args.videos, views=1, frames=8, layers=5, tokens=197, width=768, embed_dim=512)
+        layout = StoreLayout(videos=args.videos, views=1, frames=8, layers=4, tokens=197, width=768, embed_dim=512)
     video_mb = np.prod(layout.row_shape("tokens")) * 2 / 1e6
     folder = Path(tempfile.mkdtemp(prefix="clipreel-bench-", dir=args.dir))
     try:

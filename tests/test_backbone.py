@@ -24,7 +24,7 @@ from clipreel.pipeline.backbone import (
     parse_layers,
     register_builtin_models,
     resolve_model_name,
-    stored_blocks,
+    tapped_blocks,
 )
 from clipreel.pipeline.preprocess import NORMS
 
@@ -89,10 +89,10 @@ def test_parse_layers_rejects(spec):
         parse_layers(spec, TINY_BLOCKS)
 
 
-def test_stored_blocks_add_each_feature_blocks_input():
-    assert stored_blocks((2, 3, 4, 5)) == (1, 2, 3, 4, 5)
-    assert stored_blocks((0, 3)) == (-1, 0, 2, 3)
-    assert stored_blocks((5, 1)) == (0, 1, 4, 5)
+def test_tapped_blocks_add_each_feature_blocks_input():
+    assert tapped_blocks((2, 3, 4, 5)) == (1, 2, 3, 4, 5)
+    assert tapped_blocks((0, 3)) == (-1, 0, 2, 3)
+    assert tapped_blocks((5, 1)) == (0, 1, 4, 5)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_stored_blocks_add_each_feature_blocks_input():
 def test_forward_shapes(frames, layers, feature, stored):
     backbone = tiny_backbone(layers=layers)
     assert backbone.feature_blocks == feature
-    assert backbone.stored_blocks == stored
+    assert backbone.tapped_blocks == stored
     tokens, embeds = backbone.forward(frames)
     assert tokens.shape == (3, len(stored), TINY_TOKENS, 64)  # (F, K_s, L, D)
     assert embeds.shape == (3, 64)  # (F, E)
@@ -116,7 +116,7 @@ def test_tokens_and_embeds_match_an_independent_pass(frames, layers):
     backbone = tiny_backbone(layers=layers)
     tokens, embeds = backbone.forward(frames)
     expected = tower_walk(backbone.visual, frames)
-    for k, block in enumerate(backbone.stored_blocks):
+    for k, block in enumerate(backbone.tapped_blocks):
         torch.testing.assert_close(tokens[:, k], expected[block])
     with torch.no_grad():
         torch.testing.assert_close(embeds, backbone.clip.encode_image(frames, normalize=False))
@@ -142,7 +142,7 @@ def test_qk_weights_recompute_the_real_attention(frames):
     head_width = width // heads
     assert weights["in_proj_weight"].shape == (2, 2 * width, width)
     for k, block in enumerate(backbone.feature_blocks):
-        block_input = tokens[:, backbone.stored_blocks.index(block - 1)]  # (F, L, D)
+        block_input = tokens[:, backbone.tapped_blocks.index(block - 1)]  # (F, L, D)
         normed = F.layer_norm(
             block_input,
             (width,),
@@ -349,7 +349,6 @@ def test_provenance_is_complete_and_json_ready(tmp_path):
     assert provenance["tokens"] == TINY_TOKENS and provenance["embed_dim"] == 64
     assert provenance["num_blocks"] == TINY_BLOCKS
     assert provenance["feature_blocks"] == [0, 3]
-    assert provenance["stored_blocks"] == [-1, 0, 2, 3]
     assert provenance["norm"] == "imagenet"
     assert (tuple(provenance["mean"]), tuple(provenance["std"])) == NORMS["imagenet"]
     assert provenance["token_layout"].startswith("cls+patches")
@@ -363,3 +362,54 @@ def test_random_init_is_the_same_in_every_process():
     second, _ = load_clip("clipreel-tiny", "none")
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# --- Built-in weights: --pretrained default (clipreel-synth ships its checkpoint in the package) ---
+# (imports of this section kept here so that it appends cleanly; they may move to the top)
+from safetensors.torch import load_file
+
+from clipreel.pipeline import backbone as backbone_module
+from clipreel.pipeline.backbone import builtin_weights, default_pretrained, file_sha256
+
+SYNTH = "clipreel-synth"
+
+
+def test_default_loads_the_shipped_synth_weights():
+    shipped = builtin_weights(SYNTH)
+    model, sha256 = load_clip(SYNTH, "default")
+    assert sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert not model.training
+    assert all(not parameter.requires_grad for parameter in model.parameters())
+    saved = load_file(shipped)  # fp16 on disk, fp32 in the model
+    loaded = model.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value.float()), key
+
+    random_model, random_sha256 = load_clip(SYNTH, "none")
+    assert random_sha256 is None
+    assert not torch.equal(random_model.visual.proj, model.visual.proj)
+
+
+def test_backbone_with_default_weights_records_their_hash():
+    backbone = Backbone(BackboneConfig(model=SYNTH, pretrained="default", layers="2"))
+    assert backbone.checkpoint_sha256 == file_sha256(builtin_weights(SYNTH))
+
+
+def test_default_means_openai_for_models_without_built_in_weights():
+    assert builtin_weights("ViT-B-16") is None
+    assert default_pretrained("ViT-B-16") == "openai"  # resolved only: nothing is downloaded
+
+
+def test_default_without_built_in_weights_or_openai_tag_explains_the_choices():
+    with pytest.raises(ClipreelError, match="no built-in weights and no 'openai' tag") as error:
+        load_clip(TINY, "default")
+    assert "--pretrained none" in str(error.value)
+    assert SYNTH in str(error.value)
+
+
+def test_missing_built_in_file_says_how_to_rebuild_it(monkeypatch):
+    monkeypatch.setitem(backbone_module.BUILTIN_WEIGHTS, TINY, "not-shipped.safetensors")
+    with pytest.raises(ClipreelError, match="missing from this installation") as error:
+        load_clip(TINY, "default")
+    assert "python -m clipreel.pipeline.synth_clip" in str(error.value)

@@ -24,7 +24,9 @@ import warnings
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -37,7 +39,11 @@ from clipreel.errors import ClipreelError
 from clipreel.pipeline.preprocess import NORMS
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-TOKEN_LAYOUT = "cls+patches, row-major, block outputs; block -1 = ln_pre output"
+# Weights shipped in the package (clipreel/weights/), used by --pretrained default:
+# model name -> file name. clipreel-synth knows the synthetic world's colours and shapes
+# (trained by clipreel.pipeline.synth_clip).
+BUILTIN_WEIGHTS = {"clipreel-synth": "clipreel-synth.safetensors"}
+TOKEN_LAYOUT = "cls+patches, row-major, outputs of the feature blocks"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
 # OpenAI's released checkpoints are TorchScript archives whose state dict carries these entries;
 # they mark a model trained with QuickGELU.
@@ -108,8 +114,11 @@ def parse_layers(spec: str, num_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(blocks))
 
 
-def stored_blocks(feature_blocks) -> tuple[int, ...]:
-    """The blocks whose outputs are stored: each feature block and the one before it (its input).
+def tapped_blocks(feature_blocks) -> tuple[int, ...]:
+    """The blocks whose outputs the backbone taps: each feature block and the one before it.
+
+    The output of block b-1 is the input of feature block b, from which its attention q/k (and so
+    EVL's cross-frame attention maps) are computed.
 
     Block -1 stands for the input of block 0 (the output of ln_pre).
     """
@@ -125,19 +134,59 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def builtin_weights(model_name: str) -> Path | None:
+    """The weights file shipped in the package for `model_name` (see BUILTIN_WEIGHTS), or None.
+
+    The path may not exist (a build without the weights): `default_pretrained` checks.
+    """
+    filename = BUILTIN_WEIGHTS.get(model_name)
+    if filename is None:
+        return None
+    package_dir = resources.files("clipreel")  # a pathlib.Path: clipreel installs as files, never zipped
+    return Path(package_dir / "weights" / filename)
+
+
+def default_pretrained(model_name: str) -> str:
+    """What --pretrained default means for `model_name`: its built-in weights file, else "openai".
+
+    Raises ClipreelError when the model has neither (say what to pass instead), or when its
+    built-in file is missing from this installation.
+    """
+    shipped = builtin_weights(model_name)
+    if shipped is not None:
+        if not shipped.is_file():
+            raise ClipreelError(
+                f"the built-in weights of {model_name} ({shipped}) are missing from this installation: "
+                f"reinstall clipreel, or rebuild them with: python -m clipreel.pipeline.synth_clip --out {shipped}"
+            )
+        return str(shipped)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if "openai" in tags:
+        return "openai"
+    known = f"its tags: {', '.join(tags)}" if tags else "it has no download tags"
+    raise ClipreelError(
+        f"--pretrained default: {model_name} has no built-in weights and no 'openai' tag ({known}). "
+        f"{LOCAL_WEIGHTS_HINT}, or name one of its tags. Models with built-in weights: "
+        f"{', '.join(BUILTIN_WEIGHTS)}."
+    )
+
+
 def load_clip(
     model_name: str, pretrained: str, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, str | None]:
     """The full open_clip CLIP (both towers), frozen and in eval mode, on `device`.
 
-    Returns (model, checkpoint sha256 or None). `pretrained` is an open_clip tag, a local file
-    or "none". Local files are read here rather than by open_clip, because open_clip 3.3 cannot
-    open OpenAI's TorchScript archives (it loads with weights_only=True) and does not notice that
-    OpenAI weights need QuickGELU; for the same reason a tag whose weights were trained with
-    QuickGELU (e.g. "openai") gets it, whatever the model config says.
+    Returns (model, checkpoint sha256 or None). `pretrained` is an open_clip tag, a local file,
+    "none" or "default" (the model's built-in weights file, else its "openai" tag: see
+    `default_pretrained`). Local files are read here rather than by open_clip, because open_clip
+    3.3 cannot open OpenAI's TorchScript archives (it loads with weights_only=True) and does not
+    notice that OpenAI weights need QuickGELU; for the same reason a tag whose weights were
+    trained with QuickGELU (e.g. "openai") gets it, whatever the model config says.
     """
     name = resolve_model_name(model_name)
     sha256 = None
+    if pretrained.lower() == "default":
+        pretrained = default_pretrained(name)
     if pretrained.lower() == "none":
         # Seeded: every actor of a job, and every re-run, must build the same random model.
         with torch.random.fork_rng(devices=[]):
@@ -312,11 +361,22 @@ def _check_supported_vit(visual: torch.nn.Module, name: str) -> None:
         )
 
 
+class ClipFeatures(NamedTuple):
+    """One batch of clips as the feature store keeps it (see Backbone.forward_clips)."""
+
+    tokens: torch.Tensor  # (B, T, K, L, D)
+    embeds: torch.Tensor  # (B, T, E)
+    attention: torch.Tensor | None  # (B, 2, T-1, K, P, P)
+
+
 class Backbone:
-    """A frozen open_clip ViT that returns the tokens of the stored blocks and the frame embedding.
+    """A frozen open_clip ViT: tapped block tokens, frame embeddings, EVL's cross-frame attention.
+
+    `forward` works on frames and returns the tokens of the tapped blocks (the feature blocks and
+    their inputs); `forward_clips` works on clips and returns what the feature store keeps.
 
     Read-only facts: model_name, image_size (S), patch_size, num_blocks, width (D), num_heads,
-    tokens (L, incl. CLS), embed_dim (E), feature_blocks, stored_blocks, mean, std, device,
+    tokens (L, incl. CLS), embed_dim (E), feature_blocks, tapped_blocks, mean, std, device,
     autocast_dtype (None = plain fp32), checkpoint_sha256, config.
     """
 
@@ -343,13 +403,14 @@ class Backbone:
         self.embed_dim = int(self.visual.output_dim)
         self.quick_gelu = isinstance(blocks[0].mlp.gelu, QuickGELU)
         self.feature_blocks = parse_layers(cfg.layers, self.num_blocks)
-        self.stored_blocks = stored_blocks(self.feature_blocks)
+        self.tapped_blocks = tapped_blocks(self.feature_blocks)
         self.mean, self.std = _resolve_norm(cfg.norm, self.clip)
+        self._qk_weights: dict[str, torch.Tensor] | None = None  # on self.device, for forward_clips
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised frames (F, 3, S, S) -> tokens (F, K_s, L, D) and embeddings (F, E), float32.
 
-        tokens[:, k] belongs to stored_blocks[k]; each frame's tokens are CLS first, then the
+        tokens[:, k] belongs to tapped_blocks[k]; each frame's tokens are CLS first, then the
         patches row-major. The embeddings are ln_post + proj of CLS, not L2-normalised. Both are
         returned on `self.device`.
         """
@@ -358,10 +419,10 @@ class Backbone:
                 f"expected frames (F, 3, {self.image_size}, {self.image_size}), got {tuple(frames.shape)}"
             )
         frames = frames.to(self.device, dtype=torch.float32, non_blocking=True)
-        block_outputs = [block for block in self.stored_blocks if block >= 0]
+        block_outputs = [block for block in self.tapped_blocks if block >= 0]
         block_zero_inputs = []  # filled by the hook: [(F, L, D)]
         hook = None
-        if -1 in self.stored_blocks:
+        if -1 in self.tapped_blocks:
             hook = self.visual.transformer.resblocks[0].register_forward_pre_hook(
                 lambda module, args: block_zero_inputs.append(args[0])
             )
@@ -382,6 +443,29 @@ class Backbone:
         tokens = torch.stack(block_zero_inputs + outputs, dim=1).float()  # (F, K_s, L, D)
         embeds = out["image_features"].float()  # (F, E)
         return tokens, embeds
+
+    def forward_clips(self, clips: torch.Tensor) -> ClipFeatures:
+        """Normalised clips (B, T, 3, S, S) -> what the feature store keeps for them.
+
+        tokens (B, T, K, L, D): outputs of the feature blocks; embeds (B, T, E); attention
+        (B, 2, T-1, K, P, P): EVL's head-averaged cross-frame attention maps of each feature block,
+        computed from its input tokens with its frozen ln_1 + q/k projection (None when T == 1).
+        All float32 on `self.device`.
+        """
+        from clipreel.heads.evl import cross_frame_attention_from_inputs
+
+        batch, frames = clips.shape[:2]
+        tapped, embeds = self.forward(clips.flatten(0, 1))  # (B*T, K_t, L, D), (B*T, E)
+        tapped = tapped.unflatten(0, (batch, frames))  # (B, T, K_t, L, D)
+        outputs = [self.tapped_blocks.index(block) for block in self.feature_blocks]
+        attention = None
+        if frames >= 2:
+            if self._qk_weights is None:
+                self._qk_weights = {name: torch.as_tensor(value, device=self.device)
+                                    for name, value in self.qk_weights().items()}
+            inputs = [self.tapped_blocks.index(block - 1) for block in self.feature_blocks]
+            attention = cross_frame_attention_from_inputs(tapped[:, :, inputs], self._qk_weights)
+        return ClipFeatures(tapped[:, :, outputs], embeds.unflatten(0, (batch, frames)), attention)
 
     def qk_weights(self) -> dict[str, np.ndarray]:
         """What recomputes each FEATURE block's attention q/k from its stored input, as float32.
@@ -425,7 +509,6 @@ class Backbone:
             "embed_dim": self.embed_dim,
             "num_blocks": self.num_blocks,
             "feature_blocks": list(self.feature_blocks),
-            "stored_blocks": list(self.stored_blocks),
             "norm": self.config.norm,
             "mean": list(self.mean),
             "std": list(self.std),

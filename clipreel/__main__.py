@@ -1,0 +1,5 @@
+"""`python -m clipreel` runs the CLI."""
+
+from clipreel.cli import main
+
+main()

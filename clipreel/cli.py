@@ -1,0 +1,303 @@
+"""The `clipreel` command line. Thin: each command parses its options and calls one pipeline function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipreel.errors import ClipreelError
+
+app = typer.Typer(
+    help="Video recognition on frozen CLIP features: extract once into a Zarr cache, train cheap heads, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Argument(..., help="Folder to write videos/, videos.csv, labels.txt and captions.csv into."),
+    classes: int = typer.Option(8, help="Number of classes; they come in pairs that differ only in frame order."),
+    videos_per_class: int = typer.Option(10, help="Videos per class (split ~60/20/20 into train/val/test)."),
+    frames: int = typer.Option(32, help="Frames per video."),
+    size: int = typer.Option(128, help="Frame width and height in pixels (even)."),
+    codec: str = typer.Option("h264", help="h264 (.mp4), vp9 (.webm) or mjpeg (.avi)."),
+    fps: int = typer.Option(25, help="Frames per second written into the files."),
+    seed: int = typer.Option(0, help="The same seed gives byte-identical videos."),
+) -> None:
+    """Write the built-in synthetic world: shapes and colours that move, grow or turn."""
+    from clipreel.pipeline.synth import SynthConfig, make_world
+
+    cfg = SynthConfig(
+        classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, codec=codec, fps=fps, seed=seed
+    )
+    videos_csv = make_world(out_dir, cfg, progress=True)
+    console.print(f"wrote {classes * videos_per_class} videos; list: [bold]{videos_csv}[/]")
+
+
+@app.command()
+def extract(
+    videos: str = typer.Option(..., help="Video list: CSV (path,label[,label_name][,split]), 'path label' list, Kinetics CSV, or a folder per class."),
+    out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip ViT name; clipreel-tiny is the smallest (tests, quick checks)."),
+    pretrained: str = typer.Option("default", help="Weights: default (the model's built-in file, else its openai tag), an open_clip tag, a local checkpoint file, or none (random init)."),
+    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    views: int = typer.Option(1, help="Temporal views per video (V)."),
+    sampling: str = typer.Option("tsn", help="tsn (segment centres), dense (T frames at --stride, EVL), or uniform."),
+    stride: int = typer.Option(16, help="Frame stride for --sampling dense."),
+    layers: str = typer.Option("4", help="Blocks to tap: N = the last N, or explicit indices like 3,7,11."),
+    norm: Optional[str] = typer.Option(None, help="clip or imagenet mean/std (default: the model's own, CLIP)."),
+    crops: int = typer.Option(1, help="1 = centre crop, 3 = three crops along the long side (each a view)."),
+    seed: int = typer.Option(0, help="Seed of the frame sampling."),
+    decoder: str = typer.Option("auto", help="auto (DALI on GPU, else PyAV), pyav, or dali (DALI-CPU: VP8/VP9/MJPEG only)."),
+    batch_size: int = typer.Option(4, help="Videos per backbone batch."),
+    workers: Optional[int] = typer.Option(None, help="Backbone actors (default: one per GPU, else one per CPU)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local Ray)."),
+    root: Optional[Path] = typer.Option(None, help="Folder that relative paths in the list are under (default: the list's folder)."),
+    labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
+    skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Extract multi-layer CLIP features of every video into a Zarr store (resumable; bad files are recorded, not fatal)."""
+    from clipreel.pipeline.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        videos=videos, out=str(out), model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
+        views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
+        workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
+        skip_missing=skip_missing,
+    )
+    summary = run_extract(cfg, progress=progress)
+    startup = f" ({summary.startup_seconds:.1f} to the first stored video)" if summary.startup_seconds else ""
+    console.print(f"extract → {summary.store}", highlight=False)
+    console.print(f"  videos   {summary.total}", highlight=False)
+    console.print(f"  done     {summary.done} ({summary.computed_now} computed now)", highlight=False)
+    console.print(f"  failed   {summary.failed}", highlight=False)
+    console.print(f"  seconds  {summary.seconds:.1f}{startup}", highlight=False)
+    for video_id, error in summary.failures[:20]:
+        console.print(f"[red]failed[/] {video_id}: {error}")
+    if summary.failed:
+        console.print(f"[red]{summary.failed} video(s) failed[/]; their errors are in the store's manifest.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+    """Summarise a feature store: videos done/failed/pending, shapes, bytes, provenance."""
+    from clipreel.stores.features import FeatureStore, summarize
+
+    summary = summarize(FeatureStore.open(store))
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    table = Table(title=str(store), show_header=False)
+    for key, value in summary.items():
+        if key != "provenance":
+            table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+    provenance = Table(title="provenance", show_header=False)
+    for key, value in summary["provenance"].items():
+        provenance.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    console.print(provenance)
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="A feature store (NAME.zarr).")) -> None:
+    """Check every done video's data: present, finite, consistent with the manifest. Exits 1 naming each problem."""
+    from clipreel.stores.features import FeatureStore, verify as verify_store
+
+    problems = verify_store(FeatureStore.open(store))
+    if problems:
+        for problem in problems:
+            console.print(f"[red]✗[/] {problem}")
+        console.print(f"[red]{len(problems)} problem(s) in {store}[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {store} verifies")
+
+
+@app.command()
+def manifest(
+    videos: str = typer.Argument(..., help="Video list or folder (same formats as extract --videos)."),
+    out: Path = typer.Argument(..., help="Parquet file to write."),
+    root: Optional[Path] = typer.Option(None, help="Folder that relative paths are under."),
+    labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line."),
+    skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
+) -> None:
+    """Read a video list and write its Parquet manifest (what extract does first), to check a list."""
+    from clipreel.pipeline.sources import read_sources
+    from clipreel.stores.manifest import status_counts, write_manifest
+
+    table = read_sources(videos, root=root, label_map=labels, skip_missing=skip_missing)
+    write_manifest(table, out)
+    console.print(f"{len(table)} videos → {out}  {status_counts(table)}")
+
+
+def _parse_options(options: list[str]) -> dict:
+    """--option key=value (repeatable) -> {key: value}, values parsed as JSON where they can be."""
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClipreelError(f"--option {item!r}: write key=value, e.g. --option n_ctx=4")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def _numbers(text: str, what: str) -> tuple[int, ...]:
+    """'2,4,8' -> (2, 4, 8), with a clear error."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ClipreelError(f"{what} {text!r}: write comma-separated whole numbers, e.g. 2,4,8") from None
+
+
+HEAD_HELP = "Head kind: evl, mit, xclip-prompt, text-prompt, linear, mlp or zeroshot."
+
+
+@app.command()
+def train(
+    head: str = typer.Argument(..., help=HEAD_HELP),
+    store: Path = typer.Option(..., help="Feature store to train from (written by clipreel extract)."),
+    out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
+    split: str = typer.Option("train", help="Manifest split to train on."),
+    val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' to skip)."),
+    epochs: int = typer.Option(10, help="Passes over the training videos."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the head's reference recipe)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: the head's recipe)."),
+    batch_size: int = typer.Option(16, help="Videos per step (over all workers)."),
+    accumulate: int = typer.Option(1, help="Steps whose gradients are summed before each update."),
+    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before the cosine decay."),
+    label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing (X-CLIP/ViFi-CLIP: 0.1)."),
+    seed: int = typer.Option(0, help="Seeds initialisation, order, views and dropout (same seed, same weights on CPU)."),
+    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable (e.g. n_ctx=4)."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
+    classes: Optional[Path] = typer.Option(None, help="Label map naming the label ids (default: the manifest's names)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
+    from clipreel.pipeline.train import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        kind=head, store=str(store), out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, seed=seed, options=_parse_options(option), pretrained=pretrained,
+        classes=str(classes) if classes else None, device=device, workers=workers, address=address,
+    )
+    summary = run_training(cfg, progress=progress)
+    console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
+    console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
+    console.print(f"  videos       {summary.train_videos} train, {summary.val_videos} val", highlight=False)
+    if summary.train_loss is not None:
+        console.print(f"  train        loss {summary.train_loss:.4f}, top-1 {summary.train_acc:.3f}", highlight=False)
+    if summary.val_top1 is not None:
+        console.print(f"  val top-1    {summary.val_top1:.3f} (best {summary.best_val_top1:.3f})", highlight=False)
+    console.print(f"  seconds      {summary.seconds:.1f}", highlight=False)
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train."),
+    store: Path = typer.Option(..., help="Feature store to evaluate on (same model/frames/blocks/norm as the run)."),
+    split: str = typer.Option("test", help="Manifest split to score."),
+    report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
+    classes: Optional[Path] = typer.Option(None, help="Label map naming the store's label ids."),
+    batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix."""
+    from clipreel.pipeline.evaluate import evaluate_run
+
+    evaluate_run(run_dir, store, split, report_path=report, pretrained=pretrained,
+                 classes=str(classes) if classes else None, batch_size=batch_size, device=device, console=console)
+
+
+@app.command()
+def zeroshot(
+    store: Path = typer.Option(..., help="Feature store whose projected frame embeddings are scored."),
+    split: str = typer.Option("test", help="Manifest split to score."),
+    classes: Optional[Path] = typer.Option(None, help="Class list (one name per line): restricts or renames the classes."),
+    template: str = typer.Option("ensemble", help="Template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if it was extracted from one."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Zero-shot CLIP: frame-mean embeddings vs text embeddings of the class names."""
+    from clipreel.pipeline.evaluate import zero_shot
+
+    zero_shot(store, split, classes_file=classes, template=template, report_path=report, pretrained=pretrained,
+              device=device, console=console)
+
+
+@app.command()
+def fewshot(
+    head: str = typer.Argument(..., help=HEAD_HELP),
+    store: Path = typer.Option(..., help="Feature store (its train and test splits are used)."),
+    out: Path = typer.Option(..., help="Folder for the runs, few_shot.json and few_shot.png."),
+    shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
+    seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
+    epochs: int = typer.Option(50, help="Epochs per run (X-CLIP / ViFi-CLIP few-shot: 50)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
+    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed."),
+) -> None:
+    """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
+    from clipreel.pipeline.protocols import few_shot
+
+    few_shot(head, store, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
+             lr=lr, options=_parse_options(option), pretrained=pretrained, console=console)
+
+
+@app.command()
+def base2novel(
+    head: str = typer.Argument(..., help="A text head: mit, xclip-prompt, text-prompt or zeroshot."),
+    store: Path = typer.Option(..., help="Feature store (its train and test splits are used)."),
+    out: Path = typer.Option(..., help="Folder for the runs and base_to_novel.json."),
+    shots: int = typer.Option(16, help="Training videos per base class."),
+    seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
+    base_classes: Optional[str] = typer.Option(None, help="Base classes, ids or names, comma-separated (default: the first half)."),
+    epochs: int = typer.Option(11, help="Epochs per run (ViFi-CLIP base-to-novel: 11)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
+    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed."),
+) -> None:
+    """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
+    from clipreel.pipeline.protocols import base_to_novel
+
+    base = None
+    if base_classes:
+        base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
+    base_to_novel(head, store, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
+                  epochs=epochs, lr=lr, options=_parse_options(option), pretrained=pretrained, console=console)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the demo's videos, store and results.")) -> None:
+    """Run the whole pipeline on the built-in synthetic world with a tiny model, offline, on CPU."""
+    from clipreel.pipeline.demo import run_demo
+
+    run_demo(out, console)
+
+
+def main() -> None:
+    """Entry point: user-fixable problems print one clear message and exit 2."""
+    try:
+        app()
+    except ClipreelError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

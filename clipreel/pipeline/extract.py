@@ -1,0 +1,321 @@
+"""The extraction job: a video list -> decoded frames -> frozen backbone -> Zarr feature store.
+
+It is a Ray Data pipeline:
+
+    manifest rows (pending) --map--> probe + sample + decode (CPU tasks: PyAV, or DALI-CPU)
+                            --map_batches--> backbone actor pool (one GPU per actor where there are
+                                             GPUs): preprocess on the model's device, forward, and
+                                             write each video's chunks into the store
+                            --> the driver: progress bar, manifest status, summary
+
+Each video owns its chunks in the store and its `done` flag is written last, so a crash (even a
+SIGKILL of the whole job) never leaves a half-written video marked done, and re-running the same
+command only computes what is missing. Bad files never stop the job: their errors travel as rows
+and end up in the manifest with status `failed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clipreel import __version__
+from clipreel.errors import ClipreelError
+from clipreel.pipeline.sampling import SamplingConfig
+from clipreel.pipeline.extract_workers import decode_video, resolve_decoder
+from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
+
+MANIFEST_FLUSH_SECONDS = 5.0
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `clipreel extract` needs; the settings that shape the store go into its provenance."""
+
+    videos: str
+    out: str
+    model: str = "ViT-B-16"
+    pretrained: str = "default"
+    layers: str = "4"
+    norm: str | None = None
+    frames: int = 8
+    views: int = 1
+    sampling: str = "tsn"
+    stride: int = 16
+    crops: int = 1
+    seed: int = 0
+    decoder: str = "auto"
+    batch_size: int = 4
+    workers: int | None = None
+    address: str | None = None
+    root: str | None = None
+    labels: str | None = None
+    skip_missing: bool = False
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(
+            policy=self.sampling, frames=self.frames, stride=self.stride, views=self.views, seed=self.seed
+        )
+
+
+@dataclass
+class ExtractSummary:
+    """What one run did, for the CLI's closing table."""
+
+    store: str
+    total: int
+    done: int
+    failed: int
+    computed_now: int
+    failed_now: int
+    seconds: float
+    startup_seconds: float | None
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error)
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
+    """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`."""
+    started = time.perf_counter()
+    from clipreel.pipeline.sources import read_sources
+
+    sources = read_sources(
+        cfg.videos,
+        root=Path(cfg.root) if cfg.root else None,
+        label_map=Path(cfg.labels) if cfg.labels else None,
+        skip_missing=cfg.skip_missing,
+    )
+    sampling = cfg.sampling_config()
+    decoder = resolve_decoder(cfg.decoder, gpu=False)  # validated here, re-resolved per actor device
+    # Ray starts first: it comes up while this process loads the model, which takes about as long.
+    started_ray = _ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
+    try:
+        from clipreel.pipeline.backbone import Backbone, BackboneConfig, register_builtin_models
+        from clipreel.pipeline.preprocess import PreprocessConfig
+
+        register_builtin_models()
+        # The driver builds the backbone once on the CPU: it fails fast on bad model/weights,
+        # and gives the shapes and provenance the store records.
+        backbone = Backbone(
+            BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm)
+        )
+        preprocess = PreprocessConfig(
+            image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops
+        )
+        provenance = _provenance(backbone, sampling, preprocess)
+        store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess)
+        manifest = _reconcile(store)
+        todo = manifest.index[manifest["status"] != "done"].to_numpy()
+
+        startup_seconds = None
+        computed_now = failed_now = 0
+        if len(todo):
+            import ray
+
+            started_ray = _ensure_ray(cfg.address) or started_ray
+            try:
+                results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, decoder, ray)
+                last_flush = time.perf_counter()
+                with _progress_bar(progress, len(todo)) as advance:
+                    for result in results:
+                        if startup_seconds is None and result["status"] == "done":
+                            startup_seconds = time.perf_counter() - started
+                        row = int(result["row"])
+                        for column in ("status", "error", "num_frames", "fps"):
+                            manifest.at[row, column] = result[column]
+                        computed_now += result["status"] == "done"
+                        failed_now += result["status"] == "failed"
+                        advance(result["status"])
+                        if time.perf_counter() - last_flush > MANIFEST_FLUSH_SECONDS:
+                            store.write_manifest(manifest)
+                            last_flush = time.perf_counter()
+            finally:
+                store.write_manifest(manifest)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    manifest = _reconcile(store)
+    failed = manifest[manifest["status"] == "failed"]
+    return ExtractSummary(
+        store=str(cfg.out),
+        total=len(manifest),
+        done=int((manifest["status"] == "done").sum()),
+        failed=len(failed),
+        computed_now=int(computed_now),
+        failed_now=int(failed_now),
+        seconds=time.perf_counter() - started,
+        startup_seconds=startup_seconds,
+        failures=list(zip(failed["video_id"], failed["error"])),
+    )
+
+
+def _has_work(path, sources: pd.DataFrame) -> bool:
+    """Whether the store at `path` lacks any video of `sources` (cheap: no model, no Ray)."""
+    if not Path(path).exists() or not any(Path(path).iterdir()):
+        return True
+    store = FeatureStore.open(path)
+    done_ids = set(store.manifest()["video_id"][store.done_mask()])
+    return not set(sources["video_id"]) <= done_ids
+
+
+def _provenance(backbone, sampling: SamplingConfig, preprocess) -> dict:
+    """The store's provenance: everything that decides what the stored numbers mean."""
+    return {
+        **backbone.provenance(),
+        "clipreel_version": __version__,
+        "frames": sampling.frames,
+        "views": sampling.views * preprocess.crops,
+        "temporal_views": sampling.views,
+        "crops": preprocess.crops,
+        "sampling": sampling.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "view_order": "view = temporal_view * crops + crop",
+        "tokens_dtype": "float16",
+        "embeds_dtype": "float32",
+    }
+
+
+def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sampling, preprocess):
+    """Open the store at `path` (refusing different settings) and add new videos, or create it."""
+    if Path(path).exists() and any(Path(path).iterdir()):
+        store = FeatureStore.open(path, mode="r+")
+        differences = provenance_diff(store.provenance, provenance)
+        if differences:
+            raise ClipreelError(
+                f"{path} was extracted with different settings:\n  - "
+                + "\n  - ".join(differences)
+                + "\nUse the same settings to resume or add videos, or choose a new --out."
+            )
+        known = set(store.manifest()["video_id"])
+        new_rows = sources[~sources["video_id"].isin(known)]
+        if len(new_rows):
+            store.append(new_rows.reset_index(drop=True))
+        return store
+    layout = StoreLayout(
+        videos=len(sources),
+        views=sampling.views * preprocess.crops,
+        frames=sampling.frames,
+        layers=len(backbone.feature_blocks),
+        tokens=backbone.tokens,
+        width=backbone.width,
+        embed_dim=backbone.embed_dim,
+    )
+    return FeatureStore.create(path, layout, provenance, sources)
+
+
+def _reconcile(store: FeatureStore) -> pd.DataFrame:
+    """Make manifest statuses agree with the done flags (the truth after any crash) and save them."""
+    manifest = store.manifest()
+    done = store.done_mask()
+    was_done = manifest["status"] == "done"
+    manifest.loc[done, "status"] = "done"
+    manifest.loc[done, "error"] = ""
+    manifest.loc[was_done & ~done, "status"] = "pending"
+    store.write_manifest(manifest)
+    return manifest
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Join `address`, or reuse this process's Ray, or start a local one. True if we started it."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's own INFO/WARNING chatter (start-up notices, per-dataset summaries) would bury the
+    # progress bar and the summary; its errors still come through.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}},
+    )
+    return True
+
+
+def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, decoder, ray):
+    """Build the Ray Data pipeline over the rows in `todo` and yield one status dict per video."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from clipreel.pipeline.extract_workers import ExtractActor
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.verbose_stats_logs = False
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = cfg.workers or (gpus if gpus else max(1, cpus))
+    items = [
+        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
+        for row in todo
+    ]
+    # DALI pipelines are expensive to build: with DALI, the actors decode (once-built pipelines,
+    # NVDEC on their GPU); with PyAV, decoding runs in plain CPU tasks before the actors.
+    decode_in_actor = decoder == "dali"
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * workers))
+    dataset = dataset.map(
+        decode_video,
+        fn_kwargs={"sampling": sampling.to_dict(), "decode": not decode_in_actor},
+        num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        ExtractActor,
+        fn_constructor_kwargs={
+            "store_path": str(cfg.out),
+            "backbone": asdict(backbone.config),
+            "preprocess": preprocess.to_dict(),
+            "decoder": decoder if decode_in_actor else None,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=0 if gpus else 1,
+        num_gpus=1 if gpus else 0,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["row"])):
+            yield {key: values[i] for key, values in batch.items()}
+
+
+class _progress_bar:
+    """A rich progress bar over videos (a no-op when progress is off)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.counts = {"done": 0, "failed": 0}
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda status: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("extract", total=self.total, counts="")
+
+        def advance(status: str) -> None:
+            self.counts[status] = self.counts.get(status, 0) + 1
+            text = f"done {self.counts['done']}  failed {self.counts['failed']}"
+            self.progress.update(self.task, advance=1, counts=text)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False

@@ -1,0 +1,150 @@
+"""What runs on Ray workers during extraction: the decode task and the backbone actor.
+
+Kept apart from `extract.py`, and torch is imported only inside the actor, so that a decode
+worker starts with numpy and PyAV alone (worker start-up dominates small jobs on few cores).
+Neither stage raises for a bad video: the error travels on as that video's row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clipreel.errors import ClipreelError
+from clipreel.pipeline.sampling import SamplingConfig, sample_indices
+
+NO_FRAMES = np.zeros((0, 1, 1, 3), dtype=np.uint8)
+
+
+def resolve_decoder(name: str, gpu: bool) -> str:
+    """`auto` picks DALI on GPU machines where it imports, PyAV otherwise; checks explicit names."""
+    from clipreel.pipeline.decode import dali_available
+
+    if name == "auto":
+        return "dali" if gpu and dali_available() else "pyav"
+    if name == "pyav":
+        return name
+    if name == "dali":
+        if not dali_available():
+            raise ClipreelError(
+                "--decoder dali: nvidia-dali is not installed (pip install 'clipreel[dali]'), "
+                "or use --decoder pyav"
+            )
+        return name
+    raise ClipreelError(f"--decoder {name!r}: choose auto, pyav or dali")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the manifest's `error` column."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
+    """Probe one video, sample its frame indices and (unless the actor decodes) read those frames.
+
+    item: {"row", "path", "video_id"} -> adds "indices" (V, T), "frames" (V*T, H, W, 3) uint8,
+    "num_frames", "fps" and "error" ("" when all went well).
+    """
+    from clipreel.pipeline.decode import PyAVDecoder, probe
+
+    config = SamplingConfig.from_dict(sampling)
+    result = {
+        **item,
+        "indices": np.zeros((config.views, config.frames), dtype=np.int64),
+        "frames": NO_FRAMES,
+        "num_frames": -1,
+        "fps": float("nan"),
+        "error": "",
+    }
+    try:
+        info = probe(item["path"])
+        result["num_frames"], result["fps"] = info.num_frames, info.fps
+        result["indices"] = sample_indices(info.num_frames, config, key=item["video_id"])  # (V, T)
+        if decode:
+            result["frames"] = PyAVDecoder().read(item["path"], result["indices"].reshape(-1))
+    except Exception as exc:  # any bad file becomes a failed row, never a failed job
+        result["error"] = describe_error(exc)
+    return result
+
+
+class ExtractActor:
+    """One backbone on one device: preprocess, forward, and write each video's chunks."""
+
+    def __init__(self, store_path: str, backbone: dict, preprocess: dict, decoder: str | None):
+        import torch
+
+        from clipreel.pipeline.backbone import Backbone, BackboneConfig, register_builtin_models
+        from clipreel.pipeline.preprocess import PreprocessConfig
+        from clipreel.stores.features import FeatureStore
+
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            torch.set_num_threads(1)
+        register_builtin_models()
+        self.backbone = Backbone(BackboneConfig(**{**backbone, "device": "cuda" if gpu else "cpu"}))
+        self.preprocess = PreprocessConfig.from_dict(preprocess)
+        self.store = FeatureStore.open(store_path, mode="r+")
+        self.decoder = None
+        if decoder is not None:
+            from clipreel.pipeline.decode import make_decoder
+
+            self.decoder = make_decoder(decoder, device="cuda" if gpu else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from clipreel.pipeline.preprocess import preprocess
+
+        rows = batch["row"]
+        status = np.array(["failed"] * len(rows), dtype=object)
+        errors = np.array([str(e) for e in batch["error"]], dtype=object)
+        clips = {}  # position in batch -> (C, V*T, 3, S, S)
+        for i in range(len(rows)):
+            if errors[i]:
+                continue
+            try:
+                frames = batch["frames"][i]
+                if self.decoder is not None:
+                    frames = self.decoder.read(batch["path"][i], batch["indices"][i].reshape(-1))
+                clips[i] = preprocess(frames, self.preprocess, device=self.backbone.device)
+            except Exception as exc:
+                errors[i] = describe_error(exc)
+        if clips:
+            crops, frames_per_video = next(iter(clips.values())).shape[:2]
+            views = batch["indices"][next(iter(clips))].shape[0]
+            frames = frames_per_video // views
+            pixels = torch.cat([clip.unflatten(1, (views, frames)).flatten(0, 1) for clip in clips.values()])
+            features = self.backbone.forward_clips(pixels)  # clips (n*C*V, T, 3, S, S) in (video, crop, view) order
+            stored = {
+                "tokens": features.tokens.to(torch.float16),  # (n*C*V, T, K, L, D)
+                "embeds": features.embeds.to(torch.float32),  # (n*C*V, T, E)
+            }
+            if features.attention is not None:
+                stored["attention"] = features.attention.to(torch.float16)  # (n*C*V, 2, T-1, K, P, P)
+            stored = {name: values.cpu().numpy() for name, values in stored.items()}
+            per_video = crops * views
+            for n, i in enumerate(clips):
+                video = {name: _views_first(values[n * per_video : (n + 1) * per_video], crops, views)
+                         for name, values in stored.items()}
+                self.store.write_video(
+                    int(rows[i]),
+                    frame_indices=np.repeat(batch["indices"][i], crops, axis=0).astype(np.int32),  # (V*C, T)
+                    **video,
+                )
+                status[i] = "done"
+        return {
+            "row": rows,
+            "status": status,
+            "error": errors,
+            "num_frames": batch["num_frames"],
+            "fps": batch["fps"],
+        }
+
+
+def _views_first(values: np.ndarray, crops: int, views: int) -> np.ndarray:
+    """(C*V, ...) in crop-major order -> (V*C, ...) with stored view = temporal_view * crops + crop."""
+    rest = values.shape[1:]
+    values = values.reshape(crops, views, *rest)  # (C, V, ...)
+    return np.ascontiguousarray(np.swapaxes(values, 0, 1).reshape(views * crops, *rest))
+
+

@@ -1,0 +1,201 @@
+"""A run directory: one trained head, enough to rebuild it and to know what it was trained on.
+
+    RUN_DIR/
+      weights.safetensors   the head's state dict (prompt heads leave out their frozen text tower)
+      config.json           {"kind", "head" (the head's config), "classnames",
+                             "store": {"path", "provenance"}, "train" (the TrainConfig), "clipreel_version"}
+      metrics.json          final metrics (optional)
+      log.csv, curves.png   the training log and its plot (written by the trainer)
+      checkpoint.pt         the trainer's resume state (written by the trainer)
+
+`load_run` reads the first three back; `provenance_mismatch` says whether a store's features mean
+the same thing as those the head was trained on (so that it may be evaluated on them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipreel import __version__
+from clipreel.errors import ClipreelError
+from clipreel.stores.audit import provenance_diff
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+# The provenance settings that change what a stored feature means. Views, crops and the sampling
+# policy may differ between the store a head was trained on and the one it is evaluated on.
+FEATURE_MEANING_KEYS = ("model", "pretrained", "checkpoint_sha256", "image_size", "mean", "std", "frames",
+                        "feature_blocks", "preprocess")
+
+
+@dataclass
+class Run:
+    """A run directory as read back by load_run."""
+
+    path: Path
+    kind: str
+    head_config: dict
+    classnames: list[str]
+    provenance: dict  # of the store the head was trained on
+    store_path: str
+    train_config: dict
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict | None
+
+
+def save_run(
+    run_dir: str | os.PathLike,
+    *,
+    kind: str,
+    head: nn.Module,
+    head_config: Mapping,
+    classnames: Sequence[str],
+    provenance: Mapping,
+    store_path: str | os.PathLike,
+    train_config: Mapping,
+    metrics: Mapping | None = None,
+) -> Path:
+    """Write the head's weights, config.json and (if given) metrics.json into `run_dir`.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
+    The weights go first and config.json last: a folder with a config.json is a complete run.
+    """
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # clone(): safetensors refuses tensors that share memory or are not contiguous.
+    weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in head.state_dict().items()}
+    with _replaced_atomically(run_dir / WEIGHTS_FILE) as temporary:
+        save_file(weights, str(temporary))
+    if metrics is not None:
+        _write_json(run_dir / METRICS_FILE, dict(metrics))
+    config = {
+        "kind": kind,
+        "head": dict(head_config),
+        "classnames": list(classnames),
+        "store": {"path": str(store_path), "provenance": dict(provenance)},
+        "train": dict(train_config),
+        "clipreel_version": __version__,
+    }
+    _write_json(run_dir / CONFIG_FILE, config)
+    return run_dir
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read a run directory written by save_run (clear errors for missing or incomplete ones)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ClipreelError(f"{run_dir} is not a run directory: no such folder. Train one with `clipreel train`.")
+    config_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
+    if not config_path.is_file():
+        hint = (
+            " It holds a checkpoint.pt: training was interrupted; re-run the same `clipreel train` command "
+            "to finish it."
+            if (run_dir / "checkpoint.pt").is_file()
+            else " Train a head into it with `clipreel train`."
+        )
+        raise ClipreelError(f"{run_dir} is not a complete run: {CONFIG_FILE} is missing.{hint}")
+    config = _read_json(config_path)
+    missing = [key for key in ("kind", "head", "classnames", "store", "train") if key not in config]
+    if missing or not isinstance(config.get("store"), dict):
+        raise ClipreelError(
+            f"{config_path} lacks {missing or ['store']}: it was not written by clipreel's save_run. "
+            "Train the head again."
+        )
+    if not weights_path.is_file():
+        raise ClipreelError(f"{run_dir} is incomplete: {WEIGHTS_FILE} is missing. Train the head again.")
+    try:
+        state_dict = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise ClipreelError(
+            f"{weights_path} cannot be read ({error}): the file is damaged. Train the head again."
+        ) from None
+    metrics_path = run_dir / METRICS_FILE
+    return Run(
+        path=run_dir,
+        kind=config["kind"],
+        head_config=config["head"],
+        classnames=list(config["classnames"]),
+        provenance=dict(config["store"].get("provenance", {})),
+        store_path=str(config["store"].get("path", "")),
+        train_config=config["train"],
+        state_dict=state_dict,
+        metrics=_read_json(metrics_path) if metrics_path.is_file() else None,
+    )
+
+
+def provenance_mismatch(run_provenance: Mapping, store_provenance: Mapping) -> list[str]:
+    """One line per setting that makes the store's features mean something else than the
+    features the run was trained on ([] = compatible), e.g. "frames: store has 16, this run asks for 8".
+
+    The weights are compared by checksum when both sides have one (the same file may be named
+    differently, or be --pretrained default), else by name. Views, crops and sampling may differ.
+    """
+    keys = list(FEATURE_MEANING_KEYS)
+    if run_provenance.get("checkpoint_sha256") and store_provenance.get("checkpoint_sha256"):
+        keys.remove("pretrained")
+    return provenance_diff(_without_crops(store_provenance), _without_crops(run_provenance), keys)
+
+
+def _without_crops(provenance: Mapping) -> dict:
+    """The provenance with preprocess.crops left out (crops are views, which may differ)."""
+    provenance = dict(provenance)
+    if isinstance(provenance.get("preprocess"), dict):
+        provenance["preprocess"] = {k: v for k, v in provenance["preprocess"].items() if k != "crops"}
+    return provenance
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ClipreelError(f"{path} cannot be read as JSON ({error}). Train the head again.") from None
+    if not isinstance(values, dict):
+        raise ClipreelError(f"{path} holds {type(values).__name__}, not a JSON object. Train the head again.")
+    return values
+
+
+def _write_json(path: Path, values: dict) -> None:
+    with _replaced_atomically(path) as temporary:
+        temporary.write_text(json.dumps(values, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(value):
+    """numpy scalars and arrays, paths: what a config may hold that json cannot write."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+class _replaced_atomically:
+    """`with _replaced_atomically(path) as tmp:` write tmp; on success it is renamed to `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        handle, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(handle)
+        self.temporary = Path(name)
+        return self.temporary
+
+    def __exit__(self, exc_type, *unused) -> bool:
+        if exc_type is None:
+            os.replace(self.temporary, self.path)
+        else:
+            self.temporary.unlink(missing_ok=True)
+        return False
