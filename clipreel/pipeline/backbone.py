@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import socket
 import warnings
@@ -191,7 +192,7 @@ def load_clip(
         # Seeded: every actor of a job, and every re-run, must build the same random model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = open_clip.create_model(name, pretrained=None)
+            model = _untrained_model(name)
     elif Path(pretrained).expanduser().is_file():
         path = Path(pretrained).expanduser()
         model = _model_from_file(name, path)
@@ -275,13 +276,25 @@ def _unreachable_download_host(tag_cfg: dict) -> str | None:
         return host
 
 
+def _untrained_model(name: str, **options) -> torch.nn.Module:
+    """open_clip's model without weights, minus its warning that none were loaded (we load them
+    ourselves, or chose random init on purpose)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(name, pretrained=None, **options)
+    finally:
+        root.setLevel(level)
+
+
 def _model_from_file(name: str, path: Path) -> torch.nn.Module:
     """Build `name` and load a local checkpoint into it (strict: every tensor must fit)."""
     state_dict = _read_state_dict(path)
     openai_format = OPENAI_METADATA_KEYS[0] in state_dict
     for key in OPENAI_METADATA_KEYS:
         state_dict.pop(key, None)
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai_format)
+    model = _untrained_model(name, force_quick_gelu=openai_format)
     # TorchScript archives also hold non-persistent buffers (e.g. the text causal mask); the
     # model builds its own.
     rebuilt_buffers = {key for key, _ in model.named_buffers()} - set(model.state_dict())

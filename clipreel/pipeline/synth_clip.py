@@ -25,6 +25,12 @@ The same seed and recipe give byte-identical weights.
 
 writes the fp16 safetensors checkpoint and, next to it, a JSON sidecar (same stem) with the recipe,
 the file's sha256 and the metrics measured on the saved (fp16) weights.
+
+Measured for the shipped file (seed 0, 1200 steps, ~5.5 min on one shared core): on held-out frames
+the colour is right 99% of the time but the shape only ~35% (8 shapes; the 64 appearances: 34%,
+chance 1.6%) -- a patch-16 ViT this small learns a 2-patch-wide shape slowly from scratch. Colour
+alone tells apart the pairs of any world up to 16 classes (each of its pairs has its own colour):
+the default 8-class world scores 94-100% at the pair level.
 """
 
 from __future__ import annotations
@@ -296,6 +302,7 @@ def _train(out: Path, seed: int, steps: int, recipe: SynthClipRecipe) -> dict:
     # One metadata entry only: safetensors writes several in random order, and the same training
     # must give the same file (and sha256). The recipe goes into the sidecar instead.
     save_file(state, out, metadata={"format": "pt"})
+    out.chmod(0o644)  # safetensors writes through a private (0600) temporary file; ship it readable
     model.load_state_dict(state)
     model.eval()
     world_eval = (recipe.eval_clips_per_class, (seed, HELD_OUT_SEED_STREAM), preprocess_cfg)
