@@ -24,3 +24,14 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """The tiny open_clip model (both towers, seeded random init, frozen, eval) and its tokenizer."""
+    import open_clip
+
+    from clipreel.pipeline.backbone import load_clip
+
+    model, _ = load_clip("clipreel-tiny", "none")
+    return model, open_clip.get_tokenizer("clipreel-tiny")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -11,20 +10,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import clipreel
 from clipreel.errors import ClipreelError
 from clipreel.heads.prompts import PromptedClassifier, TextPromptConfig, TextPromptLearner
 
-TINY_CONFIG = Path(clipreel.__file__).parent / "model_configs" / "clipreel-tiny.json"
 CLASSNAMES = ["dog", "playing_guitar", "riding a horse"]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    open_clip.add_model_config(TINY_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model("clipreel-tiny", pretrained=None).eval()
-    return model, open_clip.get_tokenizer("clipreel-tiny")
 
 
 def reference_text_embeds(model, tokenizer, texts) -> torch.Tensor:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import clipreel
 from clipreel.errors import ClipreelError
 from clipreel.heads.xclip import (
     CrossAttention,
@@ -25,7 +22,6 @@ from clipreel.heads.xclip import (
 )
 from clipreel.heads.zeroshot import encode_texts
 
-TINY_CONFIG = Path(clipreel.__file__).parent / "model_configs" / "clipreel-tiny.json"
 CLASSNAMES = ["juggling balls", "riding a bike", "swimming"]
 FRAMES = 4
 PATCHES = 49  # (112 / 16) ** 2 for the tiny ViT
@@ -35,14 +31,6 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    open_clip.add_model_config(TINY_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model("clipreel-tiny", pretrained=None).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model, open_clip.get_tokenizer("clipreel-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import clipreel
 from clipreel.errors import ClipreelError
 from clipreel.heads.baselines import FrameMeanMLP, FrameMeanMLPConfig, LinearProbe, LinearProbeConfig
 from clipreel.heads.zeroshot import (
@@ -23,16 +20,9 @@ from clipreel.heads.zeroshot import (
     templates_named,
 )
 
-TINY_CONFIG = Path(clipreel.__file__).parent / "model_configs" / "clipreel-tiny.json"
 CLASSNAMES = ["archery", "playing_guitar", "surfing water", "tai chi"]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    open_clip.add_model_config(TINY_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model("clipreel-tiny", pretrained=None).eval()
-    return model, open_clip.get_tokenizer("clipreel-tiny")
 
 
 def test_every_template_has_one_slot_for_the_class_name():

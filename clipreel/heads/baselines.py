@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipreel.heads.config import HeadConfig
+from clipreel.config import JsonConfig
 
 
 def frame_mean_of_normalised(embeds: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def frame_mean_of_normalised(embeds: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LinearProbeConfig(HeadConfig):
+class LinearProbeConfig(JsonConfig):
     embed_dim: int
     num_classes: int
 
@@ -45,7 +45,7 @@ class LinearProbe(nn.Module):
 
 
 @dataclass
-class FrameMeanMLPConfig(HeadConfig):
+class FrameMeanMLPConfig(JsonConfig):
     embed_dim: int
     num_classes: int
     hidden: int = 512

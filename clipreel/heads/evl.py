@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.config import HeadConfig
+from clipreel.config import JsonConfig
 
 
 @dataclass
-class EVLConfig(HeadConfig):
+class EVLConfig(JsonConfig):
     """Hyper-parameters of the EVL head; the defaults are the reference ViT-B/16, 8-frame model."""
 
     width: int = 768  # D, the CLIP ViT width (the decoder runs at the same width)

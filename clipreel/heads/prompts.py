@@ -25,7 +25,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.config import HeadConfig
+from clipreel.config import JsonConfig
 from clipreel.heads.zeroshot import readable_classname
 
 # A one-token word that stands in for each ctx vector while the prompt is tokenized.
@@ -34,7 +34,7 @@ PLACEHOLDER_WORD = "X"
 
 
 @dataclass
-class TextPromptConfig(HeadConfig):
+class TextPromptConfig(JsonConfig):
     """How the text prompts are shaped and initialised."""
 
     n_ctx: int = 16  # learned context vectors before the class name

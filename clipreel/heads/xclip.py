@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
-from clipreel.heads.config import HeadConfig
+from clipreel.config import JsonConfig
 
 # CLIP initialises its temperature to 1/0.07; a trained CLIP ends near log(100).
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -59,7 +59,7 @@ def _cosine_logits(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.T
 
 
 @dataclass
-class MITConfig(HeadConfig):
+class MITConfig(JsonConfig):
     """Shape of the MIT: E, T (fixed by the positional embedding), depth and heads."""
 
     embed_dim: int
@@ -138,7 +138,7 @@ class MITHead(nn.Module):
 
 
 @dataclass
-class PromptGeneratorConfig(HeadConfig):
+class PromptGeneratorConfig(JsonConfig):
     """Shape of the prompt generator: E, the ViT width D of the patch tokens, depth, heads, alpha."""
 
     embed_dim: int
@@ -236,7 +236,7 @@ class VideoSpecificPrompt(nn.Module):
 
 
 @dataclass
-class XCLIPHeadConfig(HeadConfig):
+class XCLIPHeadConfig(JsonConfig):
     """Everything needed to rebuild an X-CLIP cache head (METHODS.md 2.1 defaults)."""
 
     embed_dim: int  # E, CLIP joint embedding width (512 for ViT-B/16)

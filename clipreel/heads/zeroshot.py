@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.config import HeadConfig
+from clipreel.config import JsonConfig
 
 TEMPLATES: dict[str, list[str]] = {
     # The bare class name: what X-CLIP, and ViFi-CLIP's vanilla-CLIP baseline, use.
@@ -109,7 +109,7 @@ def class_text_embeddings(
 
 
 @dataclass
-class ZeroShotConfig(HeadConfig):
+class ZeroShotConfig(JsonConfig):
     """Shape of a zero-shot classifier and which templates built its class embeddings."""
 
     embed_dim: int

@@ -37,6 +37,7 @@ from open_clip.pretrained import has_hf_hub
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 from clipreel.errors import ClipreelError
+from clipreel.pipeline.devices import resolve_device
 from clipreel.pipeline.preprocess import NORMS
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -395,7 +396,7 @@ class Backbone:
 
     def __init__(self, cfg: BackboneConfig):
         self.config = cfg
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.autocast_dtype = _resolve_autocast_dtype(cfg.precision, self.device)
         self.model_name = resolve_model_name(cfg.model)
         self.clip, self.checkpoint_sha256 = load_clip(self.model_name, cfg.pretrained, self.device)
@@ -536,14 +537,6 @@ class Backbone:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ClipreelError(f"device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ClipreelError(f"device {name!r}: no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 def _resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.pipeline.devices import resolve_device
 from clipreel.heads.kinds import TEXT_KINDS, TextModel, head_logits, head_spec, load_text_model, rebuild_head
 from clipreel.heads.zeroshot import TEMPLATES, ZeroShotClassifier, ZeroShotConfig, class_text_embeddings
 from clipreel.pipeline.loader import CacheLoader
 from clipreel.stores.features import FeatureStore
-from clipreel.stores.manifest import read_label_map
+from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import Run, load_run, provenance_mismatch
 
 TOP_K = 5
@@ -287,9 +288,8 @@ def _video_classnames(videos: pd.DataFrame, label_map: Sequence[str] | None, whe
 
 def store_classnames(store: FeatureStore) -> list[str]:
     """The store's class names by label id (the manifest's label_name of each label)."""
-    from clipreel.pipeline.train import _classnames_from_manifest
 
-    return _classnames_from_manifest(store.manifest(), str(store.path))
+    return classnames_from_manifest(store.manifest(), str(store.path))
 
 
 # ---------------------------------------------------------------------- scoring
@@ -323,20 +323,27 @@ def predict_probabilities(
     probabilities are the mean over its views (mean_softmax_over_views). batch_size counts
     videos, each with all its views.
     """
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     head = head.to(torch_device).eval()
     spec = head_spec(kind)
     loader = CacheLoader(
         store, videos.rows, videos.targets, spec.fields, spec.layers, batch_size,
         shuffle=False, seed=0, views="all",
     )
-    chunks = []
-    for batch in loader.epoch(0):
-        count, views = batch[spec.fields[0]].shape[:2]
-        one_view_each = {field: batch[field].flatten(0, 1).to(torch_device) for field in spec.fields}  # (B*V, ...)
-        logits = head_logits(kind, head, one_view_each).unflatten(0, (count, views))  # (B, V, K)
-        chunks.append(mean_softmax_over_views(logits).cpu())  # (B, K)
+    chunks = [view_averaged_probabilities(kind, head, batch, torch_device).cpu() for batch in loader.epoch(0)]
     return torch.cat(chunks).numpy().astype(np.float64)  # (N, K)
+
+
+def view_averaged_probabilities(
+    kind: str, head: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Class probabilities (B, K) of a multi-view batch (tensors (B, V, ...)): each view goes
+    through the head on its own, then the mean over views of their softmax."""
+    fields = head_spec(kind).fields
+    count, views = batch[fields[0]].shape[:2]
+    one_view_each = {field: batch[field].flatten(0, 1).to(device) for field in fields}  # (B*V, ...)
+    logits = head_logits(kind, head, one_view_each).unflatten(0, (count, views))  # (B, V, K)
+    return mean_softmax_over_views(logits)
 
 
 def score_videos(
@@ -366,13 +373,6 @@ def _context(store: FeatureStore, videos: EvalVideos) -> dict:
     }
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ClipreelError(f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
 
 
 # ---------------------------------------------------------------------- clipreel eval

@@ -9,12 +9,13 @@ then normalise with CLIP or ImageNet statistics on [0, 1] pixels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
 
 # name -> (mean, std) per RGB channel, on [0, 1] pixels
@@ -28,7 +29,7 @@ FRAMES_PER_CHUNK = 16  # frames resized at once: bounds float memory for long, l
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(JsonConfig):
     """Output size S, normalisation, crops (1 = centre, 3 = start/centre/end of the long side)."""
 
     image_size: int = 224
@@ -67,21 +68,6 @@ class PreprocessConfig:
         mean, std = NORMS[norm]
         return cls(image_size=image_size, mean=mean, std=std, crops=crops)
 
-    def to_dict(self) -> dict:
-        """A plain dict (JSON-safe) for store attributes and run configs."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PreprocessConfig:
-        """Rebuild a config recorded with `to_dict`; unknown keys are an error, not ignored."""
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ClipreelError(
-                f"preprocess config has unknown keys {unknown}: it was written by another clipreel "
-                f"version; the keys understood here are {sorted(known)}"
-            )
-        return cls(**values)
 
 
 def preprocess(

@@ -17,17 +17,18 @@ Policies:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
 
 POLICIES = ("tsn", "dense", "uniform")
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(JsonConfig):
     """How to pick frames: policy, T frames per view, stride (dense only), V views, randomness."""
 
     policy: str = "tsn"
@@ -49,21 +50,6 @@ class SamplingConfig:
                     f"sampling {name} must be an integer >= 1 (got {value!r}): set it to 1 or more"
                 )
 
-    def to_dict(self) -> dict:
-        """A plain dict (JSON-safe) for store attributes and run configs."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SamplingConfig:
-        """Rebuild a config recorded with `to_dict`; unknown keys are an error, not ignored."""
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ClipreelError(
-                f"sampling config has unknown keys {unknown}: it was written by another clipreel "
-                f"version; the keys understood here are {sorted(known)}"
-            )
-        return cls(**values)
 
 
 def sample_indices(num_frames: int, cfg: SamplingConfig, key: str) -> np.ndarray:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.pipeline.devices import resolve_device
 from clipreel.heads.kinds import (
     TEXT_KINDS,
     build_head,
@@ -51,10 +52,11 @@ from clipreel.heads.kinds import (
     load_text_model,
     trainable_parameters,
 )
+from clipreel.pipeline.evaluate import view_averaged_probabilities
 from clipreel.pipeline.loader import CacheLoader
 from clipreel.stores.features import FeatureStore, provenance_diff
-from clipreel.stores.manifest import read_label_map
-from clipreel.stores.runs import METRICS_FILE, save_run
+from clipreel.stores.manifest import classnames_from_manifest, read_label_map
+from clipreel.stores.runs import CONFIG_FILE, METRICS_FILE, save_run
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.csv"
@@ -148,7 +150,7 @@ def run_training(
     """
     if cfg.workers > 1 and cfg.kind != "zeroshot":
         return _train_with_ray(cfg)
-    return _train(cfg, rank=0, world_size=1, device=_resolve_device(cfg.device), progress=progress,
+    return _train(cfg, rank=0, world_size=1, device=resolve_device(cfg.device), progress=progress,
                   on_epoch_end=on_epoch_end)
 
 
@@ -171,7 +173,7 @@ class _Data:
 def _training_data(cfg: TrainConfig) -> _Data:
     store = FeatureStore.open(cfg.store)
     manifest = store.manifest()
-    classnames = read_label_map(cfg.classes) if cfg.classes else _classnames_from_manifest(manifest, cfg.store)
+    classnames = read_label_map(cfg.classes) if cfg.classes else classnames_from_manifest(manifest, cfg.store)
     done = store.done_mask()
     labelled = manifest["label"].to_numpy() >= 0
 
@@ -196,28 +198,6 @@ def _training_data(cfg: TrainConfig) -> _Data:
             "classes (labels 0..K-1). Give the full label map with --classes."
         )
     return _Data(store, classnames, train_rows, labels[train_rows], val_rows, labels[val_rows], skipped)
-
-
-def _classnames_from_manifest(manifest: pd.DataFrame, where: str) -> list[str]:
-    """Class names by label id from the manifest's label/label_name columns."""
-    labelled = manifest[manifest["label"] >= 0]
-    if labelled.empty:
-        raise ClipreelError(f"{where}: the manifest has no labelled video; extract from a labelled list.")
-    names_by_label = labelled.groupby("label")["label_name"].unique()
-    conflicting = {int(label): list(names) for label, names in names_by_label.items() if len(names) > 1}
-    if conflicting:
-        raise ClipreelError(
-            f"{where}: labels with several names in the manifest: {conflicting}. Give a label map with --classes."
-        )
-    count = int(labelled["label"].max()) + 1
-    names = {int(label): str(names[0]) for label, names in names_by_label.items()}
-    unnamed = [label for label in range(count) if not names.get(label)]
-    if unnamed:
-        raise ClipreelError(
-            f"{where}: labels {unnamed[:10]} have no name in the manifest (no video, or an empty label_name). "
-            "Give the label map with --classes (one class name per line)."
-        )
-    return [names[label] for label in range(count)]
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -354,7 +334,8 @@ def _evaluate(kind: str, head: nn.Module, loader: CacheLoader, device: torch.dev
     correct = seen = 0
     total_loss = 0.0
     for batch in loader.epoch(0):
-        probabilities = view_averaged_probabilities(kind, head, batch, device)  # (B, C)
+        with _autocast(device):
+            probabilities = view_averaged_probabilities(kind, head, batch, device)  # (B, C)
         labels = batch["labels"].to(device)
         correct += (probabilities.argmax(dim=1) == labels).sum().item()
         picked = probabilities.gather(1, labels[:, None]).squeeze(1)
@@ -362,19 +343,6 @@ def _evaluate(kind: str, head: nn.Module, loader: CacheLoader, device: torch.dev
         seen += len(labels)
     head.train(was_training)
     return correct / seen, total_loss / seen
-
-
-def view_averaged_probabilities(
-    kind: str, head: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Class probabilities (B, C) of a multi-view batch (tensors (B, V, ...)): the mean over the
-    V views of each view's softmax."""
-    fields = head_spec(kind).fields
-    videos, views = batch[fields[0]].shape[:2]
-    one_view_each = {name: batch[name].flatten(0, 1).to(device) for name in fields}  # (B*V, ...)
-    with _autocast(torch.device(device)):
-        logits = head_logits(kind, head, one_view_each)  # (B*V, C)
-    return logits.float().softmax(dim=-1).view(videos, views, -1).mean(dim=1)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -472,16 +440,6 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ClipreelError(f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ClipreelError(f"--device {name!r}: no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 # --------------------------------------------------------------------------- resume
@@ -502,6 +460,8 @@ def _checkpoint_to_resume(run_dir: Path, cfg, recipe, provenance, classnames, he
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return None
     path = run_dir / CHECKPOINT_FILE
+    if not path.is_file() and cfg.kind == "zeroshot" and (run_dir / CONFIG_FILE).is_file():
+        return None  # nothing was trained, so there is nothing to resume: the run is made again
     if not path.is_file():
         raise ClipreelError(
             f"{run_dir} exists and holds no {CHECKPOINT_FILE} of an earlier `clipreel train`: choose a new --out "

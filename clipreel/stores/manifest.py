@@ -222,3 +222,25 @@ def _check_unique_names(names: list[str], where: str) -> None:
                 "class names must be unique"
             )
         seen[name] = index
+
+
+def classnames_from_manifest(manifest: pd.DataFrame, where: str) -> list[str]:
+    """Class names by label id from the manifest's label/label_name columns."""
+    labelled = manifest[manifest["label"] >= 0]
+    if labelled.empty:
+        raise ClipreelError(f"{where}: the manifest has no labelled video; extract from a labelled list.")
+    names_by_label = labelled.groupby("label")["label_name"].unique()
+    conflicting = {int(label): list(names) for label, names in names_by_label.items() if len(names) > 1}
+    if conflicting:
+        raise ClipreelError(
+            f"{where}: labels with several names in the manifest: {conflicting}. Give a label map with --classes."
+        )
+    count = int(labelled["label"].max()) + 1
+    names = {int(label): str(names[0]) for label, names in names_by_label.items()}
+    unnamed = [label for label in range(count) if not names.get(label)]
+    if unnamed:
+        raise ClipreelError(
+            f"{where}: labels {unnamed[:10]} have no name in the manifest (no video, or an empty label_name). "
+            "Give the label map with --classes (one class name per line)."
+        )
+    return [names[label] for label in range(count)]

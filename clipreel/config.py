@@ -1,4 +1,4 @@
-"""The base of every head's dataclass config: a JSON round trip that refuses keys it does not know."""
+"""The base of clipreel's dataclass configs: a JSON round trip that refuses keys it does not know."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Mapping
 from clipreel.errors import ClipreelError
 
 
-class HeadConfig:
-    """Mixed into each head's `@dataclass` config: `to_dict()` for the run's JSON, `from_dict()` back."""
+class JsonConfig:
+    """Mixed into a `@dataclass` config: `to_dict()` for store attributes and run JSON, `from_dict()` back."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -21,6 +21,6 @@ class HeadConfig:
         if unknown:
             raise ClipreelError(
                 f"{cls.__name__}: unknown keys {unknown}; the known keys are {sorted(known)}. "
-                "Fix or remove them in the run's config JSON."
+                "It was written by another clipreel version, or edited: fix or remove them."
             )
         return cls(**values)
