@@ -26,6 +26,7 @@ import pandas as pd
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
+from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.extract_workers import decode_video, resolve_decoder
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
@@ -120,7 +121,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             try:
                 results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, decoder, ray)
                 last_flush = time.perf_counter()
-                with _progress_bar(progress, len(todo)) as advance:
+                with progress_bar("extract", len(todo), progress) as advance:
                     for result in results:
                         if startup_seconds is None and result["status"] == "done":
                             startup_seconds = time.perf_counter() - started
@@ -129,7 +130,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
                             manifest.at[row, column] = result[column]
                         computed_now += result["status"] == "done"
                         failed_now += result["status"] == "failed"
-                        advance(result["status"])
+                        advance(f"done {computed_now}  failed {failed_now}")
                         if time.perf_counter() - last_flush > MANIFEST_FLUSH_SECONDS:
                             store.write_manifest(manifest)
                             last_flush = time.perf_counter()
@@ -286,35 +287,3 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["row"])):
             yield {key: values[i] for key, values in batch.items()}
-
-
-class _progress_bar:
-    """A rich progress bar over videos (a no-op when progress is off)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-        self.counts = {"done": 0, "failed": 0}
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda status: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )
-        self.progress.__enter__()
-        self.task = self.progress.add_task("extract", total=self.total, counts="")
-
-        def advance(status: str) -> None:
-            self.counts[status] = self.counts.get(status, 0) + 1
-            text = f"done {self.counts['done']}  failed {self.counts['failed']}"
-            self.progress.update(self.task, advance=1, counts=text)
-
-        return advance
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False

@@ -54,6 +54,7 @@ from clipreel.heads.kinds import (
 )
 from clipreel.pipeline.evaluate import view_averaged_probabilities
 from clipreel.pipeline.loader import CacheLoader
+from clipreel.pipeline.progress import progress_bar
 from clipreel.stores.features import FeatureStore, provenance_diff
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import CONFIG_FILE, METRICS_FILE, save_run
@@ -256,7 +257,7 @@ def _train(
 
     autocast = _autocast(device)
     epochs_to_run = range(finished, cfg.epochs) if parameters else range(0)
-    with _progress_bar(progress and rank == 0, len(epochs_to_run) * len(train_loader)) as advance:
+    with progress_bar("train", len(epochs_to_run) * len(train_loader), progress and rank == 0) as advance:
         for epoch in epochs_to_run:
             epoch_started = time.perf_counter()
             torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
@@ -577,36 +578,6 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
     figure.savefig(path, dpi=100)
 
 
-class _progress_bar:
-    """A rich progress bar over training steps; `advance(text)` moves it one batch."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda text: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )
-        self.progress.__enter__()
-        task = self.progress.add_task("", total=self.total)
-        return lambda text: self.progress.update(task, advance=1, description=text)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False
 
 
 # --------------------------------------------------------------------------- Ray Train
