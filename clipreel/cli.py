@@ -100,9 +100,12 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
         print(json.dumps(summary, indent=2, default=str))
         return
     table = Table(title=str(store), show_header=False)
-    for key, value in summary.items():
-        if key != "provenance":
-            table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    for key in ("videos", "done", "failed", "pending", "manifest_rows", "schema_version", "clipreel_version"):
+        table.add_row(key, str(summary[key]))
+    for name, array in summary["arrays"].items():
+        table.add_row(f"array {name}", f"{tuple(array['shape'])} {array['dtype']}, chunks {tuple(array['chunks'])}")
+    table.add_row("bytes on disk", f"{summary['bytes_on_disk']:,} ({summary['bytes_on_disk'] / 2**30:.2f} GiB)")
+    table.add_row("bytes per video", f"{summary['bytes_per_video']:,}")
     console.print(table)
     provenance = Table(title="provenance", show_header=False)
     for key, value in summary["provenance"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def test_extract_h264_pyav_then_verify(ray_local, world, tiny_weights, tmp_path)
     assert (manifest["status"] == "done").all()
     assert store.done_mask().all()
     assert store.layout.frames == 4 and store.layout.videos == 12
+    info = runner.invoke(app, ["info", str(store_path), "--json"])
+    assert info.exit_code == 0, info.output
+    facts = json.loads(info.output)
+    assert (facts["done"], facts["failed"], facts["pending"]) == (12, 0, 0)
+    assert facts["provenance"]["frames"] == 4 and facts["provenance"]["model"] == "clipreel-tiny"
+    assert "array attention" in runner.invoke(app, ["info", str(store_path)]).output
 
 
 def test_stored_features_equal_a_direct_open_clip_forward(ray_local, world, tiny_weights, tmp_path):
