@@ -82,8 +82,8 @@ class FrozenTextEncoder(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         self.eval()
-        self.register_state_dict_post_hook(_leave_out_frozen_weights)
-        self.register_load_state_dict_pre_hook(_supply_frozen_weights)
+        self.register_state_dict_post_hook(leave_out_frozen_weights)
+        self.register_load_state_dict_pre_hook(supply_frozen_weights)
 
     @property
     def width(self) -> int:
@@ -104,13 +104,13 @@ class FrozenTextEncoder(nn.Module):
         return pooled @ self.text_projection
 
 
-def _leave_out_frozen_weights(module, state_dict, prefix, local_metadata) -> None:
+def leave_out_frozen_weights(module, state_dict, prefix, local_metadata) -> None:
     """state_dict post-hook of FrozenTextEncoder: drop its (shared, frozen) weights."""
     for key in [key for key in state_dict if key.startswith(prefix)]:
         del state_dict[key]
 
 
-def _supply_frozen_weights(module, state_dict, prefix, *unused) -> None:
+def supply_frozen_weights(module, state_dict, prefix, *unused) -> None:
     """load_state_dict pre-hook of FrozenTextEncoder: its weights are not in a saved head, so
     it hands its current ones back to itself (the text tower holds no persistent buffers)."""
     for name, param in module.named_parameters():
