@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipreel.errors import ClipreelError
 from clipreel.config import JsonConfig
+from clipreel.errors import ClipreelError
 
 
 @dataclass

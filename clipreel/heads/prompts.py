@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from clipreel.errors import ClipreelError
 from clipreel.config import JsonConfig
+from clipreel.errors import ClipreelError
 from clipreel.heads.zeroshot import readable_classname
 
 # A one-token word that stands in for each ctx vector while the prompt is tokenized.

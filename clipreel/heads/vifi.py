@@ -38,7 +38,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
@@ -50,6 +49,7 @@ from clipreel.heads.prompts import (
     leave_out_frozen_weights,
     supply_frozen_weights,
 )
+from clipreel.heads.xclip import cosine_logits
 from clipreel.heads.zeroshot import readable_classname
 
 VIFI_VARIANTS = ("both", "image", "text")
@@ -152,12 +152,6 @@ class ViFiCLIP(nn.Module):
             "logits": logits,
         }
 
-
-def cosine_logits(video_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) * cos(video, class): (B, E), (K, E) -> (B, K)."""
-    video = F.normalize(video_embeds, dim=-1)
-    text = F.normalize(text_embeds.to(video.dtype), dim=-1)
-    return logit_scale.exp() * video @ text.t()
 
 
 @dataclass

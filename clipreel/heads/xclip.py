@@ -44,10 +44,10 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _cosine_logits(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def cosine_logits(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """exp(logit_scale) * cos(video, text); text is (K, E) shared by the batch or (B, K, E) per video."""
     video = F.normalize(video, dim=-1)  # (B, E)
-    text = F.normalize(text, dim=-1)
+    text = F.normalize(text.to(video.dtype), dim=-1)
     if text.dim() == 2:
         return logit_scale.exp() * video @ text.t()  # (B, K)
     return logit_scale.exp() * torch.einsum("be,bke->bk", video, text)  # (B, K)
@@ -129,7 +129,7 @@ class MITHead(nn.Module):
     def forward(self, embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """embeds (B, T, E), text_embeds (K, E) -> logits (B, K)."""
         video = self.mit(embeds)  # (B, E)
-        return _cosine_logits(video, text_embeds.to(video.dtype), self.logit_scale)
+        return cosine_logits(video, text_embeds.to(video.dtype), self.logit_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,4 +296,4 @@ class XCLIPHead(nn.Module):
         visual = self.visual_context(patch_tokens)  # (B, N, E)
         text = text_embeds.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, K, E)
         text = text + self.prompts_generator(text, visual)  # (B, K, E)
-        return _cosine_logits(video, text, self.logit_scale)
+        return cosine_logits(video, text, self.logit_scale)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipreel.errors import ClipreelError
 from clipreel.config import JsonConfig
+from clipreel.errors import ClipreelError
 
 TEMPLATES: dict[str, list[str]] = {
     # The bare class name: what X-CLIP, and ViFi-CLIP's vanilla-CLIP baseline, use.
