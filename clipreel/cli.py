@@ -214,16 +214,33 @@ def train(
 
 @app.command(name="eval")
 def eval_(
-    run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train."),
-    store: Path = typer.Option(..., help="Feature store to evaluate on (same model/frames/blocks/norm as the run)."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train or clipreel finetune."),
+    store: Optional[Path] = typer.Option(None, help="Feature store to evaluate a `train` run on (same model/frames/blocks/norm)."),
+    videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
     split: str = typer.Option("test", help="Manifest split to score."),
+    views: int = typer.Option(1, help="Temporal views per video for `finetune` runs (scores: mean softmax over views)."),
+    crops: int = typer.Option(1, help="Spatial crops per view for `finetune` runs (1 or 3)."),
     report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
     classes: Optional[Path] = typer.Option(None, help="Label map naming the store's label ids."),
     batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix."""
+    """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
+
+    Heads trained from the cache (`clipreel train`) are scored on a feature store (--store);
+    fine-tuned models (`clipreel finetune`) on raw videos (--videos).
+    """
+    if (store is None) == (videos is None):
+        raise ClipreelError("clipreel eval: give either --store (a `train` run) or --videos (a `finetune` run)")
+    if videos is not None:
+        from clipreel.pipeline.finetune import evaluate_finetuned
+
+        report_data = evaluate_finetuned(run_dir, videos, split, str(report) if report else None, views=views,
+                                         crops=crops, batch_size=batch_size, device=device)
+        console.print(f"{run_dir} on {split}: top-1 {report_data['top1']:.3f}, top-5 {report_data['top5']:.3f}, "
+                      f"mean class acc {report_data['mean_class_acc']:.3f}, {report_data['n']} videos", highlight=False)
+        return
     from clipreel.pipeline.evaluate import evaluate_run
 
     evaluate_run(run_dir, store, split, report_path=report, pretrained=pretrained,
@@ -287,6 +304,40 @@ def base2novel(
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
     base_to_novel(head, store, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
                   epochs=epochs, lr=lr, options=_parse_options(option), pretrained=pretrained, console=console)
+
+
+@app.command()
+def finetune(
+    method: str = typer.Argument(..., help="vifi (ViFi-CLIP), prompt (bridge-and-prompt), xclip (X-CLIP) or ezclip (EZ-CLIP)."),
+    videos: str = typer.Option(..., help="Video list (same formats as extract --videos); its train/val splits are used."),
+    out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
+    model: str = typer.Option("clipreel-synth", help="open_clip model (ViT-B-16 for the papers' setting)."),
+    pretrained: str = typer.Option("default", help="Weights: default, an open_clip tag, a local checkpoint file, or none."),
+    epochs: int = typer.Option(10, help="Passes over the training videos."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the method's reference recipe)."),
+    batch_size: int = typer.Option(8, help="Clips per step."),
+    frames: int = typer.Option(8, help="Frames per clip (TSN segments, random offsets in training)."),
+    mixup: bool = typer.Option(False, help="Mixup/cutmix with soft targets (X-CLIP / ViFi-CLIP recipe)."),
+    workers: int = typer.Option(2, help="Decode worker processes."),
+    seed: int = typer.Option(0, help="Seeds initialisation, order, sampling and augmentation."),
+    option: list[str] = typer.Option([], help="Method option key=value, repeatable (e.g. variant=image for vifi)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fine-tune or prompt the backbone itself on raw frames (prints the trainable-parameter count first)."""
+    from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
+
+    summary = run_finetune(FinetuneConfig(
+        method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
+        batch_size=batch_size, frames=frames, mixup=mixup, workers=workers, seed=seed,
+        options=_parse_options(option), device=device,
+    ), progress=progress)
+    console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
+    console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)
+    console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
+    if summary.val_top1 is not None:
+        console.print(f"  val top-1    {summary.val_top1:.3f} (best {summary.best_val_top1:.3f})", highlight=False)
+    console.print(f"  seconds      {summary.seconds:.1f}", highlight=False)
 
 
 @app.command()

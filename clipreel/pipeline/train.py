@@ -253,14 +253,14 @@ def _train(
     elif val_loader is not None:
         # Nothing to train (zero-shot): one evaluation is the whole run.
         val_top1, val_loss = _evaluate(cfg.kind, head, val_loader, device)
-        history.append(_log_row(0, 0.0, None, None, val_top1, val_loss, time.perf_counter() - started))
+        history.append(log_row(0, 0.0, None, None, val_top1, val_loss, time.perf_counter() - started))
 
-    autocast = _autocast(device)
+    autocast = mixed_precision(device)
     epochs_to_run = range(finished, cfg.epochs) if parameters else range(0)
     with progress_bar("train", len(epochs_to_run) * len(train_loader), progress and rank == 0) as advance:
         for epoch in epochs_to_run:
             epoch_started = time.perf_counter()
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
             model.train()
             train_loss, train_acc = _train_epoch(
                 cfg, model, train_loader, epoch, optimizer, scheduler, device, autocast, advance
@@ -268,13 +268,13 @@ def _train(
             val_top1 = val_loss = None
             if val_loader is not None:
                 val_top1, val_loss = _evaluate(cfg.kind, head, val_loader, device)
-            row = _log_row(epoch + 1, optimizer.param_groups[0]["lr"], train_loss, train_acc, val_top1, val_loss,
+            row = log_row(epoch + 1, optimizer.param_groups[0]["lr"], train_loss, train_acc, val_top1, val_loss,
                            time.perf_counter() - epoch_started)
             history.append(row)
             if rank == 0:
                 _save_checkpoint(run_dir, cfg, recipe, store.provenance, data, head, head_config, optimizer,
                                  scheduler, epoch + 1, history)
-                _write_log(run_dir / LOG_FILE, history)
+                write_log(run_dir / LOG_FILE, history)
                 if on_epoch_end is not None:
                     on_epoch_end(row)
 
@@ -282,12 +282,12 @@ def _train(
         run_dir=str(run_dir), kind=cfg.kind, epochs=len([row for row in history if row["epoch"] > 0]),
         resumed_from_epoch=finished, train_videos=len(data.train_rows), val_videos=len(data.val_rows),
         skipped_videos=data.skipped, seconds=time.perf_counter() - started, history=history, head=head,
-        **_final_metrics(history),
+        **final_metrics(history),
     )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_log(run_dir / LOG_FILE, history)
-        _plot_curves(run_dir / CURVES_FILE, history)
+        write_log(run_dir / LOG_FILE, history)
+        plot_curves(run_dir / CURVES_FILE, history)
         metrics = {name: getattr(summary, name) for name in METRIC_NAMES}
         save_run(
             run_dir, kind=cfg.kind, head=head, head_config=head_config, classnames=data.classnames,
@@ -335,7 +335,7 @@ def _evaluate(kind: str, head: nn.Module, loader: CacheLoader, device: torch.dev
     correct = seen = 0
     total_loss = 0.0
     for batch in loader.epoch(0):
-        with _autocast(device):
+        with mixed_precision(device):
             probabilities = view_averaged_probabilities(kind, head, batch, device)  # (B, C)
         labels = batch["labels"].to(device)
         correct += (probabilities.argmax(dim=1) == labels).sum().item()
@@ -392,7 +392,7 @@ def _optimizer_and_schedule(head: nn.Module, recipe: KindRecipe, steps_per_epoch
     restored step continues on the longer cosine.
     """
     optimizer = torch.optim.AdamW(_parameter_groups(head, recipe), lr=recipe.lr, betas=recipe.betas, eps=1e-8)
-    schedule = _warmup_cosine(recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    schedule = warmup_cosine(recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -416,7 +416,7 @@ def _parameter_groups(head: nn.Module, recipe: KindRecipe) -> list[dict]:
     return groups
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The learning-rate factor of optimizer step `step`: linear warmup to 1, then cosine to 0."""
 
     def factor(step: int) -> float:
@@ -428,12 +428,12 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
     return factor
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The torch seed of one epoch on one rank (dropout masks etc.)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _autocast(device: torch.device):
+def mixed_precision(device: torch.device):
     """bf16 autocast on GPU (fp16 where bf16 is missing); plain fp32 elsewhere (bf16 is slow on CPU)."""
     if device.type != "cuda":
         return nullcontext()
@@ -526,12 +526,12 @@ def _save_checkpoint(run_dir, cfg, recipe, provenance, data, head, head_config, 
 # --------------------------------------------------------------------------- logs and plots
 
 
-def _log_row(epoch, lr, train_loss, train_acc, val_top1, val_loss, seconds) -> dict:
+def log_row(epoch, lr, train_loss, train_acc, val_top1, val_loss, seconds) -> dict:
     values = (epoch, lr, train_loss, train_acc, val_top1, val_loss, round(seconds, 3))
     return dict(zip(LOG_COLUMNS, values, strict=True))
 
 
-def _final_metrics(history: list[dict]) -> dict:
+def final_metrics(history: list[dict]) -> dict:
     """The summary's metric fields from the per-epoch history."""
     last = history[-1] if history else {}
     val = [row["val_top1"] for row in history if row["val_top1"] is not None]
@@ -543,7 +543,7 @@ def _final_metrics(history: list[dict]) -> dict:
     }
 
 
-def _write_log(path: Path, history: list[dict]) -> None:
+def write_log(path: Path, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
@@ -552,7 +552,7 @@ def _write_log(path: Path, history: list[dict]) -> None:
             writer.writerow({key: "" if value is None else value for key, value in row.items()})
 
 
-def _plot_curves(path: Path, history: list[dict]) -> None:
+def plot_curves(path: Path, history: list[dict]) -> None:
     """Loss and accuracy per epoch (matplotlib's object API: no pyplot, no global backend)."""
     from matplotlib.figure import Figure
 

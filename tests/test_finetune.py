@@ -1,0 +1,164 @@
+"""`clipreel finetune`: each raw-frame method trains end to end, saves a run, and is scored from raw videos.
+
+A small synthetic world (4 classes, real H.264 files decoded by PyAV) and the built-in tiny
+synthetic CLIP; T = 4 frames, decoding in the test process (workers 0) to stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import open_clip
+import pytest
+import torch
+
+from clipreel.errors import ClipreelError
+from clipreel.pipeline.backbone import load_clip, resolve_model_name
+from clipreel.pipeline.finetune import (
+    METHODS,
+    FinetuneConfig,
+    build_method_model,
+    evaluate_finetuned,
+    rebuild_finetuned,
+    run_finetune,
+    zero_shot_raw,
+)
+from clipreel.pipeline.synth import SynthConfig, make_world
+from clipreel.stores.runs import load_run
+
+FRAMES = 4
+MODEL = "clipreel-synth"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """videos.csv of 4 classes x 10 videos (16 frames, 64 px): 24 train, 8 val, 8 test videos."""
+    return str(make_world(tmp_path_factory.mktemp("world"), SynthConfig(classes=4, videos_per_class=10, frames=16,
+                                                                         size=64)))
+
+
+def _config(world, out, method, **changes) -> FinetuneConfig:
+    settings = {"method": method, "videos": world, "out": str(out), "epochs": 1, "frames": FRAMES, "workers": 0, "batch_size": 8}
+    return FinetuneConfig(**{**settings, **changes})
+
+
+def _expected_trainable_count(method: str, classnames) -> int:
+    """The count of a freshly built method model, computed from its parameters' requires_grad flags."""
+    clip_model, _ = load_clip(MODEL, "default")
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(MODEL))
+    model, _ = build_method_model(method, clip_model, tokenizer, classnames, FRAMES, {})
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_saves_and_evaluates(world, tmp_path, method, capsys):
+    run_dir = tmp_path / "run"
+    summary = run_finetune(_config(world, run_dir, method), progress=True)
+
+    run = load_run(run_dir)
+    assert run.kind == f"finetune-{method}"
+    assert run.head_config["method"] == method and run.head_config["frames"] == FRAMES
+    assert summary.trainable_parameters == _expected_trainable_count(method, run.classnames)
+    assert f"{summary.trainable_parameters:,} trainable parameters" in capsys.readouterr().out
+    assert summary.epochs == 1 and summary.train_videos == 24 and summary.val_videos == 8
+    with open(run_dir / "log.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+    assert (run_dir / "curves.png").is_file()
+
+    # The saved weights rebuild the trained model exactly.
+    rebuilt = rebuild_finetuned(run_dir)
+    trained = summary.model.state_dict()
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+    report_path = tmp_path / "report.json"
+    report = evaluate_finetuned(run_dir, world, "test", str(report_path), views=2, crops=1)
+    assert report["n"] == 8 and report["views"] == 2
+    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert json.loads(report_path.read_text())["n"] == 8
+    assert report_path.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize("method", ["prompt", "ezclip"])
+def test_frozen_clip_weights_stay_bit_identical(world, tmp_path, method):
+    summary = run_finetune(_config(world, tmp_path / "run", method, lr=1e-2), progress=False)
+    model = summary.model
+    reference = load_clip(MODEL, "default")[0].state_dict()
+    if method == "ezclip":
+        towers = {"": model.ezclip.clip}
+    else:
+        towers = {"visual.": model.image_encoder.tower.visual,
+                  "transformer.": model.prompt_learner.text_encoder.transformer}
+    for prefix, tower in towers.items():
+        for name, tensor in tower.state_dict().items():
+            assert torch.equal(tensor, reference[prefix + name]), prefix + name
+
+    # ... while what trains did move away from its initialisation
+    fresh_clip, _ = load_clip(MODEL, "default")
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(MODEL))
+    torch.manual_seed(0)
+    fresh, _ = build_method_model(method, fresh_clip, tokenizer, load_run(tmp_path / "run").classnames, FRAMES, {})
+    initial = dict(fresh.named_parameters())
+    moved = [name for name, param in model.named_parameters()
+             if param.requires_grad and not torch.equal(param, initial[name])]
+    assert moved
+
+
+def test_ezclip_training_lowers_its_loss(world, tmp_path):
+    """Measured: 6.1 in epoch 1, 2.9-4.1 in epochs 7-8 (lr 3e-3). Validation accuracy stays at the
+    zero-shot 0.5 in runs this short (see the module docstring), so the loss is what this checks."""
+    summary = run_finetune(_config(world, tmp_path / "run", "ezclip", lr=3e-3, warmup_epochs=0, epochs=8),
+                           progress=False)
+    losses = [row["train_loss"] for row in summary.history]
+    assert sum(losses[-2:]) / 2 < losses[0] - 1.0
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(world, tmp_path):
+    straight = run_finetune(_config(world, tmp_path / "straight", "prompt", epochs=2), progress=False)
+    first = run_finetune(_config(world, tmp_path / "resumed", "prompt", epochs=1), progress=False)
+    assert first.epochs == 1
+    resumed = run_finetune(_config(world, tmp_path / "resumed", "prompt", epochs=2), progress=False)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs == 2
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-5)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
+
+
+def test_resuming_with_other_settings_is_refused(world, tmp_path):
+    run_finetune(_config(world, tmp_path / "run", "prompt"), progress=False)
+    with pytest.raises(ClipreelError, match="cannot be resumed"):
+        run_finetune(_config(world, tmp_path / "run", "prompt", epochs=2, seed=1), progress=False)
+
+
+def test_bad_settings_are_refused(world, tmp_path):
+    with pytest.raises(ClipreelError, match="unknown fine-tuning method"):
+        run_finetune(_config(world, tmp_path / "a", "evl"), progress=False)
+    with pytest.raises(ClipreelError, match="mixup"):
+        run_finetune(_config(world, tmp_path / "b", "ezclip", mixup=True), progress=False)
+    with pytest.raises(ClipreelError, match="options for vifi"):
+        run_finetune(_config(world, tmp_path / "c", "vifi", options={"n_ctx": 4}), progress=False)
+
+
+def test_zero_shot_start_scores_the_untrained_model(world):
+    report = zero_shot_raw("xclip", world, "val", MODEL, "default", frames=FRAMES, views=2)
+    assert report["n"] == 8 and report["views"] == 2
+    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+
+
+def test_cli_finetune_then_eval_from_raw_videos(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app
+
+    runner = CliRunner()
+    run_dir = tmp_path / "cli-run"
+    trained = runner.invoke(app, ["finetune", "vifi", "--videos", world, "--out", str(run_dir), "--epochs", "1",
+                                  "--frames", str(FRAMES), "--workers", "0", "--option", "variant=image"])
+    assert trained.exit_code == 0, trained.output
+    assert "trainable" in trained.output
+    report = tmp_path / "report.json"
+    scored = runner.invoke(app, ["eval", str(run_dir), "--videos", world, "--split", "test", "--report", str(report)])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(report.read_text())["n"] == 8
+    assert report.with_suffix(".png").is_file()
