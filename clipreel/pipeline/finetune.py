@@ -80,6 +80,7 @@ from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import (
+    adamw_with_schedule,
     CHECKPOINT_FILE,
     CURVES_FILE,
     LOG_FILE,
@@ -88,7 +89,6 @@ from clipreel.pipeline.train import (
     final_metrics,
     log_row,
     plot_curves,
-    warmup_cosine,
     write_log,
 )
 from clipreel.stores.manifest import classnames_from_manifest
@@ -430,15 +430,8 @@ def _optimizer_and_schedule(model, method, recipe, steps_per_epoch, epochs, chec
     else:
         groups = [{"params": [param for param in model.parameters() if param.requires_grad],
                    "weight_decay": recipe.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=1e-8)
-    schedule = warmup_cosine(recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base_lr * schedule(scheduler.last_epoch)
-    return optimizer, scheduler
+    return adamw_with_schedule(groups, recipe.lr, recipe.betas, recipe.warmup_epochs * steps_per_epoch,
+                               epochs * steps_per_epoch, checkpoint)
 
 
 # --------------------------------------------------------------------------- resume

@@ -391,8 +391,16 @@ def _optimizer_and_schedule(head: nn.Module, recipe: KindRecipe, steps_per_epoch
     The schedule is planned for `epochs`: when a finished run is asked for more epochs, the
     restored step continues on the longer cosine.
     """
-    optimizer = torch.optim.AdamW(_parameter_groups(head, recipe), lr=recipe.lr, betas=recipe.betas, eps=1e-8)
-    schedule = warmup_cosine(recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    return adamw_with_schedule(_parameter_groups(head, recipe), recipe.lr, recipe.betas,
+                               recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch, checkpoint)
+
+
+def adamw_with_schedule(groups: list[dict], lr: float, betas: tuple[float, float], warmup_steps: int,
+                        total_steps: int, checkpoint: dict | None):
+    """AdamW over `groups` and a per-step linear warmup + cosine schedule, restored from
+    `checkpoint` (its "optimizer" and "scheduler" states) when resuming."""
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    schedule = warmup_cosine(warmup_steps, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
