@@ -26,9 +26,8 @@ class) blended clips slowed learning; the reference recipes turn it on for real 
 
 Learning rates: None picks the reference's (METHODS.md): vifi 8e-6, prompt 8e-3 (ViFi-CLIP's
 few-shot prompting; base-to-novel uses 4e-2), xclip 8e-6 (8e-5 for the new modules), ezclip 1e-4.
-Those are tuned for ViT-B/16 and batches of 64-256: the tiny synthetic CLIP with batches of 8
-learns within a few epochs at about vifi 1e-4, prompt 1e-2, xclip 1e-4, ezclip 1e-3.
-On the synthetic world (classes in time-reversed pairs) the built-in CLIP already scores 0.5
+Those are tuned for ViT-B/16 and batches of 64-256; rates for the tiny synthetic CLIP with
+batches of 8 are not established yet. On the synthetic world (classes in time-reversed pairs) the built-in CLIP already scores 0.5
 zero-shot, the ceiling of frame-mean pooling; runs of up to 8 epochs (3 steps each) did not lift
 validation top-1 above it for any method (measured), and from a random CLIP ("none") vifi and
 prompt stayed at chance. Longer runs are needed to show the "improves on zero-shot" claim.
