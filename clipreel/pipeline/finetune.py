@@ -37,7 +37,6 @@ Normalisation: ImageNet mean/std for vifi, prompt and xclip, CLIP's for ezclip (
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,6 +78,7 @@ from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import (
+    save_checkpoint_atomically,
     adamw_with_schedule,
     CHECKPOINT_FILE,
     CURVES_FILE,
@@ -476,14 +476,7 @@ def _save_checkpoint(run_dir: Path, identity, model, optimizer, scheduler, epoch
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"epoch": epoch, "identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "history": history}
-    handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, run_dir / CHECKPOINT_FILE)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    save_checkpoint_atomically(run_dir, state)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -521,6 +521,12 @@ def _save_checkpoint(run_dir, cfg, recipe, provenance, data, head, head_config, 
         "scheduler": scheduler.state_dict(),
         "history": history,
     }
+    save_checkpoint_atomically(run_dir, state)
+
+
+def save_checkpoint_atomically(run_dir: Path, state: dict) -> None:
+    """torch.save `state` as run_dir/checkpoint.pt through a temporary file: a crash while saving
+    keeps the previous checkpoint."""
     handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
     os.close(handle)
     try:
