@@ -61,7 +61,7 @@ def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
         result["num_frames"], result["fps"] = info.num_frames, info.fps
         result["indices"] = sample_indices(info.num_frames, config, key=item["video_id"])  # (V, T)
         if decode:
-            result["frames"] = PyAVDecoder().read(item["path"], result["indices"].reshape(-1))
+            result["frames"] = PyAVDecoder().read(item["path"], result["indices"].reshape(-1), info)
     except Exception as exc:  # any bad file becomes a failed row, never a failed job
         result["error"] = describe_error(exc)
     return result

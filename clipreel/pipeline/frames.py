@@ -30,7 +30,6 @@ smoothing, X-CLIP's `CutmixMixupBlending`) runs on whole batches in the trainer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.decode import DecodeError, PyAVDecoder, probe
 from clipreel.pipeline.preprocess import NORMS, PreprocessConfig, preprocess
-from clipreel.pipeline.sampling import SamplingConfig, sample_indices
+from clipreel.pipeline.sampling import SamplingConfig, sample_indices, stable_seed
 
 CROPS = ("multiscale", "rrc")
 RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop: tries before falling back to a centre crop
@@ -317,8 +316,7 @@ def _cutmix_box(height: int, width: int, lam: float, generator: torch.Generator)
 
 def stable_generator(*parts) -> torch.Generator:
     """A torch generator seeded by a stable hash of `parts`: the same in every process (unlike `hash`)."""
-    digest = hashlib.blake2b("\x00".join(str(part) for part in parts).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator().manual_seed(stable_seed(*parts) >> 1)
 
 
 class RawFrameDataset(Dataset):
@@ -374,10 +372,10 @@ class RawFrameDataset(Dataset):
         path, video_id = self.paths[index], self.video_ids[index]
         where = f"row {self.manifest_rows[index]} ({video_id})"
         try:
-            num_frames = probe(path).num_frames
+            info = probe(path)
             sampling = dataclasses.replace(self.sampling, seed=_epoch_seed(self.seed, epoch))
-            indices = sample_indices(num_frames, sampling, video_id)  # (V, T)
-            frames = self.decoder.read(path, indices.reshape(-1))  # (V * T, H, W, 3) uint8
+            indices = sample_indices(info.num_frames, sampling, video_id)  # (V, T)
+            frames = self.decoder.read(path, indices.reshape(-1), info)  # (V * T, H, W, 3) uint8
         except DecodeError as error:
             raise DecodeError(error.path, f"{where}: {error.problem}", error.fix) from error
         views, length = indices.shape
@@ -392,8 +390,7 @@ class RawFrameDataset(Dataset):
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The sampling seed of an epoch: frame offsets differ between epochs, and are replayable."""
-    digest = hashlib.blake2b(f"frames\x00{seed}\x00{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_seed("frames", seed, epoch) >> 1
 
 
 class EpochSampler(Sampler):

@@ -62,7 +62,7 @@ def sample_indices(num_frames: int, cfg: SamplingConfig, key: str) -> np.ndarray
             f"video {key!r} has {num_frames} frames, so no frame can be sampled: "
             f"check the file decodes, or drop its manifest row"
         )
-    rng = np.random.default_rng(_stable_seed(cfg.seed, key)) if cfg.random else None
+    rng = np.random.default_rng(stable_seed(cfg.seed, key)) if cfg.random else None
     if cfg.policy == "tsn":
         indices = _tsn(num_frames, cfg.frames, cfg.views, rng)
     elif cfg.policy == "dense":
@@ -72,9 +72,9 @@ def sample_indices(num_frames: int, cfg: SamplingConfig, key: str) -> np.ndarray
     return np.clip(indices, 0, num_frames - 1).astype(np.int64)
 
 
-def _stable_seed(seed: int, key: str) -> int:
-    """A 64-bit seed from (seed, key) that is the same in every process (unlike `hash`)."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+def stable_seed(*parts) -> int:
+    """A 64-bit seed from `parts` (e.g. seed, video id) that is the same in every process (unlike `hash`)."""
+    digest = hashlib.blake2b("\x00".join(str(part) for part in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 

@@ -35,11 +35,12 @@ __all__ = [
 
 
 class Decoder(Protocol):
-    """What every decoder offers: a name and `read(path, indices) -> (n, H, W, 3) uint8 frames`."""
+    """What every decoder offers: a name and `read(path, indices, info=None) -> (n, H, W, 3) uint8
+    frames`, where `info` is the video's `probe` result when the caller already has it."""
 
     name: str
 
-    def read(self, path, indices: np.ndarray): ...
+    def read(self, path, indices: np.ndarray, info: VideoInfo | None = None): ...
 
 
 def make_decoder(name: str = "auto", device: str = "cpu") -> Decoder:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.decode.probe import DecodeError, check_indices, probe
+from clipreel.pipeline.decode.probe import DecodeError, VideoInfo, check_indices, probe
 
 # FFmpeg codec names (as PyAV's probe reports them) that each DALI backend decodes.
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -55,14 +55,14 @@ class DaliDecoder:
     def supported_codecs(self) -> frozenset[str]:
         return CPU_CODECS if self.device_id is None else GPU_CODECS
 
-    def read(self, path: str | Path, indices: np.ndarray):
+    def read(self, path: str | Path, indices: np.ndarray, info: VideoInfo | None = None):
         """Frames `indices` of `path`: (n, H, W, 3) uint8 RGB, row i = frame indices[i].
 
         A numpy array on the CPU, a torch cuda tensor on a GPU. Raises DecodeError like
         PyAVDecoder, and for a codec this DALI backend cannot decode.
         """
         path = Path(path)
-        info = probe(path)
+        info = info or probe(path)  # callers that sampled from a probe pass it, saving a second pass
         indices = check_indices(path, indices, info)
         if info.codec not in self.supported_codecs:
             where = "on the CPU" if self.device_id is None else f"on GPU {self.device_id}"

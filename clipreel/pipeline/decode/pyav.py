@@ -9,6 +9,7 @@ import numpy as np
 
 from clipreel.pipeline.decode.probe import (
     DecodeError,
+    VideoInfo,
     check_indices,
     ffmpeg_reason,
     probe,
@@ -35,14 +36,14 @@ class PyAVDecoder:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.threads = threads
 
-    def read(self, path: str | Path, indices: np.ndarray) -> np.ndarray:
+    def read(self, path: str | Path, indices: np.ndarray, info: VideoInfo | None = None) -> np.ndarray:
         """Frames `indices` of `path`: (n, H, W, 3) uint8 RGB, row i = frame indices[i].
 
         Indices may repeat and come in any order. Raises DecodeError for a missing, empty,
         truncated, corrupt or non-video file and for an index beyond the decodable frames.
         """
         path = Path(path)
-        info = probe(path)
+        info = info or probe(path)  # callers that sampled from a probe pass it, saving a second pass
         indices = check_indices(path, indices, info)
         # (n, H, W, 3): row i will hold frame indices[i]
         frames = np.empty((len(indices), info.height, info.width, 3), dtype=np.uint8)
