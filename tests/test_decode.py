@@ -17,6 +17,7 @@ from clipreel.pipeline.decode import (
     DaliDecoder,
     DecodeError,
     PyAVDecoder,
+    choose_decoder,
     dali_available,
     make_decoder,
     probe,
@@ -276,6 +277,17 @@ def test_make_decoder_picks_dali_on_a_gpu_device():
 def test_make_decoder_rejects_unknown_names():
     with pytest.raises(ClipreelError, match="unknown decoder"):
         make_decoder("opencv")
+
+
+@needs_dali
+def test_choose_decoder_names_what_make_decoder_builds():
+    """The extraction driver decides where decoding runs from this name (DALI: in the GPU actors)."""
+    assert choose_decoder("auto", "cpu") == "pyav" and choose_decoder("auto", "cuda") == "dali"
+    assert choose_decoder("dali", "cpu") == "dali" and choose_decoder("pyav", "cuda") == "pyav"
+    for name, device in [("auto", "cpu"), ("auto", "cuda:1"), ("dali", "cpu"), ("pyav", "cuda")]:
+        assert make_decoder(name, device).name == choose_decoder(name, device)
+    with pytest.raises(ClipreelError, match="unknown decoder"):
+        choose_decoder("opencv")
 
 
 # ------------------------------------------------------------------------------------------ DALI

@@ -28,7 +28,8 @@ from clipreel import __version__
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
-from clipreel.pipeline.extract_workers import decode_video, resolve_decoder
+from clipreel.pipeline.decode import choose_decoder
+from clipreel.pipeline.extract_workers import decode_video
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 
 MANIFEST_FLUSH_SECONDS = 5.0
@@ -91,7 +92,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         skip_missing=cfg.skip_missing,
     )
     sampling = cfg.sampling_config()
-    decoder = resolve_decoder(cfg.decoder, gpu=False)  # validated here, re-resolved per actor device
+    choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder before anything starts
     # Ray starts first: it comes up while this process loads the model, which takes about as long.
     started_ray = _ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
@@ -119,7 +120,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
 
             started_ray = _ensure_ray(cfg.address) or started_ray
             try:
-                results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, decoder, ray)
+                results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray)
                 last_flush = time.perf_counter()
                 with progress_bar("extract", len(todo), progress) as advance:
                     for result in results:
@@ -242,7 +243,7 @@ def _ensure_ray(address: str | None) -> bool:
     return True
 
 
-def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, decoder, ray):
+def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray):
     """Build the Ray Data pipeline over the rows in `todo` and yield one status dict per video."""
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -263,6 +264,7 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
     ]
     # DALI pipelines are expensive to build: with DALI, the actors decode (once-built pipelines,
     # NVDEC on their GPU); with PyAV, decoding runs in plain CPU tasks before the actors.
+    decoder = choose_decoder(cfg.decoder, "cuda" if gpus else "cpu")  # auto: DALI on GPU clusters
     decode_in_actor = decoder == "dali"
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * workers))
     dataset = dataset.map(

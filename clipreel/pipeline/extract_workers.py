@@ -9,28 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipreel.errors import ClipreelError
 from clipreel.pipeline.sampling import SamplingConfig, sample_indices
 
 NO_FRAMES = np.zeros((0, 1, 1, 3), dtype=np.uint8)
-
-
-def resolve_decoder(name: str, gpu: bool) -> str:
-    """`auto` picks DALI on GPU machines where it imports, PyAV otherwise; checks explicit names."""
-    from clipreel.pipeline.decode import dali_available
-
-    if name == "auto":
-        return "dali" if gpu and dali_available() else "pyav"
-    if name == "pyav":
-        return name
-    if name == "dali":
-        if not dali_available():
-            raise ClipreelError(
-                "--decoder dali: nvidia-dali is not installed (pip install 'clipreel[dali]'), "
-                "or use --decoder pyav"
-            )
-        return name
-    raise ClipreelError(f"--decoder {name!r}: choose auto, pyav or dali")
 
 
 def describe_error(exc: BaseException) -> str:

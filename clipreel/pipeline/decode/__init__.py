@@ -28,6 +28,7 @@ __all__ = [
     "Decoder",
     "PyAVDecoder",
     "VideoInfo",
+    "choose_decoder",
     "dali_available",
     "make_decoder",
     "probe",
@@ -43,19 +44,32 @@ class Decoder(Protocol):
     def read(self, path, indices: np.ndarray, info: VideoInfo | None = None): ...
 
 
-def make_decoder(name: str = "auto", device: str = "cpu") -> Decoder:
-    """The decoder called `name` for a model on `device` ("cpu", "cuda" or "cuda:k").
+def choose_decoder(name: str = "auto", device: str = "cpu") -> str:
+    """Which decoder ("pyav" or "dali") `make_decoder(name, device)` builds, checking `name`.
 
     "auto" picks DALI (NVDEC) when the model is on a GPU and nvidia.dali imports, else PyAV.
-    "dali" on the CPU decodes VP8/VP9/MJPEG only.
     """
     if name not in DECODERS:
         raise ClipreelError(f"unknown decoder {name!r}: choose one of {', '.join(DECODERS)}")
-    device = str(device)  # also accepts a torch.device
-    on_gpu = device.startswith("cuda")
+    on_gpu = str(device).startswith("cuda")  # also accepts a torch.device
     if name == "pyav" or (name == "auto" and not (on_gpu and dali_available())):
+        return "pyav"
+    if not dali_available():
+        raise ClipreelError(
+            "--decoder dali: nvidia-dali is not installed (pip install 'clipreel[dali]'), or use --decoder pyav"
+        )
+    return "dali"
+
+
+def make_decoder(name: str = "auto", device: str = "cpu") -> Decoder:
+    """The decoder called `name` for a model on `device` ("cpu", "cuda" or "cuda:k").
+
+    "dali" on the CPU decodes VP8/VP9/MJPEG only.
+    """
+    if choose_decoder(name, device) == "pyav":
         return PyAVDecoder()
-    return DaliDecoder(device_id=_cuda_index(device) if on_gpu else None)
+    device = str(device)
+    return DaliDecoder(device_id=_cuda_index(device) if device.startswith("cuda") else None)
 
 
 def _cuda_index(device: str) -> int:
