@@ -116,7 +116,8 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
 @app.command()
 def verify(store: Path = typer.Argument(..., help="A feature store (NAME.zarr).")) -> None:
     """Check every done video's data: present, finite, consistent with the manifest. Exits 1 naming each problem."""
-    from clipreel.stores.features import FeatureStore, verify as verify_store
+    from clipreel.stores.features import FeatureStore
+    from clipreel.stores.features import verify as verify_store
 
     problems = verify_store(FeatureStore.open(store))
     if problems:

@@ -44,6 +44,11 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def exempt_from_weight_decay(name: str, parameter: torch.Tensor) -> bool:
+    """X-CLIP's rule (METHODS.md 2.7): no weight decay on 1-D parameters, biases and positional embeddings."""
+    return parameter.ndim <= 1 or name.endswith(".bias") or "positional_embedding" in name
+
+
 def cosine_logits(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """exp(logit_scale) * cos(video, text); text is (K, E) shared by the batch or (B, K, E) per video."""
     video = F.normalize(video, dim=-1)  # (B, E)

@@ -41,7 +41,12 @@ from torch.utils.checkpoint import checkpoint
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
 from clipreel.heads.prompts import FrozenTextEncoder
-from clipreel.heads.xclip import XCLIPHead, XCLIPHeadConfig, cosine_logits
+from clipreel.heads.xclip import (
+    XCLIPHead,
+    XCLIPHeadConfig,
+    cosine_logits,
+    exempt_from_weight_decay,
+)
 from clipreel.heads.zeroshot import readable_classname
 
 # Parameters whose names contain one of these are X-CLIP's new modules: they train at 10x the
@@ -49,7 +54,6 @@ from clipreel.heads.zeroshot import readable_classname
 NEW_MODULE_KEYWORDS = ("message_", "mit", "prompts")
 NEW_MODULE_LR_SCALE = 10.0
 # Parameters named like this get no weight decay (besides every 1-D parameter and bias).
-NO_DECAY_KEYWORDS = ("positional_embedding",)
 
 
 class DropPath(nn.Module):
@@ -330,7 +334,7 @@ class XCLIP(nn.Module):
         groups: dict[str, dict] = {}
         for name, param in self.trainable_named_parameters():
             is_new = any(keyword in name for keyword in NEW_MODULE_KEYWORDS)
-            no_decay = param.dim() <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
+            no_decay = exempt_from_weight_decay(name, param)
             group_name = ("new" if is_new else "clip") + ("_no_decay" if no_decay else "")
             if group_name not in groups:
                 groups[group_name] = {

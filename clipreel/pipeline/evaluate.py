@@ -24,9 +24,21 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.kinds import (
+    TEXT_KINDS,
+    TextModel,
+    head_logits,
+    head_spec,
+    load_text_model,
+    rebuild_head,
+)
+from clipreel.heads.zeroshot import (
+    TEMPLATES,
+    ZeroShotClassifier,
+    ZeroShotConfig,
+    class_text_embeddings,
+)
 from clipreel.pipeline.devices import resolve_device
-from clipreel.heads.kinds import TEXT_KINDS, TextModel, head_logits, head_spec, load_text_model, rebuild_head
-from clipreel.heads.zeroshot import TEMPLATES, ZeroShotClassifier, ZeroShotConfig, class_text_embeddings
 from clipreel.pipeline.loader import CacheLoader
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map

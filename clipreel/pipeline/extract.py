@@ -26,10 +26,10 @@ import pandas as pd
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.progress import progress_bar
-from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.decode import choose_decoder
 from clipreel.pipeline.extract_workers import decode_video
+from clipreel.pipeline.progress import progress_bar
+from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 
 MANIFEST_FLUSH_SECONDS = 5.0
@@ -96,7 +96,11 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     # Ray starts first: it comes up while this process loads the model, which takes about as long.
     started_ray = _ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
-        from clipreel.pipeline.backbone import Backbone, BackboneConfig, register_builtin_models
+        from clipreel.pipeline.backbone import (
+            Backbone,
+            BackboneConfig,
+            register_builtin_models,
+        )
         from clipreel.pipeline.preprocess import PreprocessConfig
 
         register_builtin_models()

@@ -54,7 +54,11 @@ class ExtractActor:
     def __init__(self, store_path: str, backbone: dict, preprocess: dict, decoder: str | None):
         import torch
 
-        from clipreel.pipeline.backbone import Backbone, BackboneConfig, register_builtin_models
+        from clipreel.pipeline.backbone import (
+            Backbone,
+            BackboneConfig,
+            register_builtin_models,
+        )
         from clipreel.pipeline.preprocess import PreprocessConfig
         from clipreel.stores.features import FeatureStore
 

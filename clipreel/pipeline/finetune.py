@@ -78,16 +78,16 @@ from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import (
-    save_checkpoint_atomically,
-    adamw_with_schedule,
     CHECKPOINT_FILE,
     CURVES_FILE,
     LOG_FILE,
-    mixed_precision,
+    adamw_with_schedule,
     epoch_seed,
     final_metrics,
     log_row,
+    mixed_precision,
     plot_curves,
+    save_checkpoint_atomically,
     write_log,
 )
 from clipreel.stores.manifest import classnames_from_manifest

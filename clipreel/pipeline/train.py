@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.devices import resolve_device
 from clipreel.heads.kinds import (
     TEXT_KINDS,
     build_head,
@@ -52,6 +51,8 @@ from clipreel.heads.kinds import (
     load_text_model,
     trainable_parameters,
 )
+from clipreel.heads.xclip import exempt_from_weight_decay
+from clipreel.pipeline.devices import resolve_device
 from clipreel.pipeline.evaluate import view_averaged_probabilities
 from clipreel.pipeline.loader import CacheLoader
 from clipreel.pipeline.progress import progress_bar
@@ -416,7 +417,7 @@ def _parameter_groups(head: nn.Module, recipe: KindRecipe) -> list[dict]:
     for name, parameter in head.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim <= 1 or name.endswith(".bias") or "positional_embedding" in name
+        exempt = exempt_from_weight_decay(name, parameter)
         (not_decayed if exempt and not recipe.decay_everything else decayed).append(parameter)
     groups = [{"params": decayed, "weight_decay": recipe.weight_decay}]
     if not_decayed:
