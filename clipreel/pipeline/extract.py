@@ -17,7 +17,6 @@ and end up in the manifest with status `failed`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from clipreel.errors import ClipreelError
 from clipreel.pipeline.decode import choose_decoder
 from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
+from clipreel.pipeline.raycluster import ensure_ray
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 
@@ -94,7 +94,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     sampling = cfg.sampling_config()
     choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder before anything starts
     # Ray starts first: it comes up while this process loads the model, which takes about as long.
-    started_ray = _ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
+    started_ray = ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
         from clipreel.pipeline.backbone import (
             Backbone,
@@ -122,7 +122,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         if len(todo):
             import ray
 
-            started_ray = _ensure_ray(cfg.address) or started_ray
+            started_ray = ensure_ray(cfg.address) or started_ray
             try:
                 results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray)
                 last_flush = time.perf_counter()
@@ -225,26 +225,6 @@ def _reconcile(store: FeatureStore) -> pd.DataFrame:
     manifest.loc[was_done & ~done, "status"] = "pending"
     store.write_manifest(manifest)
     return manifest
-
-
-def _ensure_ray(address: str | None) -> bool:
-    """Join `address`, or reuse this process's Ray, or start a local one. True if we started it."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray's own INFO/WARNING chatter (start-up notices, per-dataset summaries) would bury the
-    # progress bar and the summary; its errors still come through.
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    if ray.is_initialized():
-        return False
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}},
-    )
-    return True
 
 
 def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray):

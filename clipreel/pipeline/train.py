@@ -56,6 +56,7 @@ from clipreel.pipeline.devices import resolve_device
 from clipreel.pipeline.evaluate import view_averaged_probabilities
 from clipreel.pipeline.loader import CacheLoader
 from clipreel.pipeline.progress import progress_bar
+from clipreel.pipeline.raycluster import ensure_ray
 from clipreel.stores.features import FeatureStore, provenance_diff
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import CONFIG_FILE, METRICS_FILE, save_run
@@ -606,7 +607,7 @@ def _train_with_ray(cfg: TrainConfig) -> TrainSummary:
 
     _resolved_recipe(cfg)  # fail fast on bad settings, before any worker starts
     started = time.perf_counter()
-    started_ray = _ensure_ray(cfg.address)
+    started_ray = ensure_ray(cfg.address)
     ray_storage = tempfile.mkdtemp(prefix="clipreel-ray-train-")  # Ray's own bookkeeping; we keep no Ray checkpoints
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -648,18 +649,6 @@ def _worker_error(error: Exception) -> Exception:
         if isinstance(cause, ClipreelError):
             return cause
     return error
-
-
-def _ensure_ray(address: str | None) -> bool:
-    """Join `address`, or this process's Ray, or start a local one. True if we started it."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    return True
 
 
 def _summary_from_run_dir(cfg: TrainConfig, seconds: float) -> TrainSummary:
