@@ -29,19 +29,17 @@ fallbacks the whole row is read and the view picked afterwards).
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from clipreel.errors import ClipreelError
+from clipreel.pipeline.prefetch import read_ahead
 from clipreel.stores import fastread
 from clipreel.stores.features import LAYER_AXIS, READABLE_FIELDS, FeatureStore
 
 VIEW_MODES = ("random", "all")
-_QUEUE_POLL_SECONDS = 0.1  # how often a blocked producer checks whether the consumer has gone
 
 
 class CacheLoader:
@@ -91,24 +89,8 @@ class CacheLoader:
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of epoch `epoch` (any epoch, in any order: each is seeded by (seed, epoch))."""
-        plan = self.epoch_plan(epoch)
-        batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        reader = threading.Thread(
-            target=self._read_ahead, args=(plan, batches, stop), name="clipreel-loader", daemon=True
-        )
-        reader.start()
-        try:
-            while True:
-                item = batches.get()
-                if item is _END:
-                    return
-                if isinstance(item, _ReadFailure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()  # the consumer stopped early, finished or failed: let the reader go
-            reader.join()
+        batches = (self._read_batch(positions, views) for positions, views in self.epoch_plan(epoch))
+        return read_ahead(batches, self.prefetch, name="clipreel-loader")
 
     # ------------------------------------------------------------------ planning
 
@@ -137,20 +119,6 @@ class CacheLoader:
 
     # ------------------------------------------------------------------ reading
 
-    def _read_ahead(self, plan, batches: queue.Queue, stop: threading.Event) -> None:
-        """The background thread: read each batch and queue it (blocking while the queue is full)."""
-        try:
-            for positions, chosen_views in plan:
-                if stop.is_set():
-                    return
-                batch = self._read_batch(positions, chosen_views)
-                self.batches_read += 1
-                if not _put(batches, batch, stop):
-                    return
-            _put(batches, _END, stop)
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
-            _put(batches, _ReadFailure(error), stop)
-
     def _read_batch(self, positions: np.ndarray, chosen_views: np.ndarray) -> dict[str, torch.Tensor]:
         rows = self.rows[positions]
         arrays = {}
@@ -165,6 +133,7 @@ class CacheLoader:
         batch = {field: torch.from_numpy(np.ascontiguousarray(arrays[field])) for field in self.fields}
         batch["labels"] = torch.from_numpy(self.labels[positions])
         batch["rows"] = torch.from_numpy(rows)
+        self.batches_read += 1
         return batch
 
     def _direct_view_files(self, field: str) -> fastread.RowChunkFiles | None:
@@ -244,32 +213,11 @@ class CacheLoader:
             )
 
 
-class _ReadFailure:
-    """An exception raised in the reader thread, on its way to the consumer."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()  # the reader has queued the epoch's last batch
-
-
 def _pick_views(values: np.ndarray, chosen_views: np.ndarray) -> np.ndarray:
     """values (B, V, ...) -> (B, ...): row i's view chosen_views[i] (no copy when V == 1)."""
     if values.shape[1] == 1:
         return values[:, 0]
     return values[np.arange(len(values)), chosen_views]
-
-
-def _put(batches: queue.Queue, item, stop: threading.Event) -> bool:
-    """Queue `item`, waiting while the queue is full; False if the consumer stopped meanwhile."""
-    while not stop.is_set():
-        try:
-            batches.put(item, timeout=_QUEUE_POLL_SECONDS)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 def _layer_positions(layers: str | Sequence[int] | None, num_layers: int) -> list[int] | None:
