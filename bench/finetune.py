@@ -26,7 +26,8 @@ from clipreel.heads.ezclip import EZCLIP, EZCLIPConfig, motion_loss
 from clipreel.heads.vifi import BridgePrompt, BridgePromptConfig, ViFiCLIP, ViFiConfig
 from clipreel.heads.xclip_cct import XCLIP, XCLIPConfig
 from clipreel.pipeline.backbone import load_clip, register_builtin_models
-from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset, raw_frame_loader
+from clipreel.pipeline.frame_loaders import raw_frame_loader
+from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.synth import SynthConfig, make_world

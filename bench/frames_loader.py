@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset, raw_frame_loader
+from clipreel.pipeline.frame_loaders import raw_frame_loader
+from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.synth import SynthConfig, make_world

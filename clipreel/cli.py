@@ -167,6 +167,9 @@ def _numbers(text: str, what: str) -> tuple[int, ...]:
         raise ClipreelError(f"{what} {text!r}: write comma-separated whole numbers, e.g. 2,4,8") from None
 
 
+DECODER_HELP = "auto (DALI when the model is on a GPU, else PyAV), pyav, or dali (on the CPU: VP8/VP9/MJPEG only)."
+LOADER_HELP = ("How clips reach the model: workers (decode processes), ray (Ray Data streaming), or device "
+               "(decode + augment on the model's device: DALI on a GPU); auto: device for DALI on a GPU, else workers.")
 HEAD_HELP = "Head kind: evl, mit, xclip-prompt, text-prompt, linear, mlp or zeroshot."
 
 
@@ -225,6 +228,9 @@ def eval_(
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
     classes: Optional[Path] = typer.Option(None, help="Label map naming the store's label ids."),
     batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
+    workers: int = typer.Option(0, help="Decode worker processes for `finetune` runs (0: decode in this process)."),
+    decoder: str = typer.Option("auto", help=DECODER_HELP),
+    loader: str = typer.Option("auto", help=LOADER_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
@@ -238,7 +244,8 @@ def eval_(
         from clipreel.pipeline.finetune import evaluate_finetuned
 
         report_data = evaluate_finetuned(run_dir, videos, split, str(report) if report else None, views=views,
-                                         crops=crops, batch_size=batch_size, device=device)
+                                         crops=crops, batch_size=batch_size, workers=workers, decoder=decoder,
+                                         loader=loader, device=device)
         console.print(f"{run_dir} on {split}: top-1 {report_data['top1']:.3f}, top-5 {report_data['top5']:.3f}, "
                       f"mean class acc {report_data['mean_class_acc']:.3f}, {report_data['n']} videos", highlight=False)
         return
@@ -319,7 +326,11 @@ def finetune(
     batch_size: int = typer.Option(8, help="Clips per step."),
     frames: int = typer.Option(8, help="Frames per clip (TSN segments, random offsets in training)."),
     mixup: bool = typer.Option(False, help="Mixup/cutmix with soft targets (X-CLIP / ViFi-CLIP recipe)."),
-    workers: int = typer.Option(2, help="Decode worker processes."),
+    flip: float = typer.Option(0.5, help="Chance of a horizontal flip per training clip; 0 when left/right is the class (SSv2, the synthetic world)."),
+    workers: int = typer.Option(2, help="Decode worker processes (or concurrent Ray tasks with --loader ray); 0 decodes in this process."),
+    decoder: str = typer.Option("auto", help=DECODER_HELP),
+    loader: str = typer.Option("auto", help=LOADER_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster for --loader ray (default: a local Ray)."),
     seed: int = typer.Option(0, help="Seeds initialisation, order, sampling and augmentation."),
     option: list[str] = typer.Option([], help="Method option key=value, repeatable (e.g. variant=image for vifi)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -330,8 +341,8 @@ def finetune(
 
     summary = run_finetune(FinetuneConfig(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
-        batch_size=batch_size, frames=frames, mixup=mixup, workers=workers, seed=seed,
-        options=_parse_options(option), device=device,
+        batch_size=batch_size, frames=frames, mixup=mixup, flip=flip, workers=workers, decoder=decoder,
+        loader=loader, address=address, seed=seed, options=_parse_options(option), device=device,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
     console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clipreel.pipeline.decode import DecodeError, PyAVDecoder, probe
+from clipreel.pipeline.frame_loaders import raw_frame_loader
 from clipreel.pipeline.frames import (
     AugmentConfig,
     RawFrameDataset,
@@ -14,7 +15,6 @@ from clipreel.pipeline.frames import (
     draw_augmentation,
     eval_clip,
     mix_batch,
-    raw_frame_loader,
 )
 from clipreel.pipeline.preprocess import NORMS, PreprocessConfig, preprocess
 from clipreel.pipeline.sampling import SamplingConfig, sample_indices

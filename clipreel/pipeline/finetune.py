@@ -67,13 +67,8 @@ from clipreel.pipeline.evaluate import (
     mean_softmax_over_views,
     write_report_files,
 )
-from clipreel.pipeline.frames import (
-    AugmentConfig,
-    RawFrameDataset,
-    mix_batch,
-    raw_frame_loader,
-    stable_generator,
-)
+from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
+from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset, mix_batch, stable_generator
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
@@ -137,11 +132,16 @@ class FinetuneConfig:
     mixup: bool = False  # mixup / cutmix with soft targets (vifi, prompt, xclip)
     batch_size: int = 8
     frames: int = 8  # T frames per clip
-    workers: int = 2  # decode processes (0: decode in the training process)
+    workers: int = 2  # decode processes, or concurrent Ray tasks with loader "ray" (0: decode in this process)
+    decoder: str = "auto"  # pyav, dali, or auto (DALI when training on a GPU, else PyAV)
+    loader: str = "auto"  # workers, ray (Ray Data streaming) or device (decode on the model's device); auto:
+    # device for DALI on a GPU, else workers (frame_loaders.resolve_loading)
+    address: str | None = None  # the Ray cluster of loader "ray" (None: a local Ray)
     seed: int = 0
     options: dict = field(default_factory=dict)  # method options, e.g. {"variant": "image"} for vifi
     device: str = "auto"
     norm: str | None = None  # "imagenet" or "clip"; None: the method's
+    flip: float = 0.5  # probability of a horizontal flip per training clip; 0 where left/right is the class
 
 
 @dataclass
@@ -255,8 +255,14 @@ def _split_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     return manifest[(manifest["split"] == split) & (manifest["label"] >= 0) & status_ok]
 
 
-def _augment_config(image_size: int, norm: str) -> AugmentConfig:
-    return AugmentConfig(image_size=image_size, norm=norm)
+def _augment_config(image_size: int, norm: str, flip: float = 0.5) -> AugmentConfig:
+    return AugmentConfig(image_size=image_size, norm=norm, flip=flip)
+
+
+def _dataset(rows: pd.DataFrame, sampling: SamplingConfig, augment: AugmentConfig, loading: FrameLoading, *,
+             train: bool, seed: int = 0, crops: int = 1) -> RawFrameDataset:
+    return RawFrameDataset(rows, sampling, augment, train=train, seed=seed, crops=crops, decoder=loading.decoder,
+                           device=loading.device)
 
 
 def _image_size(model: nn.Module) -> int:
@@ -299,14 +305,15 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
         model.load_state_dict(checkpoint["model"])
 
     image_size, norm = _image_size(model), _norm_of(cfg.method, cfg.norm)
-    augment = _augment_config(image_size, norm)
+    augment = _augment_config(image_size, norm, cfg.flip)
     sampling = SamplingConfig(frames=cfg.frames)
-    train_data = RawFrameDataset(train_rows, sampling, augment, train=True, seed=cfg.seed)
-    train_loader = raw_frame_loader(train_data, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed)
+    loading = resolve_loading(cfg.decoder, cfg.loader, device, cfg.workers, cfg.address)
+    train_data = _dataset(train_rows, sampling, augment, loading, train=True, seed=cfg.seed)
+    train_loader = frame_loader(train_data, cfg.batch_size, loading, shuffle=True, seed=cfg.seed)
     val_loader = None
     if not val_rows.empty:
-        val_data = RawFrameDataset(val_rows, sampling, augment, train=False, seed=cfg.seed)
-        val_loader = raw_frame_loader(val_data, cfg.batch_size, cfg.workers, shuffle=False, seed=cfg.seed)
+        val_data = _dataset(val_rows, sampling, augment, loading, train=False, seed=cfg.seed)
+        val_loader = frame_loader(val_data, cfg.batch_size, loading, shuffle=False, seed=cfg.seed)
 
     optimizer, scheduler = _optimizer_and_schedule(model, cfg.method, recipe, len(train_loader), cfg.epochs,
                                                    checkpoint)
@@ -437,7 +444,7 @@ def _optimizer_and_schedule(model, method, recipe, steps_per_epoch, epochs, chec
 
 
 # FinetuneConfig fields that may change when a run is resumed.
-_RESUMABLE_CHANGES = ("out", "epochs", "val_split", "workers", "device")
+_RESUMABLE_CHANGES = ("out", "epochs", "val_split", "workers", "loader", "address", "device")
 
 
 def _run_identity(cfg: FinetuneConfig, recipe: MethodRecipe, classnames, sha256) -> dict:
@@ -502,12 +509,12 @@ def predict_raw(model: nn.Module, loader, device: torch.device) -> tuple[np.ndar
     return torch.cat(probabilities).numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy()
 
 
-def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, views, crops, batch_size, workers,
-           device) -> dict:
+def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, views, crops, batch_size,
+           loading: FrameLoading, device) -> dict:
     """compute_metrics of `model` on `rows` with multi-view testing (views x crops per video)."""
     sampling = SamplingConfig(frames=frames, views=views)
-    dataset = RawFrameDataset(rows, sampling, _augment_config(image_size, norm), train=False, crops=crops)
-    loader = raw_frame_loader(dataset, batch_size, workers, shuffle=False)
+    dataset = _dataset(rows, sampling, _augment_config(image_size, norm), loading, train=False, crops=crops)
+    loader = frame_loader(dataset, batch_size, loading, shuffle=False)
     probabilities, labels, _ = predict_raw(model, loader, device)
     return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
             "views": views, "crops": crops}
@@ -530,7 +537,7 @@ def _eval_rows(videos: str, split: str, classnames: Sequence[str]) -> pd.DataFra
 
 def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, report_path: str | None = None, *,
                        views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                       device: str = "auto") -> dict:
+                       decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
     """Score a `clipreel finetune` run on the raw videos of `split`: top-1/top-5, per class, confusion.
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
@@ -547,7 +554,7 @@ def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, repo
     rows = _eval_rows(videos, split, run.classnames)
     report = {"run": str(run.path), "kind": run.kind, "split": split,
               **_score(model, run.classnames, rows, config["frames"], config["image_size"], config["norm"], views,
-                       crops, batch_size, workers, torch_device)}
+                       crops, batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
     if report_path is not None:
         write_report_files(report, Path(report_path))
     return report
@@ -573,7 +580,7 @@ def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "
 def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-synth", pretrained: str = "default",
                   *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
                   views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                  device: str = "auto") -> dict:
+                  decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
     """The untrained method model's metrics on `split`: where fine-tuning starts from."""
     torch_device = resolve_device(device)
     manifest = read_sources(videos)
@@ -582,4 +589,4 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-s
     rows = _eval_rows(videos, split, classnames)
     return {"method": method, "split": split,
             **_score(network, classnames, rows, frames, _image_size(network), _norm_of(method, norm), views, crops,
-                     batch_size, workers, torch_device)}
+                     batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}

@@ -2,7 +2,7 @@
 
 The fine-tuning methods (ViFi-CLIP, bridge-and-prompt, full X-CLIP, EZ-CLIP) cannot train from
 the feature cache, so they read videos again, through the same manifest, sampling policies and
-PyAV decoder as extraction, and augment each clip the way the reference repositories do:
+decoders (PyAV; DALI on a GPU) as extraction, and augment each clip the way the reference repositories do:
 
     multi-scale crop (or random resized crop) -> resize to S x S -> horizontal flip
     -> colour jitter (p 0.8) -> grayscale (p 0.2) -> normalise (CLIP or ImageNet mean/std)
@@ -15,11 +15,11 @@ brightness that flickers from frame to frame is a fake motion cue.
 
 Determinism: every random draw comes from a generator seeded by (seed, epoch, video_id) with a
 stable hash, never from a global RNG, so a clip's frames and augmentation are the same in any
-worker process, with any number of workers, in any order. `mix_batch` (mixup / cutmix with label
+worker process or Ray task, with any number of workers, in any order (`frame_loaders`). `mix_batch` (mixup / cutmix with label
 smoothing, X-CLIP's `CutmixMixupBlending`) runs on whole batches in the trainer.
 
     dataset = RawFrameDataset(manifest_rows, SamplingConfig(frames=8), AugmentConfig(), train=True, seed=0)
-    loader = raw_frame_loader(dataset, batch_size=8, workers=2, shuffle=True, seed=0)
+    loader = frame_loader(dataset, batch_size=8, loader="workers", workers=2, shuffle=True, seed=0)
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         for batch in loader:
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,18 +38,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.decode import DecodeError, PyAVDecoder, probe
+from clipreel.pipeline.decode import DecodeError, choose_decoder, make_decoder, probe
 from clipreel.pipeline.preprocess import NORMS, PreprocessConfig, preprocess
 from clipreel.pipeline.sampling import SamplingConfig, sample_indices, stable_seed
 
 CROPS = ("multiscale", "rrc")
 RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop: tries before falling back to a centre crop
 JITTERS = ("brightness", "contrast", "saturation", "hue")
-PREFETCH_BATCHES = 2  # batches each worker prepares ahead: bounds the loader's memory
 
 
 @dataclass(frozen=True)
@@ -169,8 +167,8 @@ def apply_augmentation(frames: torch.Tensor, draw: ClipAugmentation, cfg: Augmen
             images = TF.adjust_hue(images, factor)
     if draw.grayscale:
         images = TF.rgb_to_grayscale(images, num_output_channels=3)
-    mean, std = NORMS[cfg.norm]
-    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(values, device=images.device).view(1, 3, 1, 1) for values in NORMS[cfg.norm])
+    return (images - mean) / std
 
 
 def augment_clip(frames: np.ndarray | torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -328,12 +326,16 @@ class RawFrameDataset(Dataset):
     V views and `crops` (1 centre, 3 along the long side) item i's frames are (V * crops, T, 3, S, S),
     view-major (view 0's crops first), for multi-view testing.
 
+    decoder: "pyav" or "dali" (`clipreel.pipeline.decode.make_decoder`) for frames on `device`:
+    DALI on "cuda:k" decodes with NVDEC into GPU memory, and the augmentation runs there too, so the
+    item's frames are on that GPU; otherwise they are on the CPU. The decoder is built in the process
+    that decodes (a DataLoader worker, a Ray task), on first use.
+
     "row" is the manifest row (the DataFrame's index label), so results map back to the manifest.
     Randomness (frame offsets and augmentation) is seeded by (seed, epoch, video_id): call
-    `set_epoch` before each epoch. Items may also be asked for as (epoch, i) pairs, which is how
-    `raw_frame_loader` passes the epoch to worker processes that hold their own copy of the dataset.
-    A file that cannot be decoded raises `DecodeError` naming the row (in a DataLoader worker
-    process torch re-raises it as a RuntimeError carrying the same message).
+    `set_epoch` before each epoch. Items may also be asked for as (epoch, i) pairs, which is how the
+    loaders (`clipreel.pipeline.frame_loaders`) pass the epoch to workers that hold their own copy of
+    the dataset. A file that cannot be decoded raises `DecodeError` naming the row.
     """
 
     def __init__(
@@ -344,6 +346,8 @@ class RawFrameDataset(Dataset):
         train: bool,
         seed: int = 0,
         crops: int = 1,
+        decoder: str = "pyav",
+        device: str = "cpu",
     ):
         missing = {"path", "label", "video_id"} - set(rows.columns)
         if missing:
@@ -358,14 +362,30 @@ class RawFrameDataset(Dataset):
         self.eval_preprocess = dataclasses.replace(augment.preprocess_config, crops=crops)
         self.seed = seed
         self.epoch = 0
-        self.decoder = PyAVDecoder()
+        self.decoder_name, self.device = choose_decoder(decoder, device), str(device)
+        self._decoder = None  # built on first use, in the process that decodes
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self) -> dict:
+        """What goes to worker processes and Ray tasks: everything but the built decoder."""
+        return {**self.__dict__, "_decoder": None}
+
     def set_epoch(self, epoch: int) -> None:
         """Draw the frame offsets and augmentation of `epoch` (each epoch sees new ones)."""
         self.epoch = epoch
+
+    def item_nbytes(self) -> int:
+        """Bytes of one item's frames (float32)."""
+        clips = 1 if self.train else self.sampling.views * self.eval_preprocess.crops
+        return clips * self.sampling.frames * 3 * self.augment.image_size**2 * 4
+
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            self._decoder = make_decoder(self.decoder_name, self.device)
+        return self._decoder
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
@@ -391,58 +411,3 @@ class RawFrameDataset(Dataset):
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The sampling seed of an epoch: frame offsets differ between epochs, and are replayable."""
     return stable_seed("frames", seed, epoch) >> 1
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs over a RawFrameDataset, in a shuffled order seeded by (seed, epoch).
-
-    It reads the epoch from the dataset in the main process when an epoch starts, so
-    `dataset.set_epoch(e)` reaches persistent worker processes, whose copy of the dataset never changes.
-    """
-
-    def __init__(self, dataset: RawFrameDataset, shuffle: bool, seed: int):
-        self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.dataset.epoch
-        if self.shuffle:
-            order = torch.randperm(len(self.dataset), generator=stable_generator("order", self.seed, epoch)).tolist()
-        else:
-            order = range(len(self.dataset))
-        return iter([(epoch, index) for index in order])
-
-
-def raw_frame_loader(
-    dataset: RawFrameDataset,
-    batch_size: int,
-    workers: int,
-    shuffle: bool,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader decoding in `workers` processes (0: in this process), same batches for any worker count.
-
-    Workers stay alive between epochs (persistent) and each prepares at most PREFETCH_BATCHES batches
-    ahead, so memory is bounded by about workers x PREFETCH_BATCHES batches. Call
-    `dataset.set_epoch(epoch)` before iterating each epoch.
-    """
-    if workers < 0:
-        raise ClipreelError(f"workers must be >= 0 (got {workers}); 0 decodes in the training process")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(dataset, shuffle, seed),
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-        worker_init_fn=_one_torch_thread,
-        drop_last=drop_last,
-    )
-
-
-def _one_torch_thread(worker_id: int) -> None:
-    """Worker set-up: one torch thread per decode process (faster and steadier on these machines)."""
-    torch.set_num_threads(1)
