@@ -241,7 +241,7 @@ def eval_(
     if (store is None) == (videos is None):
         raise ClipreelError("clipreel eval: give either --store (a `train` run) or --videos (a `finetune` run)")
     if videos is not None:
-        from clipreel.pipeline.finetune import evaluate_finetuned
+        from clipreel.pipeline.finetune_eval import evaluate_finetuned
 
         report_data = evaluate_finetuned(run_dir, videos, split, str(report) if report else None, views=views,
                                          crops=crops, batch_size=batch_size, workers=workers, decoder=decoder,

@@ -15,15 +15,9 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.backbone import load_clip, resolve_model_name
-from clipreel.pipeline.finetune import (
-    METHODS,
-    FinetuneConfig,
-    build_method_model,
-    evaluate_finetuned,
-    rebuild_finetuned,
-    run_finetune,
-    zero_shot_raw,
-)
+from clipreel.heads.methods import METHODS, build_method_model
+from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
+from clipreel.pipeline.finetune_eval import evaluate_finetuned, rebuild_finetuned, zero_shot_raw
 from clipreel.pipeline.synth import SynthConfig, make_world
 from clipreel.stores.runs import load_run
 

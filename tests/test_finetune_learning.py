@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import pytest
 
-from clipreel.pipeline.finetune import FinetuneConfig, evaluate_finetuned, run_finetune, zero_shot_raw
+from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
+from clipreel.pipeline.finetune_eval import evaluate_finetuned, zero_shot_raw
 from clipreel.pipeline.synth import SynthConfig, make_world
 
 pytestmark = pytest.mark.slow

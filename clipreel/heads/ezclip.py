@@ -20,7 +20,8 @@ reference code, which runs sequence-first, drops per token position across the b
 The video embedding is the mean over frames of ``ln_post(CLS) @ proj``; classes are scored by
 ``exp(logit_scale) * cos`` against class texts (EZ-CLIP uses one LLM-written description per
 class) encoded by the adapted text tower. Training adds ``motion_loss`` to
-``contrastive_kl_loss`` with no weighting.
+``contrastive_kl_loss`` with no weighting. `EZCLIPClassifier` pairs `EZCLIP` with the texts of a
+class list, so that it answers like the other methods (logits over the classes).
 
 Saving: ``state_dict()`` leaves out the frozen CLIP (it belongs to the model the head is rebuilt
 from), so a run stores only what EZ-CLIP learns. Its keys map one to one onto the keys of
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.zeroshot import readable_classname
 
 # Key renames between this module's state_dict and EZ-CLIP's checkpoints (METHODS.md 7.4).
 _REFERENCE_RENAMES = (
@@ -304,6 +306,42 @@ class EZCLIP(nn.Module):
             details = "\n".join(str(exc).splitlines()[:6])
             raise ClipreelError(f"the EZ-CLIP checkpoint's CLIP weights do not fit this model:\n{details}") from exc
         self.load_state_dict({name: state_dict[key] for name, key in own.items()})
+
+
+class EZCLIPClassifier(nn.Module):
+    """EZ-CLIP plus its class texts, so that it answers like the other methods.
+
+    EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}"; without such
+    descriptions the class name stands in (``template`` may dress it). forward(frames) ->
+    frame_embeds (B, T, E), video_embeds (B, E), text_embeds (K, E), logits (B, K).
+    ``state_dict()`` is EZ-CLIP's under ``ezclip.`` (the frozen CLIP left out).
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, classnames: Sequence[str], config: EZCLIPConfig,
+                 template: str = "{}"):
+        super().__init__()
+        self.ezclip = EZCLIP(clip_model, config)
+        self.template = template
+        self.tokenizer = tokenizer
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Classify among these classes (zero-shot transfer, base-to-novel): tokenize their texts (not saved)."""
+        if not classnames:
+            raise ClipreelError("EZ-CLIP: no class names given; pass the label map's class names.")
+        self.classnames = list(classnames)
+        texts = [self.template.format(readable_classname(name)) for name in classnames]
+        device = self.ezclip.clip.logit_scale.device
+        self.register_buffer("token_ids", self.tokenizer(texts).to(device), persistent=False)  # (K, C)
+
+    def trainable_parameter_count(self) -> int:
+        return self.ezclip.trainable_parameter_count()
+
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.ezclip(frames)  # frame_embeds (B, T, E), video_embeds (B, E)
+        text_embeds = self.ezclip.encode_text(self.token_ids)  # (K, E)
+        logits = self.ezclip.logits(outputs["video_embeds"], text_embeds)  # (B, K)
+        return {**outputs, "text_embeds": text_embeds, "logits": logits}
 
 
 def _leave_out_clip(module: EZCLIP, state_dict, prefix, local_metadata) -> None:

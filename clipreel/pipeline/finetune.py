@@ -1,42 +1,30 @@
 """Fine-tune CLIP on raw frames: `clipreel finetune METHOD --videos LIST --out RUN_DIR`.
 
-The methods of issue 4 update or prompt the backbone itself, so they cannot train from the
-feature cache: every step decodes, samples and augments clips (`clipreel.pipeline.frames`) and
-runs the whole CLIP. METHOD is one of
-
-- ``vifi``   ViFi-CLIP (`heads.vifi.ViFiCLIP`): both towers fine-tuned, frame-mean pooling;
-             options {"variant": "image" | "text"} fine-tune one tower only;
-- ``prompt`` bridge-and-prompt (`heads.vifi.BridgePrompt`): deep vision + language prompts in a
-             frozen CLIP (give a ViFi-fine-tuned CLIP checkpoint with --pretrained);
-- ``xclip``  full X-CLIP (`heads.xclip_cct.XCLIP`): cross-frame message tokens, MIT, prompts;
-             the new modules train at 10x the learning rate;
-- ``ezclip`` EZ-CLIP (`heads.ezclip.EZCLIP`): temporal prompts + adapters in a frozen CLIP,
-             trained with its in-batch KL contrastive loss plus the motion loss.
+The methods (`clipreel.heads.methods`: vifi, prompt, xclip, ezclip) update or prompt the backbone
+itself, so they cannot train from the feature cache: every step decodes, samples and augments clips
+(`clipreel.pipeline.frames`, through a loader of `clipreel.pipeline.frame_loaders`) and runs the
+whole CLIP.
 
 The loop follows `clipreel.pipeline.train` (the cache trainer) and reuses its helpers: AdamW with
 linear warmup then cosine decay per step, everything random a function of (seed, epoch), a
 checkpoint after every epoch that a re-run of the same command resumes, log.csv and curves.png,
-and a run directory (`stores.runs.save_run`, kind ``finetune-METHOD``) that `evaluate_finetuned`
-scores on raw videos with multi-view testing (mean softmax over views).
+and a run directory (`stores.runs.save_run`, kind ``finetune-METHOD``) that
+`clipreel.pipeline.finetune_eval` scores on raw videos with multi-view testing.
 
 Loss of the classifier methods (vifi, prompt, xclip): cross-entropy on the class logits with
 label smoothing 0.1; with ``mixup`` on, soft targets from `frames.mix_batch` (X-CLIP's
 CutmixMixupBlending). Mixup is off by default: on the tiny synthetic world (a few videos per
-class) blended clips slowed learning; the reference recipes turn it on for real datasets.
+class) blended clips slowed learning; the reference recipes turn it on for real datasets. EZ-CLIP
+trains with its in-batch KL contrastive loss plus the motion loss.
 
 Learning rates: None picks the reference's (METHODS.md): vifi 8e-6, prompt 8e-3 (ViFi-CLIP's
-few-shot prompting; base-to-novel uses 4e-2), xclip 8e-6 (8e-5 for the new modules), ezclip 1e-4.
-Those are tuned for ViT-B/16 and batches of 64-256; rates for the tiny synthetic CLIP with
-batches of 8 are not established yet. On the synthetic world (classes in time-reversed pairs) the built-in CLIP already scores 0.5
-zero-shot, the ceiling of frame-mean pooling; runs of up to 8 epochs (3 steps each) did not lift
-validation top-1 above it for any method (measured), and from a random CLIP ("none") vifi and
-prompt stayed at chance. Longer runs are needed to show the "improves on zero-shot" claim.
+few-shot prompting; base-to-novel uses 4e-2), xclip 8e-6 (8e-5 for the new modules; 10x groups),
+ezclip 1e-4. Those are tuned for ViT-B/16 and batches of 64-256.
 Normalisation: ImageNet mean/std for vifi, prompt and xclip, CLIP's for ezclip (METHODS.md 7.5).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,23 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.ezclip import (
-    EZCLIP,
-    EZCLIPConfig,
-    contrastive_kl_loss,
-    motion_loss,
-    same_label_matrix,
-)
-from clipreel.heads.vifi import BridgePrompt, BridgePromptConfig, ViFiCLIP, ViFiConfig
-from clipreel.heads.xclip_cct import XCLIP, XCLIPConfig
-from clipreel.heads.zeroshot import readable_classname
+from clipreel.heads.ezclip import EZCLIPClassifier, contrastive_kl_loss, motion_loss, same_label_matrix
+from clipreel.heads.methods import METHODS, build_method_model, image_size_of
 from clipreel.pipeline.backbone import load_clip, resolve_model_name
 from clipreel.pipeline.devices import resolve_device
-from clipreel.pipeline.evaluate import (
-    compute_metrics,
-    mean_softmax_over_views,
-    write_report_files,
-)
+from clipreel.pipeline.evaluate import mean_softmax_over_views
 from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
 from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset, mix_batch, stable_generator
 from clipreel.pipeline.progress import progress_bar
@@ -86,9 +62,8 @@ from clipreel.pipeline.train import (
     write_log,
 )
 from clipreel.stores.manifest import classnames_from_manifest
-from clipreel.stores.runs import load_run, save_run
+from clipreel.stores.runs import save_run
 
-METHODS = ("vifi", "prompt", "xclip", "ezclip")
 RUN_KIND_PREFIX = "finetune-"
 METRIC_NAMES = ("epochs", "resumed_from_epoch", "trainable_parameters", "train_videos", "val_videos",
                 "train_loss", "train_acc", "val_top1", "best_val_top1", "seconds")
@@ -167,70 +142,7 @@ class FinetuneSummary:
 # --------------------------------------------------------------------------- the method models
 
 
-class EZCLIPClassifier(nn.Module):
-    """EZ-CLIP plus its class texts, so that it answers like the other methods.
-
-    EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}"; without such
-    descriptions the class name stands in (``template`` may dress it). forward(frames) ->
-    frame_embeds (B, T, E), video_embeds (B, E), text_embeds (K, E), logits (B, K).
-    ``state_dict()`` is EZ-CLIP's under ``ezclip.`` (the frozen CLIP left out).
-    """
-
-    def __init__(self, clip_model: nn.Module, tokenizer, classnames: Sequence[str], config: EZCLIPConfig,
-                 template: str = "{}"):
-        super().__init__()
-        self.ezclip = EZCLIP(clip_model, config)
-        self.template = template
-        self.tokenizer = tokenizer
-        self.classnames = list(classnames)
-        texts = [template.format(readable_classname(name)) for name in classnames]
-        device = clip_model.logit_scale.device
-        self.register_buffer("token_ids", tokenizer(texts).to(device), persistent=False)  # (K, C)
-
-    def trainable_parameter_count(self) -> int:
-        return self.ezclip.trainable_parameter_count()
-
-    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.ezclip(frames)  # frame_embeds (B, T, E), video_embeds (B, E)
-        text_embeds = self.ezclip.encode_text(self.token_ids)  # (K, E)
-        logits = self.ezclip.logits(outputs["video_embeds"], text_embeds)  # (B, K)
-        return {**outputs, "text_embeds": text_embeds, "logits": logits}
-
-
-def build_method_model(
-    method: str, clip_model: nn.Module, tokenizer, classnames: Sequence[str], frames: int, options: dict
-) -> tuple[nn.Module, dict]:
-    """The method's model around `clip_model` (taken over, not copied) -> (model, its config as a dict).
-
-    `options` are the method config's fields (ViFiConfig, BridgePromptConfig, XCLIPConfig,
-    EZCLIPConfig; ezclip also "template"). Bridge-and-prompt's prompt depths default to
-    min(9, the tower's layers), so the tiny models work with the defaults.
-    """
-    options = dict(options)
-    try:
-        if method == "vifi":
-            config = ViFiConfig(**options)
-            return ViFiCLIP(clip_model, tokenizer, classnames, config), config.to_dict()
-        if method == "prompt":
-            defaults = BridgePromptConfig()
-            options.setdefault("depth_vision", min(defaults.depth_vision, len(clip_model.visual.transformer.resblocks)))
-            options.setdefault("depth_text", min(defaults.depth_text, len(clip_model.transformer.resblocks)))
-            config = BridgePromptConfig(**options)
-            return BridgePrompt(clip_model, tokenizer, classnames, config), config.to_dict()
-        if method == "xclip":
-            config = XCLIPConfig(frames=frames, **options)
-            return XCLIP(clip_model, tokenizer, classnames, config), config.to_dict()
-        if method == "ezclip":
-            template = options.pop("template", "{}")
-            config = EZCLIPConfig(frames=frames, **options)
-            model = EZCLIPClassifier(clip_model, tokenizer, classnames, config, template)
-            return model, {**config.to_dict(), "template": template}
-    except TypeError as error:  # an option the method's config does not have
-        raise ClipreelError(f"--options for {method}: {error}; see the method's config class for its options") from None
-    raise ClipreelError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(METHODS)}")
-
-
-def _fresh_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
+def fresh_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
                  options: dict, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
     """A fresh CLIP (load_clip: a new copy every call) wrapped by the method -> (model, config, sha256)."""
     clip_model, sha256 = load_clip(model_name, pretrained, device=device)
@@ -240,14 +152,14 @@ def _fresh_model(method: str, model_name: str, pretrained: str, classnames: Sequ
     return model.to(device), method_config, sha256
 
 
-def _norm_of(method: str, norm: str | None) -> str:
+def method_norm(method: str, norm: str | None) -> str:
     return norm if norm is not None else RECIPES[method].norm
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _split_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
+def split_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     """The labelled, existing videos of `split` (rows keep their manifest index)."""
     if split is None:
         return manifest.iloc[0:0]
@@ -255,23 +167,14 @@ def _split_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     return manifest[(manifest["split"] == split) & (manifest["label"] >= 0) & status_ok]
 
 
-def _augment_config(image_size: int, norm: str, flip: float = 0.5) -> AugmentConfig:
+def augment_config(image_size: int, norm: str, flip: float = 0.5) -> AugmentConfig:
     return AugmentConfig(image_size=image_size, norm=norm, flip=flip)
 
 
-def _dataset(rows: pd.DataFrame, sampling: SamplingConfig, augment: AugmentConfig, loading: FrameLoading, *,
+def clip_dataset(rows: pd.DataFrame, sampling: SamplingConfig, augment: AugmentConfig, loading: FrameLoading, *,
              train: bool, seed: int = 0, crops: int = 1) -> RawFrameDataset:
     return RawFrameDataset(rows, sampling, augment, train=train, seed=seed, crops=crops, decoder=loading.decoder,
                            device=loading.device)
-
-
-def _image_size(model: nn.Module) -> int:
-    """The input size S of the method model's CLIP image tower."""
-    for module in model.modules():
-        if hasattr(module, "image_size") and hasattr(module, "conv1"):
-            size = module.image_size
-            return int(size[0] if isinstance(size, (tuple, list)) else size)
-    raise ClipreelError(f"{type(model).__name__}: no open_clip image tower found to read the input size from")
 
 
 # --------------------------------------------------------------------------- training
@@ -284,13 +187,13 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
     device = resolve_device(cfg.device)
     manifest = read_sources(cfg.videos)
     classnames = classnames_from_manifest(manifest, cfg.videos)
-    train_rows, val_rows = _split_rows(manifest, cfg.split), _split_rows(manifest, cfg.val_split)
+    train_rows, val_rows = split_rows(manifest, cfg.split), split_rows(manifest, cfg.val_split)
     if train_rows.empty:
         raise ClipreelError(
             f"{cfg.videos}: no labelled video in split {cfg.split!r}; its splits are "
             f"{sorted(manifest['split'].unique())}. Choose one with --split."
         )
-    model, method_config, sha256 = _fresh_model(cfg.method, cfg.model, cfg.pretrained, classnames, cfg.frames,
+    model, method_config, sha256 = fresh_method_model(cfg.method, cfg.model, cfg.pretrained, classnames, cfg.frames,
                                                 cfg.options, cfg.seed, device)
     trainable = model.trainable_parameter_count()
     if progress:
@@ -304,15 +207,15 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
 
-    image_size, norm = _image_size(model), _norm_of(cfg.method, cfg.norm)
-    augment = _augment_config(image_size, norm, cfg.flip)
+    image_size, norm = image_size_of(model), method_norm(cfg.method, cfg.norm)
+    augment = augment_config(image_size, norm, cfg.flip)
     sampling = SamplingConfig(frames=cfg.frames)
     loading = resolve_loading(cfg.decoder, cfg.loader, device, cfg.workers, cfg.address)
-    train_data = _dataset(train_rows, sampling, augment, loading, train=True, seed=cfg.seed)
+    train_data = clip_dataset(train_rows, sampling, augment, loading, train=True, seed=cfg.seed)
     train_loader = frame_loader(train_data, cfg.batch_size, loading, shuffle=True, seed=cfg.seed)
     val_loader = None
     if not val_rows.empty:
-        val_data = _dataset(val_rows, sampling, augment, loading, train=False, seed=cfg.seed)
+        val_data = clip_dataset(val_rows, sampling, augment, loading, train=False, seed=cfg.seed)
         val_loader = frame_loader(val_data, cfg.batch_size, loading, shuffle=False, seed=cfg.seed)
 
     optimizer, scheduler = _optimizer_and_schedule(model, cfg.method, recipe, len(train_loader), cfg.epochs,
@@ -419,7 +322,7 @@ def _resolved_recipe(cfg: FinetuneConfig) -> MethodRecipe:
     return MethodRecipe(
         lr=cfg.lr if cfg.lr is not None else default.lr,
         weight_decay=cfg.weight_decay if cfg.weight_decay is not None else default.weight_decay,
-        norm=_norm_of(cfg.method, cfg.norm),
+        norm=method_norm(cfg.method, cfg.norm),
         warmup_epochs=cfg.warmup_epochs if cfg.warmup_epochs is not None else default.warmup_epochs,
         betas=default.betas,
     )
@@ -486,7 +389,7 @@ def _save_checkpoint(run_dir: Path, identity, model, optimizer, scheduler, epoch
     save_checkpoint_atomically(run_dir, state)
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- scoring
 
 
 @torch.no_grad()
@@ -507,86 +410,3 @@ def predict_raw(model: nn.Module, loader, device: torch.device) -> tuple[np.ndar
         rows.append(batch["row"])
     model.train(was_training)
     return torch.cat(probabilities).numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy()
-
-
-def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, views, crops, batch_size,
-           loading: FrameLoading, device) -> dict:
-    """compute_metrics of `model` on `rows` with multi-view testing (views x crops per video)."""
-    sampling = SamplingConfig(frames=frames, views=views)
-    dataset = _dataset(rows, sampling, _augment_config(image_size, norm), loading, train=False, crops=crops)
-    loader = frame_loader(dataset, batch_size, loading, shuffle=False)
-    probabilities, labels, _ = predict_raw(model, loader, device)
-    return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
-            "views": views, "crops": crops}
-
-
-def _eval_rows(videos: str, split: str, classnames: Sequence[str]) -> pd.DataFrame:
-    """The labelled videos of `split`, relabelled as indices into `classnames` (refusing unknown classes)."""
-    manifest = read_sources(videos)
-    rows = _split_rows(manifest, split)
-    if rows.empty:
-        raise ClipreelError(f"{videos}: no labelled video in split {split!r}; its splits are "
-                            f"{sorted(manifest['split'].unique())}")
-    index_of = {name: index for index, name in enumerate(classnames)}
-    unknown = sorted(set(rows["label_name"]) - set(index_of))
-    if unknown:
-        raise ClipreelError(f"{videos}: split {split!r} holds classes the run does not know: {unknown[:10]}; "
-                            f"its classes are {list(classnames)[:20]}")
-    return rows.assign(label=[index_of[name] for name in rows["label_name"]])
-
-
-def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, report_path: str | None = None, *,
-                       views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                       decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
-    """Score a `clipreel finetune` run on the raw videos of `split`: top-1/top-5, per class, confusion.
-
-    The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
-    with the run's weights; each video is scored by the mean softmax over `views` temporal clips x
-    `crops` spatial crops. With `report_path`, the JSON report and its confusion PNG are written.
-    """
-    run = load_run(run_dir)
-    if not run.kind.startswith(RUN_KIND_PREFIX):
-        raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
-                            "`clipreel eval` on a feature store.")
-    config = run.head_config
-    torch_device = resolve_device(device)
-    model = rebuild_finetuned(run.path, torch_device)
-    rows = _eval_rows(videos, split, run.classnames)
-    report = {"run": str(run.path), "kind": run.kind, "split": split,
-              **_score(model, run.classnames, rows, config["frames"], config["image_size"], config["norm"], views,
-                       crops, batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
-    if report_path is not None:
-        write_report_files(report, Path(report_path))
-    return report
-
-
-def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a `clipreel finetune` run, in eval mode."""
-    run = load_run(run_dir)
-    config = run.head_config
-    method = run.kind.removeprefix(RUN_KIND_PREFIX)
-    options = dict(config["method_config"])
-    if method in ("xclip", "ezclip"):
-        options.pop("frames")
-    model, _, sha256 = _fresh_model(method, config["model"], config["pretrained"], run.classnames, config["frames"],
-                                    options, 0, torch.device(device))
-    if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
-        raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
-                            f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
-    model.load_state_dict(run.state_dict)
-    return model.eval()
-
-
-def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-synth", pretrained: str = "default",
-                  *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
-                  views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                  decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
-    """The untrained method model's metrics on `split`: where fine-tuning starts from."""
-    torch_device = resolve_device(device)
-    manifest = read_sources(videos)
-    classnames = classnames_from_manifest(manifest, videos)
-    network, _, _ = _fresh_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
-    rows = _eval_rows(videos, split, classnames)
-    return {"method": method, "split": split,
-            **_score(network, classnames, rows, frames, _image_size(network), _norm_of(method, norm), views, crops,
-                     batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}

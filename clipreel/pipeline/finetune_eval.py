@@ -1,0 +1,121 @@
+"""Scoring `clipreel finetune` runs (and the untrained methods) on the raw videos of a split.
+
+Each video is scored by the mean softmax over its views (V temporal clips x C spatial crops),
+decoded, sampled and preprocessed like the run's training clips but without augmentation (segment
+centres, short side to S, centre or 3 crops). `evaluate_finetuned` rebuilds a run from its CLIP
+(checked by checksum) and its saved weights; `zero_shot_raw` scores a method model before any
+training, which is where fine-tuning starts from. Both write the same report as `clipreel eval` on
+a feature store: top-1/top-5, mean class accuracy, per class, confusion matrix (JSON + PNG).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from clipreel.errors import ClipreelError
+from clipreel.heads.methods import image_size_of
+from clipreel.pipeline.devices import resolve_device
+from clipreel.pipeline.evaluate import compute_metrics, write_report_files
+from clipreel.pipeline.finetune import (
+    RUN_KIND_PREFIX,
+    augment_config,
+    clip_dataset,
+    fresh_method_model,
+    method_norm,
+    predict_raw,
+    split_rows,
+)
+from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
+from clipreel.pipeline.sampling import SamplingConfig
+from clipreel.pipeline.sources import read_sources
+from clipreel.stores.manifest import classnames_from_manifest
+from clipreel.stores.runs import load_run
+
+
+def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, views, crops, batch_size,
+           loading: FrameLoading, device) -> dict:
+    """compute_metrics of `model` on `rows` with multi-view testing (views x crops per video)."""
+    sampling = SamplingConfig(frames=frames, views=views)
+    dataset = clip_dataset(rows, sampling, augment_config(image_size, norm), loading, train=False, crops=crops)
+    loader = frame_loader(dataset, batch_size, loading, shuffle=False)
+    probabilities, labels, _ = predict_raw(model, loader, device)
+    return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
+            "views": views, "crops": crops}
+
+
+def _eval_rows(videos: str, split: str, classnames: Sequence[str]) -> pd.DataFrame:
+    """The labelled videos of `split`, relabelled as indices into `classnames` (refusing unknown classes)."""
+    manifest = read_sources(videos)
+    rows = split_rows(manifest, split)
+    if rows.empty:
+        raise ClipreelError(f"{videos}: no labelled video in split {split!r}; its splits are "
+                            f"{sorted(manifest['split'].unique())}")
+    index_of = {name: index for index, name in enumerate(classnames)}
+    unknown = sorted(set(rows["label_name"]) - set(index_of))
+    if unknown:
+        raise ClipreelError(f"{videos}: split {split!r} holds classes the run does not know: {unknown[:10]}; "
+                            f"its classes are {list(classnames)[:20]}")
+    return rows.assign(label=[index_of[name] for name in rows["label_name"]])
+
+
+def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, report_path: str | None = None, *,
+                       views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
+                       decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
+    """Score a `clipreel finetune` run on the raw videos of `split`: top-1/top-5, per class, confusion.
+
+    The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
+    with the run's weights; each video is scored by the mean softmax over `views` temporal clips x
+    `crops` spatial crops. With `report_path`, the JSON report and its confusion PNG are written.
+    """
+    run = load_run(run_dir)
+    if not run.kind.startswith(RUN_KIND_PREFIX):
+        raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
+                            "`clipreel eval` on a feature store.")
+    config = run.head_config
+    torch_device = resolve_device(device)
+    model = rebuild_finetuned(run.path, torch_device)
+    rows = _eval_rows(videos, split, run.classnames)
+    report = {"run": str(run.path), "kind": run.kind, "split": split,
+              **_score(model, run.classnames, rows, config["frames"], config["image_size"], config["norm"], views,
+                       crops, batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
+    if report_path is not None:
+        write_report_files(report, Path(report_path))
+    return report
+
+
+def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a `clipreel finetune` run, in eval mode."""
+    run = load_run(run_dir)
+    config = run.head_config
+    method = run.kind.removeprefix(RUN_KIND_PREFIX)
+    options = dict(config["method_config"])
+    if method in ("xclip", "ezclip"):
+        options.pop("frames")
+    model, _, sha256 = fresh_method_model(method, config["model"], config["pretrained"], run.classnames, config["frames"],
+                                    options, 0, torch.device(device))
+    if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
+        raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
+                            f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
+    model.load_state_dict(run.state_dict)
+    return model.eval()
+
+
+def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-synth", pretrained: str = "default",
+                  *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
+                  views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
+                  decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
+    """The untrained method model's metrics on `split`: where fine-tuning starts from."""
+    torch_device = resolve_device(device)
+    manifest = read_sources(videos)
+    classnames = classnames_from_manifest(manifest, videos)
+    network, _, _ = fresh_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
+    rows = _eval_rows(videos, split, classnames)
+    return {"method": method, "split": split,
+            **_score(network, classnames, rows, frames, image_size_of(network), method_norm(method, norm), views, crops,
+                     batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
