@@ -320,10 +320,11 @@ def finetune(
     videos: str = typer.Option(..., help="Video list (same formats as extract --videos); its train/val splits are used."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     model: str = typer.Option("clipreel-synth", help="open_clip model (ViT-B-16 for the papers' setting)."),
-    pretrained: str = typer.Option("default", help="Weights: default, an open_clip tag, a local checkpoint file, or none."),
+    pretrained: str = typer.Option("default", help="Weights: default, an open_clip tag, a local checkpoint file, none, or a `finetune vifi` run directory (ViFi-CLIP's bridge to prompt)."),
     epochs: int = typer.Option(10, help="Passes over the training videos."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the method's reference recipe)."),
-    batch_size: int = typer.Option(8, help="Clips per step."),
+    batch_size: int = typer.Option(8, help="Clips per micro-batch."),
+    accumulate: int = typer.Option(1, help="Micro-batches whose gradients are summed before each update (X-CLIP: 4)."),
     frames: int = typer.Option(8, help="Frames per clip (TSN segments, random offsets in training)."),
     mixup: bool = typer.Option(False, help="Mixup/cutmix with soft targets (X-CLIP / ViFi-CLIP recipe)."),
     flip: float = typer.Option(0.5, help="Chance of a horizontal flip per training clip; 0 when left/right is the class (SSv2, the synthetic world)."),
@@ -341,7 +342,7 @@ def finetune(
 
     summary = run_finetune(FinetuneConfig(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
-        batch_size=batch_size, frames=frames, mixup=mixup, flip=flip, workers=workers, decoder=decoder,
+        batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup, flip=flip, workers=workers, decoder=decoder,
         loader=loader, address=address, seed=seed, options=_parse_options(option), device=device,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)

@@ -156,3 +156,40 @@ def test_cli_finetune_then_eval_from_raw_videos(world, tmp_path):
     assert scored.exit_code == 0, scored.output
     assert json.loads(report.read_text())["n"] == 8
     assert report.with_suffix(".png").is_file()
+
+
+def test_accumulated_micro_batches_make_the_same_step_as_one_batch(world, tmp_path):
+    """Batches of 8, or micro-batches of 4 summed in pairs: the same clips, the same gradient, the same weights."""
+    whole = run_finetune(_config(world, tmp_path / "whole", "prompt", epochs=2, val_split=None), progress=False)
+    halves = run_finetune(_config(world, tmp_path / "halves", "prompt", epochs=2, val_split=None, batch_size=4,
+                                  accumulate=2), progress=False)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.allclose(tensor, halves.model.state_dict()[name], atol=1e-5), name
+    fresh, _ = build_method_model("prompt", load_clip(MODEL, "default")[0],
+                                  open_clip.get_tokenizer(resolve_model_name(MODEL)), whole.model.classnames,
+                                  FRAMES, {})
+    assert not torch.equal(fresh.image_encoder.ctx, whole.model.image_encoder.ctx)  # it did train
+
+
+def test_bridge_and_prompt_starts_from_a_vifi_run(world, tmp_path):
+    """ViFi-CLIP's bridge: `finetune prompt --pretrained VIFI_RUN` prompts the CLIP that ViFi-CLIP fine-tuned."""
+    vifi_dir = tmp_path / "vifi"
+    vifi = run_finetune(_config(world, vifi_dir, "vifi", lr=1e-4, val_split=None), progress=False)
+    prompt_dir = tmp_path / "prompt"
+    prompt = run_finetune(_config(world, prompt_dir, "prompt", pretrained=str(vifi_dir), val_split=None),
+                          progress=False)
+    fine_tuned = vifi.model.clip.state_dict()
+    assert not torch.equal(fine_tuned["visual.proj"], load_clip(MODEL, "default")[0].state_dict()["visual.proj"])
+    for name, tensor in prompt.model.image_encoder.tower.visual.state_dict().items():
+        assert torch.equal(tensor, fine_tuned["visual." + name]), name  # the frozen tower is ViFi-CLIP's
+    rebuilt = rebuild_finetuned(prompt_dir)  # rebuilt from the vifi run it names
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, prompt.model.state_dict()[name]), name
+
+    xclip_dir = tmp_path / "xclip"
+    run_finetune(_config(world, xclip_dir, "xclip", val_split=None), progress=False)
+    with pytest.raises(ClipreelError, match="holds no whole CLIP"):
+        run_finetune(_config(world, tmp_path / "p2", "prompt", pretrained=str(xclip_dir)), progress=False)
+    with pytest.raises(ClipreelError, match="--model clipreel-synth"):
+        run_finetune(_config(world, tmp_path / "p3", "prompt", model="clipreel-tiny", pretrained=str(vifi_dir)),
+                     progress=False)

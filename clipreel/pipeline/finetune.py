@@ -25,6 +25,7 @@ Normalisation: ImageNet mean/std for vifi, prompt and xclip, CLIP's for ezclip (
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,7 @@ from torch import nn
 from clipreel.errors import ClipreelError
 from clipreel.heads.ezclip import EZCLIPClassifier, contrastive_kl_loss, motion_loss, same_label_matrix
 from clipreel.heads.methods import METHODS, build_method_model, image_size_of
-from clipreel.pipeline.backbone import load_clip, resolve_model_name
+from clipreel.pipeline.backbone import file_sha256, load_clip, resolve_model_name
 from clipreel.pipeline.devices import resolve_device
 from clipreel.pipeline.evaluate import mean_softmax_over_views
 from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
@@ -62,7 +63,7 @@ from clipreel.pipeline.train import (
     write_log,
 )
 from clipreel.stores.manifest import classnames_from_manifest
-from clipreel.stores.runs import save_run
+from clipreel.stores.runs import WEIGHTS_FILE, load_run, save_run
 
 RUN_KIND_PREFIX = "finetune-"
 METRIC_NAMES = ("epochs", "resumed_from_epoch", "trainable_parameters", "train_videos", "val_videos",
@@ -96,7 +97,7 @@ class FinetuneConfig:
     videos: str  # the video list (anything read_sources reads: CSV, "path label" list, class folders)
     out: str  # the run directory; re-running the same command resumes it
     model: str = "clipreel-synth"  # open_clip model name
-    pretrained: str = "default"  # open_clip tag, local checkpoint file, "none" or "default"
+    pretrained: str = "default"  # open_clip tag, local checkpoint file, "none", "default", or a vifi run directory
     split: str = "train"
     val_split: str | None = "val"  # validated after every epoch (skipped when the split is empty)
     epochs: int = 10
@@ -106,6 +107,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     mixup: bool = False  # mixup / cutmix with soft targets (vifi, prompt, xclip)
     batch_size: int = 8
+    accumulate: int = 1  # micro-batches whose gradients are summed before each optimizer step
     frames: int = 8  # T frames per clip
     workers: int = 2  # decode processes, or concurrent Ray tasks with loader "ray" (0: decode in this process)
     decoder: str = "auto"  # pyav, dali, or auto (DALI when training on a GPU, else PyAV)
@@ -143,13 +145,36 @@ class FinetuneSummary:
 
 
 def fresh_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
-                 options: dict, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
-    """A fresh CLIP (load_clip: a new copy every call) wrapped by the method -> (model, config, sha256)."""
-    clip_model, sha256 = load_clip(model_name, pretrained, device=device)
+                       options: dict, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
+    """A fresh CLIP (a new copy every call) wrapped by the method -> (model, config, weights sha256)."""
+    clip_model, sha256 = load_method_clip(model_name, pretrained, device)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     torch.manual_seed(seed)  # the new modules' initialisation
     model, method_config = build_method_model(method, clip_model, tokenizer, classnames, frames, options)
     return model.to(device), method_config, sha256
+
+
+def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu"
+                     ) -> tuple[nn.Module, str | None]:
+    """`load_clip`, and one more source of weights: the run directory of a `clipreel finetune vifi`.
+
+    That is ViFi-CLIP's "bridge": its fine-tuned CLIP is where bridge-and-prompt starts (``finetune
+    prompt --pretrained RUN_DIR``), or any other method. The sha256 is that of the run's weights file.
+    """
+    run_dir = Path(pretrained).expanduser()
+    if not run_dir.is_dir():
+        return load_clip(model_name, pretrained, device=device)
+    run = load_run(run_dir)
+    if run.kind != RUN_KIND_PREFIX + "vifi":
+        raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
+                            "of a `clipreel finetune vifi`, or a checkpoint file")
+    if resolve_model_name(run.head_config["model"]) != resolve_model_name(model_name):
+        raise ClipreelError(f"--pretrained {run_dir} fine-tuned {run.head_config['model']}, not {model_name}: "
+                            f"pass --model {run.head_config['model']}")
+    clip_model, _ = load_clip(model_name, "none", device=device)
+    prefix = "clip."  # ViFiCLIP keeps the whole CLIP under it
+    clip_model.load_state_dict({key.removeprefix(prefix): value for key, value in run.state_dict.items()})
+    return clip_model, file_sha256(run_dir / WEIGHTS_FILE)
 
 
 def method_norm(method: str, norm: str | None) -> str:
@@ -218,8 +243,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
         val_data = clip_dataset(val_rows, sampling, augment, loading, train=False, seed=cfg.seed)
         val_loader = frame_loader(val_data, cfg.batch_size, loading, shuffle=False, seed=cfg.seed)
 
-    optimizer, scheduler = _optimizer_and_schedule(model, cfg.method, recipe, len(train_loader), cfg.epochs,
-                                                   checkpoint)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg.method, recipe, steps_per_epoch, cfg.epochs, checkpoint)
     autocast = mixed_precision(device)
     epochs_to_run = range(finished, cfg.epochs)
     with progress_bar(f"finetune {cfg.method}", len(epochs_to_run) * len(train_loader), progress) as advance:
@@ -263,9 +288,16 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
 
 
 def _train_epoch(cfg, model, loader, num_classes, epoch, optimizer, scheduler, device, autocast, advance):
-    """One pass over the training clips -> (mean loss, accuracy of the argmax logits)."""
+    """One pass over the training clips -> (mean loss, accuracy of the argmax logits).
+
+    With cfg.accumulate = n, the gradients of n micro-batches (each weighted equally; the last group
+    of an epoch may be shorter) make one optimizer step. EZ-CLIP's contrastive loss stays in-batch:
+    its negatives are the clips of the micro-batch.
+    """
     model.train()
     total_loss = correct = seen = 0.0
+    batches = len(loader)
+    optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         clips = batch["frames"].to(device, non_blocking=True)  # (B, T, 3, S, S)
         labels = batch["label"].to(device)  # (B,)
@@ -274,18 +306,20 @@ def _train_epoch(cfg, model, loader, num_classes, epoch, optimizer, scheduler, d
                 outputs = model(clips)
                 loss = ezclip_loss(model, outputs, labels)
             elif cfg.mixup:
-                mixed, targets = mix_batch(clips.cpu(), labels.cpu(), num_classes,
-                                           label_smoothing=cfg.label_smoothing,
+                mixed, targets = mix_batch(clips, labels.cpu(), num_classes, label_smoothing=cfg.label_smoothing,
                                            generator=stable_generator("mix", cfg.seed, epoch, step))
-                outputs = model(mixed.to(device))
+                outputs = model(mixed)
                 loss = torch.sum(-targets.to(device) * F.log_softmax(outputs["logits"].float(), dim=1), dim=1).mean()
             else:
                 outputs = model(clips)
                 loss = F.cross_entropy(outputs["logits"].float(), labels, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        group_start = step - step % cfg.accumulate
+        group_size = min(cfg.accumulate, batches - group_start)
+        (loss / group_size).backward()
+        if step + 1 == group_start + group_size:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         total_loss += loss.item() * len(labels)
         correct += (outputs["logits"].argmax(dim=1) == labels).sum().item()
         seen += len(labels)
@@ -306,7 +340,8 @@ def _resolved_recipe(cfg: FinetuneConfig) -> MethodRecipe:
     if cfg.method not in METHODS:
         raise ClipreelError(f"unknown fine-tuning method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     checks = {
-        "epochs": cfg.epochs >= 1, "batch_size": cfg.batch_size >= 1, "frames": cfg.frames >= 1,
+        "epochs": cfg.epochs >= 1, "batch_size": cfg.batch_size >= 1, "accumulate": cfg.accumulate >= 1,
+        "frames": cfg.frames >= 1, "flip": 0.0 <= cfg.flip <= 1.0,
         "label_smoothing": 0.0 <= cfg.label_smoothing < 1.0, "lr": cfg.lr is None or cfg.lr > 0,
         "weight_decay": cfg.weight_decay is None or cfg.weight_decay >= 0,
         "warmup_epochs": cfg.warmup_epochs is None or cfg.warmup_epochs >= 0,
@@ -314,8 +349,8 @@ def _resolved_recipe(cfg: FinetuneConfig) -> MethodRecipe:
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         values = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in bad)
-        raise ClipreelError(f"finetune settings out of range: {values} (epochs, batch size, frames >= 1; "
-                            "0 <= label smoothing < 1; lr > 0; weight decay and warmup >= 0)")
+        raise ClipreelError(f"finetune settings out of range: {values} (epochs, batch size, accumulate, frames >= 1; "
+                            "0 <= label smoothing < 1; 0 <= flip <= 1; lr > 0; weight decay and warmup >= 0)")
     if cfg.mixup and cfg.method == "ezclip":
         raise ClipreelError("--mixup does not apply to ezclip (it trains with its contrastive loss): leave it off")
     default = RECIPES[cfg.method]
