@@ -6,6 +6,7 @@ synthetic CLIP; T = 4 frames, decoding in the test process (workers 0) to stay f
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -193,3 +194,23 @@ def test_bridge_and_prompt_starts_from_a_vifi_run(world, tmp_path):
     with pytest.raises(ClipreelError, match="--model clipreel-synth"):
         run_finetune(_config(world, tmp_path / "p3", "prompt", model="clipreel-tiny", pretrained=str(vifi_dir)),
                      progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    """Recomputing each block in the backward pass (GPU memory) changes no number."""
+    clip_model, _ = load_clip("clipreel-tiny", "none")
+    tokenizer = open_clip.get_tokenizer("clipreel-tiny")
+    frames = torch.randn(2, FRAMES, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, config = build_method_model(method, copy.deepcopy(clip_model), tokenizer, ["a", "b", "c"], FRAMES,
+                                           {"gradient_checkpointing": checkpointed})
+        assert config["gradient_checkpointing"] is checkpointed
+        model.eval()  # no dropout or drop path, so both passes draw nothing at random
+        model(frames)["logits"].logsumexp(dim=1).sum().backward()
+        gradients.append({name: param.grad for name, param in model.named_parameters() if param.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], atol=1e-6), name

@@ -53,6 +53,7 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpointing import call_block
 from clipreel.heads.zeroshot import readable_classname
 
 # Key renames between this module's state_dict and EZ-CLIP's checkpoints (METHODS.md 7.4).
@@ -76,6 +77,7 @@ class EZCLIPConfig(JsonConfig):
     drop_path: float = 0.1  # stochastic depth of the last block (linear from 0 in the first)
     deep_prompts: bool = True  # True: prompts in every vision block; False: in block 0 only
     use_prompts: bool = True  # False: adapters only (EZ-CLIP's few-shot HMDB config)
+    gradient_checkpointing: bool = False  # recompute each vision block in the backward pass (saves GPU memory)
 
     def __post_init__(self):
         if self.frames < 1:
@@ -218,7 +220,8 @@ class EZCLIP(nn.Module):
         batch = frames.shape[0]
         x = self._embed_frames(frames)  # (B*T, L, D)
         for index, block in enumerate(visual.transformer.resblocks):
-            x = self._visual_block(index, block, x, batch)  # (B*T, L, D)
+            x = call_block(self._visual_block, index, block, x, batch,
+                           checkpointed=self.config.gradient_checkpointing)  # (B*T, L, D)
         cls = visual.ln_post(x)[:, 0]  # (B*T, D), as open_clip's "tok" pooling
         frame_embeds = (cls @ visual.proj).unflatten(0, (batch, self.config.frames))  # (B, T, E)
         return {"frame_embeds": frame_embeds, "video_embeds": frame_embeds.mean(dim=1)}

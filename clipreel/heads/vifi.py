@@ -43,6 +43,7 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpointing import call_block
 from clipreel.heads.prompts import (
     TextPromptConfig,
     TextPromptLearner,
@@ -61,6 +62,7 @@ class ViFiConfig(JsonConfig):
 
     variant: str = "both"  # "both" (ViFi-CLIP), "image" (image-FT) or "text" (text-FT)
     template: str = "a photo of a {}."
+    gradient_checkpointing: bool = False  # recompute each block of both towers in the backward pass (GPU memory)
 
     def __post_init__(self):
         if self.variant not in VIFI_VARIANTS:
@@ -114,6 +116,7 @@ class ViFiCLIP(nn.Module):
         for name, param in self.clip.named_parameters():
             param.requires_grad_(_clip_part(name) in trained_parts)
         self.text_trains = "text" in trained_parts
+        self.clip.set_grad_checkpointing(self.config.gradient_checkpointing)
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -168,6 +171,7 @@ class BridgePromptConfig(JsonConfig):
     depth_vision: int = 9
     depth_text: int = 9
     ctx_init: str | None = "a photo of a"  # initial text ctx when n_ctx_text <= 4, else random
+    gradient_checkpointing: bool = False  # recompute each image block in the backward pass (GPU memory)
 
     def __post_init__(self):
         for name in ("n_ctx_vision", "n_ctx_text", "depth_vision", "depth_text"):
@@ -219,9 +223,10 @@ class FrozenImageTower(nn.Module):
 class PromptedImageEncoder(nn.Module):
     """The frozen image tower with deep vision prompts: images (N, 3, S, S) -> embeddings (N, E)."""
 
-    def __init__(self, visual: nn.Module, n_ctx: int, depth: int):
+    def __init__(self, visual: nn.Module, n_ctx: int, depth: int, gradient_checkpointing: bool = False):
         super().__init__()
         self.tower = FrozenImageTower(visual)
+        self.gradient_checkpointing = gradient_checkpointing
         blocks = visual.transformer.resblocks
         if depth > len(blocks):
             raise ClipreelError(
@@ -260,7 +265,7 @@ class PromptedImageEncoder(nn.Module):
         for layer, block in enumerate(visual.transformer.resblocks):
             if 1 <= layer <= len(self.deep_ctx):
                 x = self._with_prompts(x, self.deep_ctx[layer - 1], replace=True)
-            x = block(x)  # (N, 1 + P + n_ctx, width)
+            x = call_block(block, x, checkpointed=self.gradient_checkpointing)  # (N, 1 + P + n_ctx, width)
         cls = visual.ln_post(x[:, 0])  # (N, width)
         return cls @ visual.proj  # (N, E)
 
@@ -283,7 +288,8 @@ class BridgePrompt(nn.Module):
         super().__init__()
         self.config = config or BridgePromptConfig()
         clip_model.requires_grad_(False)
-        self.image_encoder = PromptedImageEncoder(clip_model.visual, self.config.n_ctx_vision, self.config.depth_vision)
+        self.image_encoder = PromptedImageEncoder(clip_model.visual, self.config.n_ctx_vision, self.config.depth_vision,
+                                                  self.config.gradient_checkpointing)
         self.prompt_learner = TextPromptLearner(clip_model, tokenizer, classnames, self.config.text_prompt_config())
         self.register_buffer("logit_scale", clip_model.logit_scale.detach().clone().reshape(()))
 

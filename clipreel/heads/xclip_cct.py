@@ -36,10 +36,10 @@ from open_clip.transformer import (
     text_global_pool,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpointing import call_block
 from clipreel.heads.prompts import FrozenTextEncoder
 from clipreel.heads.xclip import (
     XCLIPHead,
@@ -135,11 +135,7 @@ class CrossFrameTransformer(nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x (B*T, L, D) -> (B*T, L, D)."""
         for block in self.resblocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                # Keep only the block's input; recompute its activations in the backward pass.
-                x = checkpoint(block, x, num_frames, use_reentrant=False)
-            else:
-                x = block(x, num_frames)
+            x = call_block(block, x, num_frames, checkpointed=self.gradient_checkpointing)
         return x
 
 
