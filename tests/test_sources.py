@@ -58,6 +58,16 @@ def test_plain_csv_with_names_only_and_a_root(tmp_path):
     assert table["label"].tolist() == [0, 2, 0]
 
 
+def test_plain_csv_may_name_its_videos(tmp_path):
+    _touch(tmp_path / "a.mp4", tmp_path / "b.mp4")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path,label,video_id\n{tmp_path / 'a.mp4'},0,clips/first\nb.mp4,1,\n")
+    assert read_sources(listing)["video_id"].tolist() == ["clips/first", "b"]  # an empty id: from the path
+    listing.write_text("path,label,video_id\na.mp4,0,same\nb.mp4,1,same\n")
+    with pytest.raises(ClipreelError, match="same"):
+        read_sources(listing)  # ids must stay unique
+
+
 def test_path_label_lists_take_labels_as_written(tmp_path):
     _touch(tmp_path / "ApplyEyeMakeup" / "v_1.avi", tmp_path / "Archery" / "v_2.avi")
     train = tmp_path / "trainlist01.txt"

@@ -38,9 +38,13 @@ from clipreel.stores.manifest import classnames_from_manifest
 from clipreel.stores.runs import load_run
 
 
-def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, views, crops, batch_size,
-           loading: FrameLoading, device) -> dict:
-    """compute_metrics of `model` on `rows` with multi-view testing (views x crops per video)."""
+def score_rows(model: nn.Module, rows: pd.DataFrame, classnames: Sequence[str], *, frames: int, image_size: int,
+               norm: str, views: int = 1, crops: int = 1, batch_size: int = 8,
+               loading: FrameLoading | None = None, device: torch.device | str = "cpu") -> dict:
+    """compute_metrics of `model` on manifest `rows` (labels index `classnames`), with multi-view
+    testing: each video's `views` temporal clips x `crops` spatial crops, mean of their softmax."""
+    device = torch.device(device)
+    loading = loading or resolve_loading("auto", "auto", device, workers=0)
     sampling = SamplingConfig(frames=frames, views=views)
     dataset = clip_dataset(rows, sampling, augment_config(image_size, norm), loading, train=False, crops=crops)
     loader = frame_loader(dataset, batch_size, loading, shuffle=False)
@@ -49,29 +53,41 @@ def _score(model, classnames, rows: pd.DataFrame, frames, image_size, norm, view
             "views": views, "crops": crops}
 
 
-def _eval_rows(videos: str, split: str, classnames: Sequence[str]) -> pd.DataFrame:
-    """The labelled videos of `split`, relabelled as indices into `classnames` (refusing unknown classes)."""
-    manifest = read_sources(videos)
+def eval_rows(manifest: pd.DataFrame, where: str, split: str, classnames: Sequence[str],
+              others: str = "refuse") -> pd.DataFrame:
+    """The labelled videos of `split`, relabelled as indices into `classnames`.
+
+    Videos of other classes are refused (others="refuse": closed-set evaluation) or left out
+    (others="leave out": scoring a subset of the classes, as base-to-novel does).
+    """
     rows = split_rows(manifest, split)
     if rows.empty:
-        raise ClipreelError(f"{videos}: no labelled video in split {split!r}; its splits are "
+        raise ClipreelError(f"{where}: no labelled video in split {split!r}; its splits are "
                             f"{sorted(manifest['split'].unique())}")
     index_of = {name: index for index, name in enumerate(classnames)}
-    unknown = sorted(set(rows["label_name"]) - set(index_of))
-    if unknown:
-        raise ClipreelError(f"{videos}: split {split!r} holds classes the run does not know: {unknown[:10]}; "
-                            f"its classes are {list(classnames)[:20]}")
+    known = rows["label_name"].isin(list(index_of))
+    if not known.all() and others == "refuse":
+        unknown = sorted(set(rows.loc[~known, "label_name"]))
+        raise ClipreelError(f"{where}: split {split!r} holds classes the run does not know: {unknown[:10]}; its "
+                            f"classes are {list(classnames)[:20]}. To classify among the list's own classes "
+                            "(zero-shot transfer), use `clipreel zeroshot --videos LIST --run RUN_DIR`.")
+    rows = rows[known]
+    if rows.empty:
+        raise ClipreelError(f"{where}: no video of split {split!r} belongs to the classes {list(classnames)[:20]}")
     return rows.assign(label=[index_of[name] for name in rows["label_name"]])
 
 
 def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, report_path: str | None = None, *,
-                       views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                       decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
+                       classes: Sequence[str] | None = None, views: int = 1, crops: int = 1, batch_size: int = 8,
+                       workers: int = 0, decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
     """Score a `clipreel finetune` run on the raw videos of `split`: top-1/top-5, per class, confusion.
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
     with the run's weights; each video is scored by the mean softmax over `views` temporal clips x
-    `crops` spatial crops. With `report_path`, the JSON report and its confusion PNG are written.
+    `crops` spatial crops. classes None: among the run's classes (every video's class must be one of
+    them); else among `classes`, which the run need not have seen (zero-shot transfer, novel classes),
+    leaving out the videos of other classes. With `report_path`, the JSON report and its confusion
+    PNG are written.
     """
     run = load_run(run_dir)
     if not run.kind.startswith(RUN_KIND_PREFIX):
@@ -80,10 +96,15 @@ def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, repo
     config = run.head_config
     torch_device = resolve_device(device)
     model = rebuild_finetuned(run.path, torch_device)
-    rows = _eval_rows(videos, split, run.classnames)
+    if classes is not None:
+        model.set_classnames(list(classes))
+    classnames = list(classes) if classes is not None else run.classnames
+    rows = eval_rows(read_sources(videos), videos, split, classnames,
+                     others="refuse" if classes is None else "leave out")
     report = {"run": str(run.path), "kind": run.kind, "split": split,
-              **_score(model, run.classnames, rows, config["frames"], config["image_size"], config["norm"], views,
-                       crops, batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
+              **score_rows(model, rows, classnames, frames=config["frames"], image_size=config["image_size"],
+                           norm=config["norm"], views=views, crops=crops, batch_size=batch_size,
+                           loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device)}
     if report_path is not None:
         write_report_files(report, Path(report_path))
     return report
@@ -109,13 +130,18 @@ def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "
 def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-synth", pretrained: str = "default",
                   *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
                   views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                  decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
-    """The untrained method model's metrics on `split`: where fine-tuning starts from."""
+                  decoder: str = "auto", loader: str = "auto", device: str = "auto",
+                  report_path: str | None = None) -> dict:
+    """The untrained method model's metrics on `split`, among the list's classes: where fine-tuning starts from."""
     torch_device = resolve_device(device)
     manifest = read_sources(videos)
     classnames = classnames_from_manifest(manifest, videos)
     network, _, _ = fresh_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
-    rows = _eval_rows(videos, split, classnames)
-    return {"method": method, "split": split,
-            **_score(network, classnames, rows, frames, image_size_of(network), method_norm(method, norm), views, crops,
-                     batch_size, resolve_loading(decoder, loader, torch_device, workers), torch_device)}
+    rows = eval_rows(manifest, videos, split, classnames)
+    report = {"method": method, "model": model, "pretrained": pretrained, "split": split,
+              **score_rows(network, rows, classnames, frames=frames, image_size=image_size_of(network),
+                           norm=method_norm(method, norm), views=views, crops=crops, batch_size=batch_size,
+                           loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device)}
+    if report_path is not None:
+        write_report_files(report, Path(report_path))
+    return report

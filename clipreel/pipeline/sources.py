@@ -3,8 +3,8 @@
 Formats (detected from the source itself):
 - a **folder per class**: `SOURCE/<class name>/<video files>` (searched recursively; video files directly
   in SOURCE are kept as unlabelled);
-- a **plain CSV** whose header has `path` and optionally `label`, `label_name`, `split` (other columns are
-  ignored); a class may be given by name only, in `label_name`;
+- a **plain CSV** whose header has `path` and optionally `label`, `label_name`, `split`, `video_id` (other
+  columns are ignored); a class may be given by name only, in `label_name`;
 - a **Kinetics CSV**: header `label,youtube_id,time_start,time_end,split[,is_cc]`; the video file is
   `{youtube_id}_{time_start:06d}_{time_end:06d}.<ext>`, looked for under the root;
 - a **"path label" list** (UCF101 / HMDB51 / SSv2 / mmaction style, whitespace separated, no header):
@@ -12,7 +12,8 @@ Formats (detected from the source itself):
   1-based class numbers are not shifted.
 
 Relative paths resolve against `root` if given, else the list file's folder. A video's id is its path
-relative to that root without the extension (Kinetics: `youtube_id_start_end`). Every problem the user
+relative to that root without the extension (Kinetics: `youtube_id_start_end`; a plain CSV may name it
+in a `video_id` column). Every problem the user
 can fix raises `ClipreelError` naming the file, the line and the fix.
 """
 
@@ -139,6 +140,7 @@ def _read_plain_csv(path: Path, default_split: str) -> list[_Row]:
                 label=_parse_label(values.get("label", ""), where),
                 label_name=values.get("label_name", ""),
                 split=values.get("split", "") or default_split,
+                video_id=values.get("video_id", "") or None,
             )
         )
     return rows
