@@ -257,44 +257,94 @@ def eval_(
 
 @app.command()
 def zeroshot(
-    store: Path = typer.Option(..., help="Feature store whose projected frame embeddings are scored."),
+    store: Optional[Path] = typer.Option(None, help="Feature store whose projected frame embeddings are scored."),
+    videos: Optional[str] = typer.Option(None, help="Video list scored from raw frames, by --method (untrained) or --run."),
+    method: Optional[str] = typer.Option(None, help="With --videos: an untrained method model (where `finetune` starts)."),
+    run: Optional[Path] = typer.Option(None, help="With --videos: a `finetune` run, scored among the list's classes (zero-shot transfer)."),
     split: str = typer.Option("test", help="Manifest split to score."),
     classes: Optional[Path] = typer.Option(None, help="Class list (one name per line): restricts or renames the classes."),
-    template: str = typer.Option("ensemble", help="Template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
+    template: str = typer.Option("ensemble", help="--store: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if it was extracted from one."),
+    pretrained: Optional[str] = typer.Option(None, help="--store: the store's CLIP checkpoint file; --method: the CLIP's weights (default: the model's)."),
+    model: str = typer.Option("clipreel-synth", help="--method: the open_clip model."),
+    frames: int = typer.Option(8, help="--method: frames per clip."),
+    views: int = typer.Option(1, help="--videos: temporal views per video (mean softmax over views)."),
+    option: list[str] = typer.Option([], help="--method: method option key=value, repeatable."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Zero-shot CLIP: frame-mean embeddings vs text embeddings of the class names."""
-    from clipreel.pipeline.evaluate import zero_shot
+    """Zero-shot: class names as text, no training on these classes.
 
-    zero_shot(store, split, classes_file=classes, template=template, report_path=report, pretrained=pretrained,
-              device=device, console=console)
+    From a store (--store): CLIP's frame-mean embeddings against the class texts. From raw videos
+    (--videos): an untrained method model (--method), or a fine-tuned run (--run) classifying among
+    the list's own classes, as X-CLIP and ViFi-CLIP test zero-shot transfer.
+    """
+    if (store is None) == (videos is None):
+        raise ClipreelError("clipreel zeroshot: give either --store (a feature store) or --videos (raw videos)")
+    if store is not None:
+        from clipreel.pipeline.evaluate import zero_shot
+
+        zero_shot(store, split, classes_file=classes, template=template, report_path=report, pretrained=pretrained,
+                  device=device, console=console)
+        return
+    if (method is None) == (run is None):
+        raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run (a finetune run)")
+    from clipreel.pipeline.finetune_eval import evaluate_finetuned, zero_shot_raw, zero_shot_classes
+
+    names = zero_shot_classes(videos, classes)
+    if method is not None:
+        scores = zero_shot_raw(method, videos, split, model, pretrained or "default", frames=frames,
+                               options=_parse_options(option), views=views, device=device, classes=names,
+                               report_path=str(report) if report else None)
+    else:
+        scores = evaluate_finetuned(run, videos, split, str(report) if report else None, classes=names, views=views,
+                                    device=device)
+    console.print(f"zero-shot {method or run} on {split}: top-1 {scores['top1']:.3f}, top-5 {scores['top5']:.3f}, "
+                  f"mean class acc {scores['mean_class_acc']:.3f}, {scores['n']} videos", highlight=False)
+
+
+RAW_ONLY = "(fine-tuning methods, with --videos)"
+
+
+def _protocol_source(store: Optional[Path], videos: Optional[str]) -> str:
+    """The protocol's videos: a store (cache heads) or a video list (fine-tuning methods)."""
+    if (store is None) == (videos is None):
+        raise ClipreelError("give either --store (a cache head) or --videos (a fine-tuning method: vifi, prompt, xclip, ezclip)")
+    return str(store) if store is not None else videos
 
 
 @app.command()
 def fewshot(
-    head: str = typer.Argument(..., help=HEAD_HELP),
-    store: Path = typer.Option(..., help="Feature store (its train and test splits are used)."),
+    head: str = typer.Argument(..., help=HEAD_HELP + " Or a fine-tuning method (vifi, prompt, xclip, ezclip) with --videos."),
+    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
+    videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
     out: Path = typer.Option(..., help="Folder for the runs, few_shot.json and few_shot.png."),
     shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
     seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
     epochs: int = typer.Option(50, help="Epochs per run (X-CLIP / ViFi-CLIP few-shot: 50)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
+    model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
+    frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
+    batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
+    flip: float = typer.Option(0.5, help=f"Chance of a horizontal flip per training clip {RAW_ONLY}."),
+    workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
 ) -> None:
     """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
     from clipreel.pipeline.protocols import few_shot
 
-    few_shot(head, store, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
-             lr=lr, options=_parse_options(option), pretrained=pretrained, console=console)
+    source = _protocol_source(store, videos)
+    raw = {"model": model, "frames": frames, "flip": flip, "workers": workers}
+    few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
+             lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
+             pretrained=pretrained, finetune=raw, console=console)
 
 
 @app.command()
 def base2novel(
-    head: str = typer.Argument(..., help="A text head: mit, xclip-prompt, text-prompt or zeroshot."),
-    store: Path = typer.Option(..., help="Feature store (its train and test splits are used)."),
+    head: str = typer.Argument(..., help="A text head (mit, xclip-prompt, text-prompt, zeroshot) or, with --videos, a fine-tuning method."),
+    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
+    videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
     out: Path = typer.Option(..., help="Folder for the runs and base_to_novel.json."),
     shots: int = typer.Option(16, help="Training videos per base class."),
     seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
@@ -302,16 +352,24 @@ def base2novel(
     epochs: int = typer.Option(11, help="Epochs per run (ViFi-CLIP base-to-novel: 11)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed."),
+    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
+    model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
+    frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
+    batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
+    flip: float = typer.Option(0.5, help=f"Chance of a horizontal flip per training clip {RAW_ONLY}."),
+    workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
 ) -> None:
     """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
     from clipreel.pipeline.protocols import base_to_novel
 
+    source = _protocol_source(store, videos)
     base = None
     if base_classes:
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
-    base_to_novel(head, store, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
-                  epochs=epochs, lr=lr, options=_parse_options(option), pretrained=pretrained, console=console)
+    raw = {"model": model, "frames": frames, "flip": flip, "workers": workers}
+    base_to_novel(head, source, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
+                  epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
+                  pretrained=pretrained, finetune=raw, console=console)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -19,6 +20,7 @@ from clipreel.pipeline.backbone import load_clip, resolve_model_name
 from clipreel.heads.methods import METHODS, build_method_model
 from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
 from clipreel.pipeline.finetune_eval import evaluate_finetuned, rebuild_finetuned, zero_shot_raw
+from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.synth import SynthConfig, make_world
 from clipreel.stores.runs import load_run
 
@@ -214,3 +216,78 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     assert gradients[0].keys() == gradients[1].keys() and gradients[0]
     for name, gradient in gradients[0].items():
         assert torch.allclose(gradient, gradients[1][name], atol=1e-6), name
+
+
+# ---------------------------------------------------------------------- the protocols, from raw videos
+
+
+def test_few_shot_protocol_fine_tunes_on_the_drawn_videos(world, tmp_path):
+    from clipreel.pipeline.protocols import SHOTS_SPLIT, few_shot
+
+    out = tmp_path / "fewshot"
+    settings = {"frames": FRAMES, "workers": 0, "batch_size": 8}
+    report = few_shot("prompt", world, out, shots=(1, 2), seeds=(1,), epochs=1, finetune=settings)
+    assert report["kind"] == "prompt" and report["source"] == world
+    for row in report["by_shots"]:
+        (run,) = row["runs"]
+        assert run["train_videos"] == row["shots"] * 4 and run["test_videos"] == 8
+        assert 0.0 <= run["top1"] <= run["top5"] <= 1.0
+        listing = out / "lists" / f"{row['shots']}shot-seed1.csv"
+        drawn = read_sources(listing)
+        assert (drawn["split"] == SHOTS_SPLIT).all() and (drawn["label"].value_counts() == row["shots"]).all()
+        original = read_sources(world).set_index("video_id")
+        assert set(original.loc[drawn["video_id"], "split"]) == {"train"}  # drawn from the train split, ids kept
+        assert load_run(run["run"]).kind == "finetune-prompt"
+        assert json.loads((Path(run["run"]) / "eval-test.json").read_text())["n"] == 8
+    # Re-running the same command finds the finished runs and gives the same numbers.
+    assert few_shot("prompt", world, out, shots=(1, 2), seeds=(1,), epochs=1, finetune=settings) == report
+
+
+def test_base_to_novel_protocol_names_novel_classes_it_never_trained_on(world, tmp_path):
+    from clipreel.pipeline.protocols import base_to_novel
+
+    report = base_to_novel("ezclip", world, tmp_path / "b2n", shots=2, seeds=(1,), epochs=1,
+                           finetune={"frames": FRAMES, "workers": 0, "batch_size": 8})
+    names = read_sources(world).drop_duplicates("label").sort_values("label")["label_name"].tolist()
+    assert report["base_classes"] == names[:2] and report["novel_classes"] == names[2:]
+    (run,) = report["runs"]
+    assert load_run(run["run"]).classnames == names[:2]  # trained on the base classes only
+    assert run["base_test_videos"] == run["novel_test_videos"] == 4
+    novel = json.loads((Path(run["run"]) / "eval-novel-test.json").read_text())
+    assert novel["classnames"] == names[2:] and novel["n"] == 4
+    with pytest.raises(ClipreelError, match="does not know"):
+        evaluate_finetuned(run["run"], world, "test")  # closed-set scoring needs the run's own classes
+
+
+def test_zero_shot_transfer_scores_a_run_among_another_lists_classes(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run_finetune(_config(world, run_dir, "xclip"), progress=False)
+    names = ["green square moving up", "green square moving down"]
+    report = evaluate_finetuned(run_dir, world, "test", classes=names)
+    assert report["classnames"] == names and report["n"] == 4  # only the videos of those classes
+
+
+def test_cli_zero_shot_and_few_shot_from_raw_videos(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app
+
+    runner = CliRunner()
+    start = runner.invoke(app, ["zeroshot", "--videos", world, "--method", "ezclip", "--frames", str(FRAMES),
+                                "--split", "val", "--report", str(tmp_path / "zs.json")])
+    assert start.exit_code == 0, start.output
+    assert "zero-shot ezclip on val" in start.output and json.loads((tmp_path / "zs.json").read_text())["n"] == 8
+
+    labels = tmp_path / "two.txt"
+    labels.write_text("green square moving up\ngreen square moving down\n")
+    fewshot = runner.invoke(app, ["fewshot", "vifi", "--videos", world, "--out", str(tmp_path / "fs"), "--shots", "1",
+                                  "--seeds", "1", "--epochs", "1", "--frames", str(FRAMES), "--workers", "0"])
+    assert fewshot.exit_code == 0, fewshot.output
+    assert json.loads((tmp_path / "fs" / "few_shot.json").read_text())["kind"] == "vifi"
+    transfer = runner.invoke(app, ["zeroshot", "--videos", world, "--run", str(tmp_path / "fs" / "runs" / "1shot-seed1"),
+                                   "--classes", str(labels)])
+    assert transfer.exit_code == 0, transfer.output
+    assert "4 videos" in transfer.output  # the test videos of the two listed classes
+
+    both = runner.invoke(app, ["zeroshot", "--videos", world, "--method", "vifi", "--run", str(tmp_path / "fs")])
+    assert both.exit_code != 0 and "either --method" in str(both.exception)

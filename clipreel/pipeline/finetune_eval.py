@@ -34,7 +34,7 @@ from clipreel.pipeline.finetune import (
 from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.pipeline.sources import read_sources
-from clipreel.stores.manifest import classnames_from_manifest
+from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import load_run
 
 
@@ -129,15 +129,18 @@ def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "
 
 def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-synth", pretrained: str = "default",
                   *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
-                  views: int = 1, crops: int = 1, batch_size: int = 8, workers: int = 0,
-                  decoder: str = "auto", loader: str = "auto", device: str = "auto",
+                  classes: Sequence[str] | None = None, views: int = 1, crops: int = 1, batch_size: int = 8,
+                  workers: int = 0, decoder: str = "auto", loader: str = "auto", device: str = "auto",
                   report_path: str | None = None) -> dict:
-    """The untrained method model's metrics on `split`, among the list's classes: where fine-tuning starts from."""
+    """The untrained method model's metrics on `split`: where fine-tuning starts from.
+
+    classes None: among the list's classes; else among `classes`, leaving out videos of other classes.
+    """
     torch_device = resolve_device(device)
     manifest = read_sources(videos)
-    classnames = classnames_from_manifest(manifest, videos)
+    classnames = list(classes) if classes is not None else classnames_from_manifest(manifest, videos)
     network, _, _ = fresh_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
-    rows = eval_rows(manifest, videos, split, classnames)
+    rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
     report = {"method": method, "model": model, "pretrained": pretrained, "split": split,
               **score_rows(network, rows, classnames, frames=frames, image_size=image_size_of(network),
                            norm=method_norm(method, norm), views=views, crops=crops, batch_size=batch_size,
@@ -145,3 +148,10 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-s
     if report_path is not None:
         write_report_files(report, Path(report_path))
     return report
+
+
+def zero_shot_classes(videos: str, classes_file: str | os.PathLike | None = None) -> list[str]:
+    """What zero-shot classifies among: the names of a class list file (one per line), else the list's own classes."""
+    if classes_file is not None:
+        return read_label_map(classes_file)
+    return classnames_from_manifest(read_sources(videos), videos)

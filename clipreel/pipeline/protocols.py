@@ -1,32 +1,37 @@
-"""The papers' transfer protocols on a feature store: few-shot and base-to-novel.
+"""The papers' transfer protocols: few-shot and base-to-novel, for cache heads and fine-tuning methods.
 
 - **Few-shot** (X-CLIP, ViFi-CLIP; METHODS.md 2.8, 3.4-3.5): for each K in `shots` and each seed,
-  draw K training videos per class (seeded, without replacement), train a head on them, and score
-  it on the whole test split. Reported per K: the mean and standard deviation of top-1 over the
-  seeds, and every run's numbers.
+  draw K training videos per class (seeded, without replacement), train on them, and score on the
+  whole test split. Reported per K: the mean and standard deviation of top-1 over the seeds, and
+  every run's numbers.
 - **Base-to-novel** (ViFi-CLIP, EZ-CLIP; METHODS.md 3.4-3.5, 4.5): split the classes into base
   and novel (default: the first half of the class ids are base, as ViFi-CLIP's splits take half).
   Train on K-shot videos of the base classes only, then score the test videos of the base classes
   among the base class names, and the test videos of the novel classes among the novel class
-  names, which the head never saw. Only heads that classify against class-name text
-  (TEXT_KINDS) can do the second part. Reported: base, novel and their harmonic mean
-  HM = 2·B·N / (B + N), of the means over the seeds (as the papers' tables), and per seed.
-- Zero-shot on a class list is `evaluate.zero_shot(..., classes_file=...)`.
+  names, never seen in training. Only models that classify against class-name text can do the
+  second part: the cache TEXT_KINDS and every fine-tuning method. Reported: base, novel and their
+  harmonic mean HM = 2·B·N / (B + N), of the means over the seeds (as the papers' tables), and per seed.
+- Zero-shot on a class list is `evaluate.zero_shot(..., classes_file=...)` from a store, and
+  `finetune_eval.zero_shot_raw` / `evaluate_finetuned(..., classes=...)` from raw videos.
 
-How a run trains on just the drawn videos: the trainer (`run_training`) trains on a manifest
-split of a store. Each run therefore gets a *protocol store*: a folder that shares the original
-store's feature arrays through symbolic links and has its own manifest, in which the drawn videos
-form the split "shots" and the labels are renumbered over the protocol's classes (other classes
-unlabelled). The original store is never modified. Evaluation reads the original store.
+Where the videos are decides how a run trains on just the drawn ones (`protocol_videos`):
+
+- a feature store (`StoreVideos`, cache heads): each run gets a *protocol store*, a folder that
+  shares the original store's feature arrays through symbolic links and has its own manifest, in
+  which the drawn videos form the split "shots" and the labels are renumbered over the protocol's
+  classes (other classes unlabelled). The original store is never modified; evaluation reads it.
+- a video list (`RawVideos`, fine-tuning methods): each run fine-tunes on a plain CSV listing the
+  drawn videos (split "shots", labels renumbered, video ids kept) and is scored on the original list.
 
 Layout of `out_dir`:
 
     out_dir/
       few_shot.json, few_shot.png            (or base_to_novel.json)
-      stores/<K>shot-seed<S>.zarr            protocol stores (links + a manifest)
+      stores/<K>shot-seed<S>.zarr            protocol stores (links + a manifest), or
+      lists/<K>shot-seed<S>.csv              the drawn videos of a fine-tuning run
       runs/<K>shot-seed<S>/                  run directories, with their eval-*.json reports
 
-Re-running the same command resumes: finished runs are kept (the trainer resumes run directories).
+Re-running the same command resumes: finished runs are kept (both trainers resume run directories).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import pandas as pd
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.kinds import TEXT_KINDS, head_spec, load_text_model
+from clipreel.heads.methods import METHODS
 from clipreel.pipeline.evaluate import (
     load_head,
     save_report,
@@ -49,9 +55,12 @@ from clipreel.pipeline.evaluate import (
     store_classnames,
     write_report_files,
 )
+from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
+from clipreel.pipeline.finetune_eval import eval_rows, evaluate_finetuned
+from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import MANIFEST_FILE, FeatureStore
-from clipreel.stores.manifest import write_manifest
+from clipreel.stores.manifest import classnames_from_manifest, write_manifest
 from clipreel.stores.runs import load_run
 
 SHOTS_SPLIT = "shots"  # the split of a protocol store that holds the drawn training videos
@@ -136,52 +145,115 @@ def protocol_store(
     return path
 
 
-# ---------------------------------------------------------------------- training and scoring one run
+# ---------------------------------------------------------------------- where the videos are
 
 
-def _train_on_shots(
-    kind: str,
-    store: FeatureStore,
-    out_dir: Path,
-    name: str,
-    train_rows: np.ndarray,
-    class_ids: Sequence[int],
-    classnames: Sequence[str],
-    *,
-    seed: int,
-    epochs: int,
-    lr: float | None,
-    batch_size: int,
-    options: dict | None,
-    pretrained: str | None,
-    progress: bool,
-) -> Path:
-    """Train `kind` on `train_rows` (classes `class_ids`, named `classnames`); returns the run dir."""
-    shots_store = protocol_store(store, out_dir / "stores" / f"{name}.zarr", train_rows, class_ids, classnames)
-    run_dir = out_dir / "runs" / name
-    run_training(
-        TrainConfig(
-            kind=kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
-            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, options=dict(options or {}),
-            pretrained=pretrained,
-        ),
-        progress=progress,
-    )
-    return run_dir
+class StoreVideos:
+    """A protocol's videos in a feature store: cache heads train on protocol stores (links + a manifest)."""
+
+    def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int = 16,
+                 options: dict | None = None, pretrained: str | None = None):
+        head_spec(kind)  # an unknown kind fails here, before any work
+        self.kind, self.source = kind, str(store_path)
+        self.store = FeatureStore.open(store_path)
+        self.manifest, self.done = self.store.manifest(), self.store.done_mask()
+        self.classnames = store_classnames(self.store)
+        self.lr, self.batch_size, self.options, self.pretrained = lr, batch_size, dict(options or {}), pretrained
+        self.text_model = load_text_model(self.store.provenance, pretrained) if kind in TEXT_KINDS else None
+        self.names_classes = kind in TEXT_KINDS
+
+    def check_split(self, split: str) -> None:
+        """Fail early on a split that cannot be scored."""
+        select_videos(self.store, split, self.classnames, others="refuse")
+
+    def train(self, out_dir: Path, name: str, rows: np.ndarray, class_ids: Sequence[int], classnames: Sequence[str],
+              *, seed: int, epochs: int, progress: bool) -> Path:
+        """Train the head on store `rows` (classes `class_ids`, named `classnames`); returns the run dir."""
+        shots_store = protocol_store(self.store, out_dir / "stores" / f"{name}.zarr", rows, class_ids, classnames)
+        run_dir = out_dir / "runs" / name
+        run_training(
+            TrainConfig(
+                kind=self.kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
+                epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, options=self.options,
+                pretrained=self.pretrained,
+            ),
+            progress=progress,
+        )
+        return run_dir
+
+    def score(self, run_dir: Path, split: str, classnames: Sequence[str], report_name: str) -> dict:
+        """Metrics of the run on the videos of `split` whose class is among `classnames` (classified
+        among those names); the report and its confusion PNG go into the run dir."""
+        run = load_run(run_dir)
+        videos = select_videos(self.store, split, classnames, others="leave out")
+        head = load_head(run, classnames, self.text_model)
+        report = {"kind": run.kind, "run": str(run_dir), **score_videos(self.store, videos, run.kind, head)}
+        write_report_files(report, run_dir / f"{report_name}.json")
+        return report
 
 
-def _score(
-    store: FeatureStore, run_dir: Path, split: str, classnames: Sequence[str], report_name: str, text_model
-) -> dict:
-    """Metrics of the run in `run_dir` on the videos of `split` whose class is among `classnames`
-    (classified among those names); the report and its confusion PNG go into the run dir."""
-    run = load_run(run_dir)
-    videos = select_videos(store, split, classnames, others="leave out")
-    head = load_head(run, classnames, text_model)
-    scores = score_videos(store, videos, run.kind, head)
-    report = {"kind": run.kind, "run": str(run_dir), **scores}
-    write_report_files(report, run_dir / f"{report_name}.json")
-    return report
+class RawVideos:
+    """A protocol's videos as raw files: a fine-tuning method trains on a list of the drawn videos.
+
+    `finetune` holds further `FinetuneConfig` settings of every run (model, pretrained, frames,
+    batch_size, flip, workers, ...).
+    """
+
+    def __init__(self, method: str, videos: str | Path, *, lr: float | None = None, options: dict | None = None,
+                 finetune: dict | None = None):
+        if method not in METHODS:
+            raise ClipreelError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(METHODS)}")
+        self.kind, self.source = method, str(videos)
+        self.manifest = read_sources(videos)
+        self.done = (self.manifest["status"] != "failed").to_numpy()
+        self.classnames = classnames_from_manifest(self.manifest, self.source)
+        self.lr, self.options, self.finetune = lr, dict(options or {}), dict(finetune or {})
+        self.names_classes = True  # every method classifies by class-name texts
+
+    def check_split(self, split: str) -> None:
+        eval_rows(self.manifest, self.source, split, self.classnames)
+
+    def train(self, out_dir: Path, name: str, rows: np.ndarray, class_ids: Sequence[int], classnames: Sequence[str],
+              *, seed: int, epochs: int, progress: bool) -> Path:
+        """Fine-tune on manifest `rows`, listed in out_dir/lists/NAME.csv; returns the run dir."""
+        videos = _write_shots_list(self.manifest.iloc[rows], class_ids, classnames, out_dir / "lists" / f"{name}.csv")
+        run_dir = out_dir / "runs" / name
+        run_finetune(
+            FinetuneConfig(**{**self.finetune, "method": self.kind, "videos": str(videos), "out": str(run_dir),
+                              "split": SHOTS_SPLIT, "val_split": None, "epochs": epochs, "lr": self.lr,
+                              "seed": seed, "options": self.options}),
+            progress=progress,
+        )
+        return run_dir
+
+    def score(self, run_dir: Path, split: str, classnames: Sequence[str], report_name: str) -> dict:
+        settings = {key: self.finetune[key] for key in ("batch_size", "workers", "device") if key in self.finetune}
+        return evaluate_finetuned(run_dir, self.source, split, run_dir / f"{report_name}.json", classes=classnames,
+                                  **settings)
+
+
+def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: Sequence[str], path: Path) -> Path:
+    """A plain CSV of the drawn videos (split SHOTS_SPLIT), class `class_ids[i]` relabelled i, ids kept."""
+    new_label = {int(class_id): index for index, class_id in enumerate(class_ids)}
+    labels = [new_label[int(label)] for label in rows["label"]]
+    listing = pd.DataFrame({"path": rows["path"], "label": labels, "label_name": [classnames[i] for i in labels],
+                            "split": SHOTS_SPLIT, "video_id": rows["video_id"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listing.to_csv(path, index=False)
+    return path
+
+
+def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int = 16,
+                    options: dict | None = None, pretrained: str | None = None,
+                    finetune: dict | None = None) -> StoreVideos | RawVideos:
+    """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store."""
+    if kind in METHODS:
+        settings = dict(finetune or {})
+        if pretrained is not None:
+            settings["pretrained"] = pretrained
+        settings.setdefault("batch_size", batch_size)
+        return RawVideos(kind, source, lr=lr, options=options, finetune=settings)
+    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained)
 
 
 def _run_numbers(seed: int, run_dir: Path, train_videos: int, report: dict) -> dict:
@@ -192,9 +264,8 @@ def _run_numbers(seed: int, run_dir: Path, train_videos: int, report: dict) -> d
     }
 
 
-def _check_common(kind: str, seeds: Sequence[int], epochs: int) -> None:
+def _check_common(seeds: Sequence[int], epochs: int) -> None:
     """Refuse settings that cannot work before anything is trained."""
-    head_spec(kind)  # an unknown kind fails here, before any work
     if not seeds:
         raise ClipreelError("no seeds given: give at least one (the papers average 3)")
     if epochs < 1:
@@ -212,7 +283,7 @@ def _say(console, text: str) -> None:
 
 def few_shot(
     kind: str,
-    store_path: str | Path,
+    source: str | Path,
     out_dir: str | Path,
     shots: Sequence[int] = (2, 4, 8, 16),
     seeds: Sequence[int] = (1, 2, 3),
@@ -223,30 +294,33 @@ def few_shot(
     batch_size: int = 16,
     options: dict | None = None,
     pretrained: str | None = None,
+    finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
 ) -> dict:
     """`clipreel fewshot KIND --store STORE --out OUT_DIR`: the K-shot protocol over all classes.
 
-    For each K in `shots` and each seed: draw K videos per class from `train_split`, train `kind`
-    for `epochs` (lr: the kind's default when None; options: head hyper-parameters, as for
-    `clipreel train`), score on the whole `test_split`. pretrained: the store's CLIP checkpoint
-    file, for text kinds of stores extracted from a local file. Writes OUT_DIR/few_shot.json and
-    a plot of top-1 against K (few_shot.png); returns the report.
+    source: a feature store for a cache head, a video list for a fine-tuning method (`finetune`:
+    further FinetuneConfig settings of its runs). For each K in `shots` and each seed: draw K videos
+    per class from `train_split`, train `kind` for `epochs` (lr: the kind's default when None;
+    options: head or method hyper-parameters), score on the whole `test_split`. pretrained: the
+    store's CLIP checkpoint file (text heads of stores extracted from a local file), or the CLIP a
+    method fine-tunes. Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png);
+    returns the report.
     """
     out_dir = Path(out_dir)
-    store = FeatureStore.open(store_path)
-    _check_common(kind, seeds, epochs)
-    classnames = store_classnames(store)
+    _check_common(seeds, epochs)
+    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
+                             finetune=finetune)
+    classnames = videos.classnames
     class_ids = list(range(len(classnames)))
-    manifest, done = store.manifest(), store.done_mask()
-    text_model = load_text_model(store.provenance, pretrained) if kind in TEXT_KINDS else None
-    select_videos(store, test_split, classnames, others="refuse")  # fail early on a bad test split
+    videos.check_split(test_split)  # fail early on a bad test split
 
     shot_counts = sorted(set(int(k) for k in shots))
     # Every draw first: a class too small for some K fails before anything is trained.
     drawn = {
-        (count, seed): draw_shots(manifest, done, train_split, classnames, class_ids, count, seed, allow_fewer)
+        (count, seed): draw_shots(videos.manifest, videos.done, train_split, classnames, class_ids, count, seed,
+                                  allow_fewer)
         for count in shot_counts
         for seed in seeds
     }
@@ -256,12 +330,9 @@ def few_shot(
         for seed in seeds:
             rows, name = drawn[shot_count, seed], f"{shot_count}shot-seed{seed}"
             _say(console, f"few-shot {kind}: {name} ({len(rows)} training videos)")
-            run_dir = _train_on_shots(
-                kind, store, out_dir, name, rows, class_ids, classnames, seed=seed,
-                epochs=epochs, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-                progress=console is not None,
-            )
-            report = _score(store, run_dir, test_split, classnames, f"eval-{test_split}", text_model)
+            run_dir = videos.train(out_dir, name, rows, class_ids, classnames, seed=seed, epochs=epochs,
+                                   progress=console is not None)
+            report = videos.score(run_dir, test_split, classnames, f"eval-{test_split}")
             runs.append(_run_numbers(seed, run_dir, len(rows), report))
         top1 = np.array([run["top1"] for run in runs])
         by_shots.append({
@@ -273,7 +344,7 @@ def few_shot(
         _say(console, f"  {shot_count}-shot top-1 {top1.mean():.4f} ± {top1.std():.4f}")
 
     report = {
-        "protocol": "few-shot", "kind": kind, "store": str(store_path), "train_split": train_split,
+        "protocol": "few-shot", "kind": kind, "source": videos.source, "train_split": train_split,
         "test_split": test_split, "seeds": list(seeds), "epochs": epochs, "classes": len(classnames),
         "by_shots": by_shots,
     }
@@ -307,7 +378,7 @@ def _plot_few_shot(path: Path, report: dict) -> None:
 
 def base_to_novel(
     kind: str,
-    store_path: str | Path,
+    source: str | Path,
     out_dir: str | Path,
     shots: int = 16,
     seeds: Sequence[int] = (1, 2, 3),
@@ -319,49 +390,49 @@ def base_to_novel(
     batch_size: int = 16,
     options: dict | None = None,
     pretrained: str | None = None,
+    finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
 ) -> dict:
     """`clipreel base2novel KIND --store STORE --out OUT_DIR`: generalisation to unseen classes.
 
-    base_classes: class ids or names (default: the first half of the class ids, rounded up); the
-    other classes are novel. For each seed: train on `shots` videos per base class of
-    `train_split`, then score the `test_split` videos of the base classes among the base names
-    and those of the novel classes among the novel names. Only TEXT_KINDS can name classes they
+    source, pretrained, finetune: as for `few_shot`. base_classes: class ids or names (default: the
+    first half of the class ids, rounded up); the other classes are novel. For each seed: train on
+    `shots` videos per base class of `train_split`, then score the `test_split` videos of the base
+    classes among the base names and those of the novel classes among the novel names. Only heads
+    that classify by class-name texts (TEXT_KINDS, every fine-tuning method) can name classes they
     were not trained on. Writes OUT_DIR/base_to_novel.json; returns the report.
     """
-    if kind not in TEXT_KINDS:
+    if kind not in TEXT_KINDS and kind not in METHODS:
         raise ClipreelError(
             f"base-to-novel scores classes the head never saw, by their names: only the text kinds "
-            f"({', '.join(TEXT_KINDS)}) can; a {kind} head has a fixed set of outputs. Choose a text kind."
+            f"({', '.join(TEXT_KINDS)}) and the fine-tuning methods ({', '.join(METHODS)}) can; a {kind} head "
+            "has a fixed set of outputs. Choose a text kind."
         )
     out_dir = Path(out_dir)
-    store = FeatureStore.open(store_path)
-    _check_common(kind, seeds, epochs)
-    classnames = store_classnames(store)
+    _check_common(seeds, epochs)
+    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
+                             finetune=finetune)
+    classnames = videos.classnames
     base_ids = _base_class_ids(base_classes, classnames)
     novel_ids = [class_id for class_id in range(len(classnames)) if class_id not in base_ids]
     if not novel_ids:
         raise ClipreelError("base-to-novel: every class is a base class; leave some classes out of base_classes")
     base_names = [classnames[class_id] for class_id in base_ids]
     novel_names = [classnames[class_id] for class_id in novel_ids]
-    manifest, done = store.manifest(), store.done_mask()
-    text_model = load_text_model(store.provenance, pretrained)
     drawn = {
-        seed: draw_shots(manifest, done, train_split, classnames, base_ids, shots, seed, allow_fewer) for seed in seeds
+        seed: draw_shots(videos.manifest, videos.done, train_split, classnames, base_ids, shots, seed, allow_fewer)
+        for seed in seeds
     }
 
     runs = []
     for seed in seeds:
         name = f"{shots}shot-seed{seed}"
         _say(console, f"base-to-novel {kind}: {name} ({len(drawn[seed])} videos of {len(base_ids)} base classes)")
-        run_dir = _train_on_shots(
-            kind, store, out_dir, name, drawn[seed], base_ids, base_names, seed=seed,
-            epochs=epochs, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-            progress=console is not None,
-        )
-        base = _score(store, run_dir, test_split, base_names, f"eval-base-{test_split}", text_model)
-        novel = _score(store, run_dir, test_split, novel_names, f"eval-novel-{test_split}", text_model)
+        run_dir = videos.train(out_dir, name, drawn[seed], base_ids, base_names, seed=seed, epochs=epochs,
+                               progress=console is not None)
+        base = videos.score(run_dir, test_split, base_names, f"eval-base-{test_split}")
+        novel = videos.score(run_dir, test_split, novel_names, f"eval-novel-{test_split}")
         runs.append({
             "seed": seed, "run": str(run_dir), "train_videos": len(drawn[seed]),
             "base_top1": base["top1"], "novel_top1": novel["top1"], "hm": harmonic_mean(base["top1"], novel["top1"]),
@@ -372,7 +443,7 @@ def base_to_novel(
     base_mean = float(np.mean([run["base_top1"] for run in runs]))
     novel_mean = float(np.mean([run["novel_top1"] for run in runs]))
     report = {
-        "protocol": "base-to-novel", "kind": kind, "store": str(store_path), "train_split": train_split,
+        "protocol": "base-to-novel", "kind": kind, "source": videos.source, "train_split": train_split,
         "test_split": test_split, "shots": shots, "seeds": list(seeds), "epochs": epochs,
         "base_classes": base_names, "novel_classes": novel_names,
         "base": base_mean, "novel": novel_mean,
