@@ -302,17 +302,13 @@ def _train_epoch(cfg, model, loader, num_classes, epoch, optimizer, scheduler, d
         clips = batch["frames"].to(device, non_blocking=True)  # (B, T, 3, S, S)
         labels = batch["label"].to(device)  # (B,)
         with autocast:
-            if cfg.method == "ezclip":
-                outputs = model(clips)
-                loss = ezclip_loss(model, outputs, labels)
-            elif cfg.mixup:
+            if cfg.mixup:
                 mixed, targets = mix_batch(clips, labels.cpu(), num_classes, label_smoothing=cfg.label_smoothing,
                                            generator=stable_generator("mix", cfg.seed, epoch, step))
                 outputs = model(mixed)
                 loss = torch.sum(-targets.to(device) * F.log_softmax(outputs["logits"].float(), dim=1), dim=1).mean()
             else:
-                outputs = model(clips)
-                loss = F.cross_entropy(outputs["logits"].float(), labels, label_smoothing=cfg.label_smoothing)
+                outputs, loss = method_loss(cfg.method, model, clips, labels, cfg.label_smoothing)
         group_start = step - step % cfg.accumulate
         group_size = min(cfg.accumulate, batches - group_start)
         (loss / group_size).backward()
@@ -325,6 +321,18 @@ def _train_epoch(cfg, model, loader, num_classes, epoch, optimizer, scheduler, d
         seen += len(labels)
         advance(f"epoch {epoch + 1}/{cfg.epochs} loss {total_loss / seen:.3f}")
     return total_loss / seen, correct / seen
+
+
+def method_loss(method: str, model: nn.Module, clips: torch.Tensor, labels: torch.Tensor,
+                label_smoothing: float = 0.1) -> tuple[dict, torch.Tensor]:
+    """The method's training loss on clips (B, T, 3, S, S) with labels (B,) -> (model outputs, loss).
+
+    EZ-CLIP: its contrastive + motion loss; the others: cross-entropy on the class logits.
+    """
+    outputs = model(clips)
+    if method == "ezclip":
+        return outputs, ezclip_loss(model, outputs, labels)
+    return outputs, F.cross_entropy(outputs["logits"].float(), labels, label_smoothing=label_smoothing)
 
 
 def ezclip_loss(model: EZCLIPClassifier, outputs: dict, labels: torch.Tensor) -> torch.Tensor:
