@@ -32,12 +32,14 @@ def synth(
     codec: str = typer.Option("h264", help="h264 (.mp4), vp9 (.webm) or mjpeg (.avi)."),
     fps: int = typer.Option(25, help="Frames per second written into the files."),
     seed: int = typer.Option(0, help="The same seed gives byte-identical videos."),
+    motions: str = typer.Option("horizontal,vertical,size,rotation", help="Kinds of change the pairs cycle through, comma-separated: horizontal, vertical, size, rotation, colour."),
 ) -> None:
-    """Write the built-in synthetic world: shapes and colours that move, grow or turn."""
+    """Write the built-in synthetic world: shapes and colours that move, grow, turn (or change colour)."""
     from clipreel.pipeline.synth import SynthConfig, make_world
 
     cfg = SynthConfig(
-        classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, codec=codec, fps=fps, seed=seed
+        classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, codec=codec, fps=fps, seed=seed,
+        motions=tuple(part.strip() for part in motions.split(",") if part.strip()),
     )
     videos_csv = make_world(out_dir, cfg, progress=True)
     console.print(f"wrote {classes * videos_per_class} videos; list: [bold]{videos_csv}[/]")

@@ -14,6 +14,7 @@ from clipreel.errors import ClipreelError
 from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.synth import (
     COLOURS,
+    DEFAULT_MOTIONS,
     MAX_CLASSES,
     MOTION_PAIRS,
     SynthConfig,
@@ -156,6 +157,28 @@ def test_rotation_turns_the_way_its_name_says():
         assert (sign * turns > 0.03).all(), (synth_class(class_id).name, turns)
 
 
+def test_a_colour_change_fades_into_the_partner_colour_and_its_twin_back():
+    cfg = SynthConfig(classes=4, frames=10, size=96, motions=("colour",))
+    names = [synth_class(c, cfg.motions).name for c in range(4)]
+    assert names == ["red circle turning blue", "blue circle turning red",
+                     "green square turning yellow", "yellow square turning green"]
+    forward, backward = render_clip(0, 7, cfg), render_clip(1, 7, cfg)
+    np.testing.assert_array_equal(backward, forward[::-1])  # twins differ only in frame order
+    red, blue = (_object_mask(forward, colour).sum(axis=(1, 2)) for colour in ("red", "blue"))
+    assert red[0] > 100 and blue[0] == 0 and red[-1] == 0 and blue[-1] > 100  # red at the start, blue at the end
+    centroids = [np.argwhere(_object_mask(forward, colour)[t]).mean(axis=0) for colour, t in (("red", 0), ("blue", -1))]
+    assert np.abs(centroids[0] - centroids[1]).max() < 1  # the shape stays where it is
+    assert synth_class(0, cfg.motions).caption == synth_class(1, cfg.motions).caption == "a red and blue circle"
+
+
+def test_motions_are_checked():
+    with pytest.raises(ClipreelError, match="choose one or more of"):
+        SynthConfig(motions=("sideways",))
+    with pytest.raises(ClipreelError, match="circle"):
+        SynthConfig(classes=4, motions=("rotation",))  # pair 0 is a circle, whose turning is invisible
+    assert SynthConfig().motions == DEFAULT_MOTIONS  # the default world: moves, growth and rotation only
+
+
 def test_every_pair_has_its_own_appearance():
     specs = [synth_class(c) for c in range(MAX_CLASSES)]
     assert len({spec.name for spec in specs}) == MAX_CLASSES
@@ -208,3 +231,17 @@ def test_splits_are_about_60_20_20_by_index():
 def test_bad_configs_are_refused_clearly(change, message):
     with pytest.raises(ClipreelError, match=message):
         SynthConfig(**change)
+
+
+def test_cli_synth_takes_the_motions(tmp_path):
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app, synth
+
+    assert inspect.signature(synth).parameters["motions"].default.default == ",".join(DEFAULT_MOTIONS)
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "w"), "--classes", "2", "--videos-per-class", "1",
+                                      "--frames", "4", "--size", "32", "--motions", "colour"])
+    assert result.exit_code == 0, result.output
+    assert read_label_map(tmp_path / "w" / "labels.txt") == ["red circle turning blue", "blue circle turning red"]

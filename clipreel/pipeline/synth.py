@@ -6,6 +6,11 @@ such a clip backwards ("moving right"). The two classes of a pair therefore diff
 their frames: a model that averages frames cannot tell them apart, a temporal model can. Each pair has
 its own appearance, so appearance alone identifies the pair.
 
+The kinds of change cycle over the pairs: moving left/right, moving up/down, growing/shrinking and
+rotating (clockwise/counter-clockwise) by default; `SynthConfig.motions` may also pick "colour", a shape
+whose colour fades into another ("red circle turning blue" / "blue circle turning red"), where every single
+frame shows how far the change has gone and the twins' names differ in words a CLIP knows.
+
 Output: `OUT_DIR/videos/<class_slug>/<class_slug>_<index>.<suffix>`, `videos.csv` (path,label,label_name,
 split; paths relative to OUT_DIR), `labels.txt` (the label map) and `captions.csv` (path,caption; the
 caption names the appearance only, e.g. "a red circle"). Shapes are drawn with numpy alone, from signed
@@ -64,9 +69,20 @@ MOTION_PAIRS = (
     ("growing", "shrinking"),
     ("rotating clockwise", "rotating counter-clockwise"),
 )
+# A fifth kind of change, not in the default world: the shape stays put and its colour fades into its
+# partner colour (COLOURS order, two on), e.g. "red circle turning blue", played backwards "blue circle
+# turning red". Here a single frame's appearance already says how far the change has gone, and the two
+# names differ in words a CLIP knows (colours), unlike "moving left" and "moving right".
+COLOUR_CHANGE = "changing colour"
+# The kinds of change a world may cycle through (`SynthConfig.motions`, `clipreel synth --motions`),
+# each named by the motion drawn for the first class of its pairs.
+MOTIONS = {"horizontal": "moving left", "vertical": "moving up", "size": "growing",
+           "rotation": "rotating clockwise", "colour": COLOUR_CHANGE}
+DEFAULT_MOTIONS = ("horizontal", "vertical", "size", "rotation")
 # Pair k gets appearance k: shape k mod 8 with colour (k + k // 8) mod 8, so the first 8 pairs differ in
-# both shape and colour and no two pairs share an appearance. Pair k's motion is k mod 4; with 8 shapes
-# and 4 motions the rotating pairs get the star or the arrow (never the circle, whose turning is invisible).
+# both shape and colour and no two pairs share an appearance. Pair k's motion is motions[k mod len(motions)];
+# with 8 shapes and the 4 default motions the rotating pairs get the star or the arrow (never the circle,
+# whose turning is invisible).
 MAX_CLASSES = 2 * len(SHAPES) * len(COLOURS)
 
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
@@ -83,8 +99,13 @@ class SynthConfig:
     codec: str = "h264"
     fps: int = 25
     seed: int = 0  # the same seed gives byte-identical videos
+    motions: tuple[str, ...] = DEFAULT_MOTIONS  # keys of MOTIONS, cycled over the pairs
 
     def __post_init__(self) -> None:
+        self.motions = tuple(self.motions)
+        unknown = [motion for motion in self.motions if motion not in MOTIONS]
+        if unknown or not self.motions:
+            raise ClipreelError(f"motions {list(self.motions)}: choose one or more of {', '.join(MOTIONS)}")
         if not 2 <= self.classes <= MAX_CLASSES:
             raise ClipreelError(
                 f"classes = {self.classes}: choose 2..{MAX_CLASSES} (classes come in time-reversed pairs, each "
@@ -104,6 +125,13 @@ class SynthConfig:
             raise ClipreelError(f"fps = {self.fps}: choose at least 1")
         if self.seed < 0:
             raise ClipreelError(f"seed = {self.seed}: choose a seed >= 0")
+        if 2 <= self.classes <= MAX_CLASSES:
+            turning_circles = [pair for pair in range((self.classes + 1) // 2)
+                               if synth_class(2 * pair, self.motions).motion == MOTIONS["rotation"]
+                               and SHAPES[pair % len(SHAPES)] == "circle"]
+            if turning_circles:
+                raise ClipreelError(f"motions {list(self.motions)} give pair {turning_circles[0]} (a circle) the rotation, "
+                                    "which a circle does not show: order the motions so that rotation falls elsewhere")
 
 
 @dataclass(frozen=True)
@@ -115,6 +143,7 @@ class SynthClass:
     motion: str  # the motion drawn, the first of its pair (e.g. "moving left")
     played_backwards: bool  # True for class 2k+1: the drawn clip in reverse frame order
     name: str  # e.g. "red circle moving right"
+    end_colour: str | None = None  # COLOUR_CHANGE: the colour `colour` fades into, as drawn
 
     @property
     def slug(self) -> str:
@@ -123,20 +152,27 @@ class SynthClass:
 
     @property
     def caption(self) -> str:
-        """What the class looks like, without its motion: "a red circle"."""
+        """What the class looks like, without its motion: "a red circle" ("a red and blue circle")."""
+        if self.end_colour is not None:
+            return f"a {self.colour} and {self.end_colour} {self.shape}"
         return f"a {self.colour} {self.shape}"
 
 
-def synth_class(class_id: int) -> SynthClass:
-    """The shape, colour and motion of class `class_id` (0 <= class_id < MAX_CLASSES)."""
+def synth_class(class_id: int, motions: Sequence[str] = DEFAULT_MOTIONS) -> SynthClass:
+    """The shape, colour and motion of class `class_id` (0 <= class_id < MAX_CLASSES) in a world of `motions`."""
     if not 0 <= class_id < MAX_CLASSES:
         raise ValueError(f"class_id {class_id} is outside 0..{MAX_CLASSES - 1}")
     pair, played_backwards = divmod(class_id, 2)
     shape = SHAPES[pair % len(SHAPES)]
-    colour = list(COLOURS)[(pair + pair // len(SHAPES)) % len(COLOURS)]
-    motion_pair = MOTION_PAIRS[pair % len(MOTION_PAIRS)]
-    motion_shown = motion_pair[played_backwards]
-    return SynthClass(shape, colour, motion_pair[0], bool(played_backwards), f"{colour} {shape} {motion_shown}")
+    colour_names = list(COLOURS)
+    colour = colour_names[(pair + pair // len(SHAPES)) % len(COLOURS)]
+    motion = MOTIONS[motions[pair % len(motions)]]
+    if motion == COLOUR_CHANGE:
+        partner = colour_names[(colour_names.index(colour) + 2) % len(COLOURS)]
+        start, end = (partner, colour) if played_backwards else (colour, partner)
+        return SynthClass(shape, colour, motion, bool(played_backwards), f"{start} {shape} turning {end}", partner)
+    motion_pair = next(pair_ for pair_ in MOTION_PAIRS if pair_[0] == motion)
+    return SynthClass(shape, colour, motion, bool(played_backwards), f"{colour} {shape} {motion_pair[played_backwards]}")
 
 
 def split_of(index: int, videos_per_class: int) -> str:
@@ -155,18 +191,22 @@ def render_clip(class_id: int, rng_seed: int | Sequence[int], cfg: SynthConfig) 
     The clip is drawn with the pair's first motion; for the second class of a pair it is returned in
     reverse frame order, so render_clip(2k+1, s, cfg) == render_clip(2k, s, cfg)[::-1].
     """
-    spec = synth_class(class_id)
+    spec = synth_class(class_id, cfg.motions)
     rng = np.random.default_rng(rng_seed)
     size, frames = cfg.size, cfg.frames
     background = _background(rng, size, frames)  # (T, H, W, 3) float32 in [0, 1]
     colour = np.clip(np.array(COLOURS[spec.colour]) + rng.normal(0.0, 0.04, 3), 0.0, 1.0).astype(np.float32)
+    colours = np.repeat(colour[None], frames, axis=0)  # (T, 3)
+    if spec.end_colour is not None:  # COLOUR_CHANGE: a linear fade from the colour to its partner
+        progress = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
+        colours = (1 - progress) * colour + progress * np.array(COLOURS[spec.end_colour], dtype=np.float32)
     centres, radii, angles = _trajectory(rng, spec.motion, size, frames)  # (T, 2), (T,), (T,)
 
     clip = background
     for t in range(frames):
         rows, cols, coverage = _shape_coverage(spec.shape, centres[t], radii[t], angles[t], size)
         patch = clip[t, rows, cols]  # (h, w, 3)
-        clip[t, rows, cols] = patch + coverage[..., None] * (colour - patch)
+        clip[t, rows, cols] = patch + coverage[..., None] * (colours[t] - patch)
     clip = np.clip(clip * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return clip[::-1].copy() if spec.played_backwards else clip
 
@@ -212,6 +252,9 @@ def _trajectory(
         radii = start + (end - start) * progress
         x = np.full(frames, rng.uniform(end, size - end))
         y = np.full(frames, rng.uniform(end, size - end))
+    elif motion == COLOUR_CHANGE:  # the shape stays where it is; its colour changes (render_clip)
+        x = np.full(frames, rng.uniform(radius, size - radius))
+        y = np.full(frames, rng.uniform(radius, size - radius))
     elif motion == "rotating clockwise":  # a growing angle turns clockwise on screen, since y points down
         turn_per_frame = rng.uniform(0.06, 0.12)  # radians, well under the star's 72 degree symmetry
         angles = rng.uniform(0.0, 2 * np.pi) + turn_per_frame * np.arange(frames)
@@ -263,7 +306,7 @@ def make_world(out_dir: Path, cfg: SynthConfig, progress: bool = False) -> Path:
     Video i of class c is drawn from the seed (cfg.seed, c, i), so the same config gives the same bytes.
     """
     out_dir = Path(out_dir)
-    classes = [synth_class(class_id) for class_id in range(cfg.classes)]
+    classes = [synth_class(class_id, cfg.motions) for class_id in range(cfg.classes)]
     jobs = [(class_id, index) for class_id in range(cfg.classes) for index in range(cfg.videos_per_class)]
     video_rows, caption_rows = [], []
     for class_id, index in track(jobs, description="synth videos", disable=not progress):
