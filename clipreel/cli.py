@@ -147,13 +147,13 @@ def manifest(
     console.print(f"{len(table)} videos → {out}  {status_counts(table)}")
 
 
-def _parse_options(options: list[str]) -> dict:
-    """--option key=value (repeatable) -> {key: value}, values parsed as JSON where they can be."""
+def _parse_options(options: list[str], flag: str = "--option") -> dict:
+    """key=value items of a repeatable option -> {key: value}, values parsed as JSON where they can be."""
     parsed = {}
     for item in options:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ClipreelError(f"--option {item!r}: write key=value, e.g. --option n_ctx=4")
+            raise ClipreelError(f"{flag} {item!r}: write key=value, e.g. {flag} n_ctx=4")
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -329,14 +329,14 @@ def fewshot(
     model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
     frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
     batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
-    flip: float = typer.Option(0.5, help=f"Chance of a horizontal flip per training clip {RAW_ONLY}."),
+    augment: list[str] = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}."),
     workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
 ) -> None:
     """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
     from clipreel.pipeline.protocols import few_shot
 
     source = _protocol_source(store, videos)
-    raw = {"model": model, "frames": frames, "flip": flip, "workers": workers}
+    raw = {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
     few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
              lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
              pretrained=pretrained, finetune=raw, console=console)
@@ -358,7 +358,7 @@ def base2novel(
     model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
     frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
     batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
-    flip: float = typer.Option(0.5, help=f"Chance of a horizontal flip per training clip {RAW_ONLY}."),
+    augment: list[str] = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}."),
     workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
 ) -> None:
     """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
@@ -368,7 +368,7 @@ def base2novel(
     base = None
     if base_classes:
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
-    raw = {"model": model, "frames": frames, "flip": flip, "workers": workers}
+    raw = {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
     base_to_novel(head, source, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
                   epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
                   pretrained=pretrained, finetune=raw, console=console)
@@ -387,7 +387,7 @@ def finetune(
     accumulate: int = typer.Option(1, help="Micro-batches whose gradients are summed before each update (X-CLIP: 4)."),
     frames: int = typer.Option(8, help="Frames per clip (TSN segments, random offsets in training)."),
     mixup: bool = typer.Option(False, help="Mixup/cutmix with soft targets (X-CLIP / ViFi-CLIP recipe)."),
-    flip: float = typer.Option(0.5, help="Chance of a horizontal flip per training clip; 0 when left/right is the class (SSv2, the synthetic world)."),
+    augment: list[str] = typer.Option([], help="Training augmentation key=value, repeatable: flip=0 where left/right makes the class (SSv2, 'moving left'), color_jitter=0 and grayscale=0 where colour does."),
     workers: int = typer.Option(2, help="Decode worker processes (or concurrent Ray tasks with --loader ray); 0 decodes in this process."),
     decoder: str = typer.Option("auto", help=DECODER_HELP),
     loader: str = typer.Option("auto", help=LOADER_HELP),
@@ -402,7 +402,7 @@ def finetune(
 
     summary = run_finetune(FinetuneConfig(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
-        batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup, flip=flip, workers=workers, decoder=decoder,
+        batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup, augment=_parse_options(augment, "--augment"), workers=workers, decoder=decoder,
         loader=loader, address=address, seed=seed, options=_parse_options(option), device=device,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)

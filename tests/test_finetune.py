@@ -135,6 +135,10 @@ def test_bad_settings_are_refused(world, tmp_path):
         run_finetune(_config(world, tmp_path / "b", "ezclip", mixup=True), progress=False)
     with pytest.raises(ClipreelError, match="options for vifi"):
         run_finetune(_config(world, tmp_path / "c", "vifi", options={"n_ctx": 4}), progress=False)
+    with pytest.raises(ClipreelError, match="--augment"):
+        run_finetune(_config(world, tmp_path / "d", "vifi", augment={"flips": 0}), progress=False)
+    with pytest.raises(ClipreelError, match="flip is a probability"):
+        run_finetune(_config(world, tmp_path / "e", "vifi", augment={"flip": 2}), progress=False)
 
 
 def test_zero_shot_start_scores_the_untrained_model(world):

@@ -118,7 +118,9 @@ class FinetuneConfig:
     options: dict = field(default_factory=dict)  # method options, e.g. {"variant": "image"} for vifi
     device: str = "auto"
     norm: str | None = None  # "imagenet" or "clip"; None: the method's
-    flip: float = 0.5  # probability of a horizontal flip per training clip; 0 where left/right is the class
+    # AugmentConfig settings of the training clips, e.g. {"flip": 0} where left and right make the class
+    # (SSv2, "moving left"), {"color_jitter": 0, "grayscale": 0} where colour does
+    augment: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -192,8 +194,13 @@ def split_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     return manifest[(manifest["split"] == split) & (manifest["label"] >= 0) & status_ok]
 
 
-def augment_config(image_size: int, norm: str, flip: float = 0.5) -> AugmentConfig:
-    return AugmentConfig(image_size=image_size, norm=norm, flip=flip)
+def augment_config(image_size: int, norm: str, settings: dict | None = None) -> AugmentConfig:
+    """The training augmentation (and, through its preprocess_config, the evaluation transform) of a run."""
+    try:
+        return AugmentConfig(**{**(settings or {}), "image_size": image_size, "norm": norm})
+    except TypeError as error:  # a setting AugmentConfig does not have
+        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.frames."
+                            "AugmentConfig (crop, scales, flip, color_jitter, grayscale, ...)") from None
 
 
 def clip_dataset(rows: pd.DataFrame, sampling: SamplingConfig, augment: AugmentConfig, loading: FrameLoading, *,
@@ -233,7 +240,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
         model.load_state_dict(checkpoint["model"])
 
     image_size, norm = image_size_of(model), method_norm(cfg.method, cfg.norm)
-    augment = augment_config(image_size, norm, cfg.flip)
+    augment = augment_config(image_size, norm, cfg.augment)
     sampling = SamplingConfig(frames=cfg.frames)
     loading = resolve_loading(cfg.decoder, cfg.loader, device, cfg.workers, cfg.address)
     train_data = clip_dataset(train_rows, sampling, augment, loading, train=True, seed=cfg.seed)
@@ -349,7 +356,7 @@ def _resolved_recipe(cfg: FinetuneConfig) -> MethodRecipe:
         raise ClipreelError(f"unknown fine-tuning method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     checks = {
         "epochs": cfg.epochs >= 1, "batch_size": cfg.batch_size >= 1, "accumulate": cfg.accumulate >= 1,
-        "frames": cfg.frames >= 1, "flip": 0.0 <= cfg.flip <= 1.0,
+        "frames": cfg.frames >= 1,
         "label_smoothing": 0.0 <= cfg.label_smoothing < 1.0, "lr": cfg.lr is None or cfg.lr > 0,
         "weight_decay": cfg.weight_decay is None or cfg.weight_decay >= 0,
         "warmup_epochs": cfg.warmup_epochs is None or cfg.warmup_epochs >= 0,
@@ -358,7 +365,8 @@ def _resolved_recipe(cfg: FinetuneConfig) -> MethodRecipe:
     if bad:
         values = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in bad)
         raise ClipreelError(f"finetune settings out of range: {values} (epochs, batch size, accumulate, frames >= 1; "
-                            "0 <= label smoothing < 1; 0 <= flip <= 1; lr > 0; weight decay and warmup >= 0)")
+                            "0 <= label smoothing < 1; lr > 0; weight decay and warmup >= 0)")
+    augment_config(224, "clip", cfg.augment)  # a bad augmentation setting fails before the model loads
     if cfg.mixup and cfg.method == "ezclip":
         raise ClipreelError("--mixup does not apply to ezclip (it trains with its contrastive loss): leave it off")
     default = RECIPES[cfg.method]

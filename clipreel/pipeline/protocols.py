@@ -196,7 +196,7 @@ class RawVideos:
     """A protocol's videos as raw files: a fine-tuning method trains on a list of the drawn videos.
 
     `finetune` holds further `FinetuneConfig` settings of every run (model, pretrained, frames,
-    batch_size, flip, workers, ...).
+    batch_size, augment, workers, ...).
     """
 
     def __init__(self, method: str, videos: str | Path, *, lr: float | None = None, options: dict | None = None,
