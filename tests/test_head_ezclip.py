@@ -108,6 +108,24 @@ def test_frame_order_matters_only_through_the_prompts(tiny_clip):
     assert (forward_order - backward_order).abs().max() > 1e-3
 
 
+def test_the_temporal_embedding_trains_only_when_asked(tiny_clip):
+    """Frozen zeros as shipped; trained, it tells frames apart by time even without prompts."""
+    shipped = _model(tiny_clip)
+    assert "temporal_embedding" not in dict(shipped.trainable_parameters())
+    model = _model(tiny_clip, train_temporal_embedding=True, use_prompts=False)
+    trainable = dict(model.trainable_parameters())
+    assert trainable["temporal_embedding"].shape == (1, FRAMES, model.clip.visual.transformer.width)
+    assert model.trainable_parameter_count() == _model(tiny_clip, use_prompts=False).trainable_parameter_count() + (
+        FRAMES * model.clip.visual.transformer.width)
+    frames = _frames()
+    with torch.no_grad():
+        assert torch.allclose(model(frames)["video_embeds"], model(frames.flip(1))["video_embeds"], atol=1e-5)
+        model.temporal_embedding.normal_(std=0.5)
+        assert (model(frames)["video_embeds"] - model(frames.flip(1))["video_embeds"]).abs().max() > 1e-3
+    assert reference_key("temporal_embedding") == "visual.temporal_embedding"
+    assert "temporal_embedding" in model.state_dict()  # saved with the run, loaded from EZ-CLIP checkpoints
+
+
 def test_only_prompts_and_adapters_train(tiny_clip):
     clip_model, tokenizer = tiny_clip
     model = _model(tiny_clip).train()
