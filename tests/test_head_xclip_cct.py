@@ -131,6 +131,11 @@ def test_parameter_groups(tiny_clip):
     assert "head.mit.positional_embedding" in names.values()
     assert "visual.transformer.resblocks.0.message_attn.in_proj_weight" in names.values()
 
+    # Another ratio of the new modules' rate to the CLIP weights' (the tiny models learn at 100x).
+    faster = tiny_xclip(tiny_clip, new_module_lr_scale=100.0).parameter_groups(lr)
+    assert {group["name"]: group["lr"] for group in faster} == pytest.approx(
+        {group["name"]: group["lr"] * (10 if group["name"].startswith("new") else 1) for group in groups})
+
 
 def test_training_moves_the_vision_tower_and_keeps_the_text_tower_frozen(tiny_clip):
     model, _ = tiny_clip

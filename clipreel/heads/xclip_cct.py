@@ -50,10 +50,8 @@ from clipreel.heads.xclip import (
 from clipreel.heads.zeroshot import readable_classname
 
 # Parameters whose names contain one of these are X-CLIP's new modules: they train at 10x the
-# CLIP learning rate (X-CLIP's utils/optimizer.py).
+# CLIP learning rate (X-CLIP's utils/optimizer.py; XCLIPConfig.new_module_lr_scale).
 NEW_MODULE_KEYWORDS = ("message_", "mit", "prompts")
-NEW_MODULE_LR_SCALE = 10.0
-# Parameters named like this get no weight decay (besides every 1-D parameter and bias).
 
 
 class DropPath(nn.Module):
@@ -230,6 +228,7 @@ class XCLIPConfig(JsonConfig):
     prompt_alpha: float = 0.1
     drop_path_rate: float = 0.0  # X-CLIP's MODEL.DROP_PATH_RATE (default 0)
     gradient_checkpointing: bool = False  # trade compute for memory (X-CLIP: L/14-336)
+    new_module_lr_scale: float = 10.0  # learning rate of the new modules / that of the CLIP weights (X-CLIP: 10)
 
 
 class XCLIP(nn.Module):
@@ -325,7 +324,7 @@ class XCLIP(nn.Module):
 
     def parameter_groups(self, lr: float, weight_decay: float = 0.001) -> list[dict]:
         """AdamW parameter groups, as X-CLIP: CLIP weights at ``lr``, the new modules (names with
-        ``message_``, ``mit`` or ``prompts``) at 10x ``lr``; no weight decay on 1-D parameters,
+        ``message_``, ``mit`` or ``prompts``) at ``new_module_lr_scale`` (10) x ``lr``; no weight decay on 1-D parameters,
         biases and positional embeddings. Each group carries a ``name`` for logging."""
         groups: dict[str, dict] = {}
         for name, param in self.trainable_named_parameters():
@@ -336,7 +335,7 @@ class XCLIP(nn.Module):
                 groups[group_name] = {
                     "name": group_name,
                     "params": [],
-                    "lr": lr * NEW_MODULE_LR_SCALE if is_new else lr,
+                    "lr": lr * self.config.new_module_lr_scale if is_new else lr,
                     "weight_decay": 0.0 if no_decay else weight_decay,
                 }
             groups[group_name]["params"].append(param)
