@@ -19,7 +19,9 @@ trains with its in-batch KL contrastive loss plus the motion loss.
 
 Learning rates: None picks the reference's (METHODS.md): vifi 8e-6, prompt 8e-3 (ViFi-CLIP's
 few-shot prompting; base-to-novel uses 4e-2), xclip 8e-6 (8e-5 for the new modules; 10x groups),
-ezclip 1e-4. Those are tuned for ViT-B/16 and batches of 64-256.
+ezclip 1e-4. Those are tuned for ViT-B/16, batches of 64-256 and many steps; the tiny synthetic CLIP
+with batches of 8 and a few hundred steps learns at vifi 1e-4, prompt 8e-3, xclip 1e-4 with its new
+modules at 100x (option new_module_lr_scale), ezclip 3e-3 (tests/test_finetune_learning.py).
 Normalisation: ImageNet mean/std for vifi, prompt and xclip, CLIP's for ezclip (METHODS.md 7.5).
 """
 
