@@ -18,8 +18,10 @@ stable hash, never from a global RNG, so a clip's frames and augmentation are th
 worker process or Ray task, with any number of workers, in any order (`frame_loaders`). `mix_batch` (mixup / cutmix with label
 smoothing, X-CLIP's `CutmixMixupBlending`) runs on whole batches in the trainer.
 
-    dataset = RawFrameDataset(manifest_rows, SamplingConfig(frames=8), AugmentConfig(), train=True, seed=0)
-    loader = frame_loader(dataset, batch_size=8, loader="workers", workers=2, shuffle=True, seed=0)
+    loading = resolve_loading("auto", "auto", model_device, workers=2)  # clipreel.pipeline.frame_loaders
+    dataset = RawFrameDataset(manifest_rows, SamplingConfig(frames=8), AugmentConfig(), train=True, seed=0,
+                              decoder=loading.decoder, device=loading.device)
+    loader = frame_loader(dataset, 8, loading, shuffle=True, seed=0)
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         for batch in loader:
