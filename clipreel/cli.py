@@ -305,6 +305,17 @@ def zeroshot(
 
 
 RAW_ONLY = "(fine-tuning methods, with --videos)"
+# The options of the protocols' fine-tuning runs (fewshot and base2novel with --videos).
+RAW_MODEL = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}.")
+RAW_FRAMES = typer.Option(8, help=f"Frames per clip {RAW_ONLY}.")
+PROTOCOL_BATCH_SIZE = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos).")
+RAW_AUGMENT = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}.")
+RAW_WORKERS = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}.")
+
+
+def _raw_settings(model: str, frames: int, augment: list[str], workers: int) -> dict:
+    """The FinetuneConfig settings of a protocol's fine-tuning runs."""
+    return {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
 
 
 def _protocol_source(store: Optional[Path], videos: Optional[str]) -> str:
@@ -326,20 +337,20 @@ def fewshot(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
-    model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
-    frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
-    batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
-    augment: list[str] = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}."),
-    workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
+    model: str = RAW_MODEL,
+    frames: int = RAW_FRAMES,
+    batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
+    augment: list[str] = RAW_AUGMENT,
+    workers: int = RAW_WORKERS,
 ) -> None:
     """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
     from clipreel.pipeline.protocols import few_shot
 
     source = _protocol_source(store, videos)
-    raw = {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
     few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
              lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
-             pretrained=pretrained, finetune=raw, console=console)
+             pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers),
+             console=console)
 
 
 @app.command()
@@ -355,11 +366,11 @@ def base2novel(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
-    model: str = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}."),
-    frames: int = typer.Option(8, help=f"Frames per clip {RAW_ONLY}."),
-    batch_size: Optional[int] = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos)."),
-    augment: list[str] = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}."),
-    workers: int = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}."),
+    model: str = RAW_MODEL,
+    frames: int = RAW_FRAMES,
+    batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
+    augment: list[str] = RAW_AUGMENT,
+    workers: int = RAW_WORKERS,
 ) -> None:
     """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
     from clipreel.pipeline.protocols import base_to_novel
@@ -368,10 +379,9 @@ def base2novel(
     base = None
     if base_classes:
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
-    raw = {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
     base_to_novel(head, source, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
                   epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
-                  pretrained=pretrained, finetune=raw, console=console)
+                  pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers), console=console)
 
 
 @app.command()

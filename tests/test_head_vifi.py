@@ -49,7 +49,9 @@ def test_vifi_at_init_is_clip_frame_mean_against_photo_prompts(tiny_clip):
     assert out["frame_embeds"].shape == (2, 3, TINY_WIDTH)
     assert torch.equal(out["frame_embeds"], expected_frames)
     assert torch.equal(out["video_embeds"], expected_frames.mean(dim=1))
-    assert torch.equal(out["text_embeds"], expected_text)
+    # Not bit-equal: with the towers' parameters requiring grad, nn.MultiheadAttention leaves its fused
+    # inference kernel for the composite one (measured here: differences up to 1.4e-6).
+    torch.testing.assert_close(out["text_embeds"], expected_text, rtol=1e-5, atol=1e-5)
     expected_logits = reference.logit_scale.exp() * (
         F.normalize(expected_frames.mean(dim=1), dim=-1) @ F.normalize(expected_text, dim=-1).t()
     )

@@ -16,7 +16,6 @@ and end up in the manifest with status `failed`.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from clipreel.errors import ClipreelError
 from clipreel.pipeline.decode import choose_decoder
 from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
-from clipreel.pipeline.raycluster import ensure_ray
+from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
 from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 
@@ -233,11 +232,7 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
 
     from clipreel.pipeline.extract_workers import ExtractActor
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.verbose_stats_logs = False
+    quiet_ray_data(DataContext.get_current())
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -56,6 +56,7 @@ from clipreel.pipeline.train import (
     CURVES_FILE,
     LOG_FILE,
     adamw_with_schedule,
+    backward_and_step,
     epoch_seed,
     final_metrics,
     log_row,
@@ -318,13 +319,7 @@ def _train_epoch(cfg, model, loader, num_classes, epoch, optimizer, scheduler, d
                 loss = torch.sum(-targets.to(device) * F.log_softmax(outputs["logits"].float(), dim=1), dim=1).mean()
             else:
                 outputs, loss = method_loss(cfg.method, model, clips, labels, cfg.label_smoothing)
-        group_start = step - step % cfg.accumulate
-        group_size = min(cfg.accumulate, batches - group_start)
-        (loss / group_size).backward()
-        if step + 1 == group_start + group_size:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, step, batches, cfg.accumulate, optimizer, scheduler)
         total_loss += loss.item() * len(labels)
         correct += (outputs["logits"].argmax(dim=1) == labels).sum().item()
         seen += len(labels)

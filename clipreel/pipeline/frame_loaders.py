@@ -202,7 +202,7 @@ class RayFrameStream:
         import ray
         from ray.data import ExecutionResources, TaskPoolStrategy
 
-        from clipreel.pipeline.raycluster import ensure_ray
+        from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
 
         ensure_ray(self.address)
         epoch = self.dataset.epoch
@@ -215,8 +215,7 @@ class RayFrameStream:
         budget = (self.workers + PREFETCH_BATCHES) * 2 * self.batch_size * self.dataset.item_nbytes()
         options.resource_limits = ExecutionResources(object_store_memory=budget)
         stream.context.raise_original_map_exception = True  # a DecodeError arrives as itself, not wrapped
-        stream.context.enable_progress_bars = False
-        stream.context.print_on_execution_start = False
+        quiet_ray_data(stream.context)
         stream = stream.map_batches(
             _decode_block, fn_kwargs={"dataset": self.dataset}, batch_size=None, batch_format="numpy",
             compute=TaskPoolStrategy(size=self.workers), num_cpus=1,

@@ -25,3 +25,12 @@ def ensure_ray(address: str | None = None) -> bool:
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}},
     )
     return True
+
+
+def quiet_ray_data(context) -> None:
+    """No progress bars or per-dataset INFO lines from Ray Data (a `DataContext`): they would bury
+    clipreel's own progress bar and summary. Its errors still come through."""
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.verbose_stats_logs = False

@@ -313,19 +313,25 @@ def _train_epoch(cfg, model, loader, epoch, optimizer, scheduler, device, autoca
         with autocast:
             logits = head_logits(cfg.kind, model, batch)  # (B, C)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        # Micro-steps of one optimizer step share it equally (the last group may be shorter).
-        group_start = index - index % cfg.accumulate
-        group_size = min(cfg.accumulate, batches - group_start)
-        (loss / group_size).backward()
-        if index + 1 == group_start + group_size:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, index, batches, cfg.accumulate, optimizer, scheduler)
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += len(labels)
         advance(f"epoch {epoch + 1}/{cfg.epochs} loss {total_loss / seen:.3f}")
     return total_loss / seen, correct / seen
+
+
+def backward_and_step(loss: torch.Tensor, index: int, batches: int, accumulate: int, optimizer, scheduler) -> None:
+    """Backpropagate micro-batch `index` of an epoch's `batches`; after every `accumulate` of them (and
+    after the last), one optimizer and scheduler step. The micro-batches of a step weigh equally (the
+    epoch's last group may be shorter)."""
+    group_start = index - index % accumulate
+    group_size = min(accumulate, batches - group_start)
+    (loss / group_size).backward()
+    if index + 1 == group_start + group_size:
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
