@@ -229,7 +229,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
             f"{sorted(manifest['split'].unique())}. Choose one with --split."
         )
     model, method_config, sha256 = fresh_method_model(cfg.method, cfg.model, cfg.pretrained, classnames, cfg.frames,
-                                                cfg.options, cfg.seed, device)
+                                                      cfg.options, cfg.seed, device)
     trainable = model.trainable_parameter_count()
     if progress:
         print(f"{cfg.method}: {trainable:,} trainable parameters")

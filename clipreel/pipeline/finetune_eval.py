@@ -118,8 +118,8 @@ def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "
     options = dict(config["method_config"])
     if method in ("xclip", "ezclip"):
         options.pop("frames")
-    model, _, sha256 = fresh_method_model(method, config["model"], config["pretrained"], run.classnames, config["frames"],
-                                    options, 0, torch.device(device))
+    model, _, sha256 = fresh_method_model(method, config["model"], config["pretrained"], run.classnames,
+                                          config["frames"], options, 0, torch.device(device))
     if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
         raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
                             f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
