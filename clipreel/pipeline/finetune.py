@@ -207,7 +207,8 @@ def augment_config(image_size: int, norm: str, settings: dict | None = None) -> 
 
 
 def clip_dataset(rows: pd.DataFrame, sampling: SamplingConfig, augment: AugmentConfig, loading: FrameLoading, *,
-             train: bool, seed: int = 0, crops: int = 1) -> RawFrameDataset:
+                 train: bool, seed: int = 0, crops: int = 1) -> RawFrameDataset:
+    """The clips of manifest `rows`, decoded the way `loading` says."""
     return RawFrameDataset(rows, sampling, augment, train=train, seed=seed, crops=crops, decoder=loading.decoder,
                            device=loading.device)
 

@@ -160,7 +160,6 @@ class StoreVideos:
         self.classnames = store_classnames(self.store)
         self.lr, self.batch_size, self.options, self.pretrained = lr, batch_size, dict(options or {}), pretrained
         self.text_model = load_text_model(self.store.provenance, pretrained) if kind in TEXT_KINDS else None
-        self.names_classes = kind in TEXT_KINDS
 
     def check_split(self, split: str) -> None:
         """Fail early on a split that cannot be scored."""
@@ -208,7 +207,6 @@ class RawVideos:
         self.done = (self.manifest["status"] != "failed").to_numpy()
         self.classnames = classnames_from_manifest(self.manifest, self.source)
         self.lr, self.options, self.finetune = lr, dict(options or {}), dict(finetune or {})
-        self.names_classes = True  # every method classifies by class-name texts
 
     def check_split(self, split: str) -> None:
         eval_rows(self.manifest, self.source, split, self.classnames)
