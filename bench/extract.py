@@ -31,11 +31,12 @@ import torch
 
 def backbone_alone(videos_csv: Path, model: str, frames: int, threads: int) -> float:
     """Videos/s of Backbone.forward alone on frames decoded and preprocessed beforehand."""
-    from clipreel.pipeline.backbone import Backbone, BackboneConfig, register_builtin_models
-    from clipreel.pipeline.decode import PyAVDecoder, probe
-    from clipreel.pipeline.preprocess import PreprocessConfig, preprocess
-    from clipreel.pipeline.sampling import SamplingConfig, sample_indices
-    from clipreel.pipeline.sources import read_sources
+    from clipreel.heads.clip import register_builtin_models
+    from clipreel.heads.taps import Backbone, BackboneConfig
+    from clipreel.pipeline.data.decode import PyAVDecoder, probe
+    from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
+    from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices
+    from clipreel.pipeline.data.sources import read_sources
 
     torch.set_num_threads(threads)
     register_builtin_models()
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="extract --workers (default: its own)")
     args = parser.parse_args()
 
-    from clipreel.pipeline.synth import SynthConfig, make_world
+    from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 
     cores = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="clipreel-bench-extract-"))

@@ -22,15 +22,16 @@ from pathlib import Path
 import open_clip
 import torch
 
+from clipreel.heads.clip import load_clip, register_builtin_models
 from clipreel.heads.methods import METHODS, build_method_model
-from clipreel.pipeline.backbone import load_clip, register_builtin_models
+from clipreel.pipeline.data.augment import AugmentConfig
+from clipreel.pipeline.data.frame_loaders import FrameLoading, frame_loader
+from clipreel.pipeline.data.raw_frames import RawFrameDataset
+from clipreel.pipeline.data.sampling import SamplingConfig
+from clipreel.pipeline.data.sources import read_sources
+from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.pipeline.finetune import method_loss
-from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader
-from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset
 from clipreel.pipeline.raycluster import ensure_ray
-from clipreel.pipeline.sampling import SamplingConfig
-from clipreel.pipeline.sources import read_sources
-from clipreel.pipeline.synth import SynthConfig, make_world
 
 CLASSNAMES = ["red circle moving left", "red circle moving right", "green square growing", "green square shrinking"]
 

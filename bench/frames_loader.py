@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader
-from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset
+from clipreel.pipeline.data.augment import AugmentConfig
+from clipreel.pipeline.data.frame_loaders import FrameLoading, frame_loader
+from clipreel.pipeline.data.raw_frames import RawFrameDataset
+from clipreel.pipeline.data.sampling import SamplingConfig
+from clipreel.pipeline.data.sources import read_sources
+from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.pipeline.raycluster import ensure_ray
-from clipreel.pipeline.sampling import SamplingConfig
-from clipreel.pipeline.sources import read_sources
-from clipreel.pipeline.synth import SynthConfig, make_world
 
 SHARED_MEMORY = "/dev/shm"
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipreel.pipeline.loader import CacheLoader
+from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.stores.features import FeatureStore, StoreLayout
 from clipreel.stores.manifest import new_manifest
 

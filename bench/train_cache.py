@@ -66,7 +66,7 @@ def reset_peak_memory() -> None:
 
 
 def backbone_config(args):
-    from clipreel.pipeline.backbone import BackboneConfig
+    from clipreel.heads.taps import BackboneConfig
 
     return BackboneConfig(model="clipreel-tiny" if args.small else "ViT-B-16", pretrained="none", layers="4")
 
@@ -76,8 +76,8 @@ def backbone_config(args):
 
 def prepare(args, work: Path) -> float:
     """Random frames -> preprocessed clips (saved) -> the feature store. Returns extraction seconds."""
-    from clipreel.pipeline.backbone import Backbone
-    from clipreel.pipeline.preprocess import PreprocessConfig, preprocess
+    from clipreel.heads.taps import Backbone
+    from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
     from clipreel.stores.features import FeatureStore, StoreLayout
     from clipreel.stores.manifest import new_manifest
 
@@ -117,8 +117,8 @@ def prepare(args, work: Path) -> float:
 def run_side(args) -> dict:
     """One training epoch from the cache or through the live backbone; prints a JSON line."""
     from clipreel.heads.kinds import build_head, head_logits
-    from clipreel.pipeline.backbone import Backbone
-    from clipreel.pipeline.loader import CacheLoader
+    from clipreel.heads.taps import Backbone
+    from clipreel.pipeline.data.cache_loader import CacheLoader
     from clipreel.stores.features import FeatureStore
 
     work = Path(args.work)

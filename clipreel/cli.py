@@ -35,7 +35,7 @@ def synth(
     motions: str = typer.Option("horizontal,vertical,size,rotation", help="Kinds of change the pairs cycle through, comma-separated: horizontal, vertical, size, rotation, colour."),
 ) -> None:
     """Write the built-in synthetic world: shapes and colours that move, grow, turn (or change colour)."""
-    from clipreel.pipeline.synth import SynthConfig, make_world
+    from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 
     cfg = SynthConfig(
         classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, codec=codec, fps=fps, seed=seed,
@@ -139,7 +139,7 @@ def manifest(
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
 ) -> None:
     """Read a video list and write its Parquet manifest (what extract does first), to check a list."""
-    from clipreel.pipeline.sources import read_sources
+    from clipreel.pipeline.data.sources import read_sources
     from clipreel.stores.manifest import status_counts, write_manifest
 
     table = read_sources(videos, root=root, label_map=labels, skip_missing=skip_missing)
@@ -290,7 +290,11 @@ def zeroshot(
         return
     if (method is None) == (run is None):
         raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run (a finetune run)")
-    from clipreel.pipeline.finetune_eval import evaluate_finetuned, zero_shot_raw, zero_shot_classes
+    from clipreel.pipeline.finetune_eval import (
+        evaluate_finetuned,
+        zero_shot_classes,
+        zero_shot_raw,
+    )
 
     names = zero_shot_classes(videos, classes)
     if method is not None:

@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray for the whole session, torch on one thread."""
+"""Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP, and
+the synthetic world extracted once into a feature store."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +34,40 @@ def tiny_clip():
     """The tiny open_clip model (both towers, seeded random init, frozen, eval) and its tokenizer."""
     import open_clip
 
-    from clipreel.pipeline.backbone import load_clip
+    from clipreel.heads.clip import load_clip
 
     model, _ = load_clip("clipreel-tiny", "none")
     return model, open_clip.get_tokenizer("clipreel-tiny")
+
+
+@dataclass
+class SynthStore:
+    """A feature store of the synthetic world, and what it was made with."""
+
+    path: Path
+    model: str
+    # 16 time-reversed pairs (32 classes): enough appearances that zero-shot recognition is not
+    # trivially perfect, so that prompt learning has something to improve.
+    classes: int = 32
+
+
+@pytest.fixture(scope="session")
+def synth_store(ray_local, tmp_path_factory) -> SynthStore:
+    """The synthetic world extracted like a user would (`clipreel extract`, in this process, on the
+    session's Ray) with clipreel-synth: 32 classes x 8 videos (4 train, 2 val, 2 test each), TSN
+    8 frames x 2 views. Built once per session."""
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app
+    from clipreel.pipeline.data.synth.world import SynthConfig, make_world
+
+    root = tmp_path_factory.getbasetemp() / "synth-store"
+    store = SynthStore(path=root / "features.zarr", model="clipreel-synth")
+    videos = make_world(root / "world", SynthConfig(classes=store.classes, videos_per_class=8, frames=16, seed=1))
+    result = CliRunner().invoke(app, [
+        "extract", "--videos", str(videos), "--out", str(store.path), "--model", store.model,
+        "--pretrained", "default", "--frames", "8", "--views", "2", "--sampling", "tsn", "--layers", "2",
+        "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    return store

@@ -18,19 +18,18 @@ head is built or rebuilt, so a trained head can be evaluated on classes it never
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.clip import TextModel
 
 HEAD_KINDS = ("evl", "mit", "xclip-prompt", "text-prompt", "linear", "mlp", "zeroshot")
 # Kinds that score a video against class-name text: they can classify classes unseen in training.
 TEXT_KINDS = ("mit", "xclip-prompt", "text-prompt", "zeroshot")
-# The pretrained values that name no file: load_clip resolves them by itself.
-_NON_FILE_PRETRAINED = ("none", "default")
 
 
 @dataclass(frozen=True)
@@ -65,56 +64,6 @@ def head_spec(kind: str) -> HeadSpec:
 
 
 # --------------------------------------------------------------------------- the text tower
-
-
-@dataclass
-class TextModel:
-    """The store's full CLIP (both towers, frozen) and its tokenizer, for the text kinds."""
-
-    clip: nn.Module
-    tokenizer: Callable[[list[str]], torch.Tensor]
-    model_name: str
-
-
-def load_text_model(provenance: Mapping, pretrained_override: str | None = None) -> TextModel:
-    """Load the CLIP whose image tower made the store, so its text tower matches the features.
-
-    The store's provenance names the model and the weights. Tags, "default" and "none" load as
-    they are. A local checkpoint file is recorded only by its name and sha256, so the caller must
-    pass the file (`--pretrained FILE`); its sha256 must equal the recorded one.
-    """
-    import open_clip
-
-    from clipreel.pipeline.backbone import load_clip, register_builtin_models
-
-    register_builtin_models()
-    model_name = provenance.get("model")
-    recorded = provenance.get("pretrained")
-    recorded_sha = provenance.get("checkpoint_sha256")
-    if not model_name or recorded is None:
-        raise ClipreelError(
-            "the store's provenance records no 'model'/'pretrained': it was not written by `clipreel "
-            "extract`, so the matching text tower is unknown. Re-extract the store with clipreel."
-        )
-    names_a_file = recorded_sha is not None and str(recorded).lower() not in _NON_FILE_PRETRAINED
-    if pretrained_override is None and names_a_file:
-        raise ClipreelError(
-            f"the store was extracted with the local checkpoint {recorded!r} (sha256 {recorded_sha[:12]}...): "
-            f"pass that file with --pretrained PATH so that the text tower matches the image features."
-        )
-    pretrained = pretrained_override if pretrained_override is not None else str(recorded)
-    clip, sha256 = load_clip(model_name, pretrained)
-    if recorded_sha is not None and sha256 != recorded_sha:
-        raise ClipreelError(
-            f"--pretrained {pretrained}: its sha256 is {str(sha256)[:12]}..., but the store was extracted "
-            f"with {recorded!r} (sha256 {recorded_sha[:12]}...). Pass the checkpoint the store was made with."
-        )
-    if recorded_sha is None and sha256 is not None:
-        raise ClipreelError(
-            f"--pretrained {pretrained}: the store was extracted with the weights {recorded!r}, which a "
-            "file cannot be checked against. Drop --pretrained to load those weights."
-        )
-    return TextModel(clip=clip, tokenizer=open_clip.get_tokenizer(model_name), model_name=model_name)
 
 
 # --------------------------------------------------------------------------- building heads
@@ -174,27 +123,27 @@ def rebuild_head(
             f"{len(classnames)}: evaluate it on the classes it was trained on (the run's classnames)."
         )
     if kind == "evl":
-        from clipreel.heads.evl import EVLHead
+        from clipreel.heads.cache.evl import EVLHead
 
         return EVLHead(config)
     if kind == "linear":
-        from clipreel.heads.baselines import LinearProbe
+        from clipreel.heads.cache.baselines import LinearProbe
 
         return LinearProbe(config)
     if kind == "mlp":
-        from clipreel.heads.baselines import FrameMeanMLP
+        from clipreel.heads.cache.baselines import FrameMeanMLP
 
         return FrameMeanMLP(config)
     if kind == "mit":
-        from clipreel.heads.xclip import MITHead
+        from clipreel.heads.cache.xclip import MITHead
 
         return _with_class_texts(MITHead(config), text_model, classnames)
     if kind == "xclip-prompt":
-        from clipreel.heads.xclip import XCLIPHead
+        from clipreel.heads.cache.xclip import XCLIPHead
 
         return _with_class_texts(XCLIPHead(config), text_model, classnames)
     if kind == "text-prompt":
-        from clipreel.heads.prompts import PromptedClassifier
+        from clipreel.heads.cache.text_prompt import PromptedClassifier
 
         return PromptedClassifier(text_model.clip, text_model.tokenizer, classnames, config)
     return _zeroshot_head(config, text_model, classnames)
@@ -235,30 +184,30 @@ def _check_kind(kind: str) -> None:
 def _config_class(kind: str):
     """The dataclass config of `kind`'s head."""
     if kind == "evl":
-        from clipreel.heads.evl import EVLConfig
+        from clipreel.heads.cache.evl import EVLConfig
 
         return EVLConfig
     if kind == "mit":
-        from clipreel.heads.xclip import MITHeadConfig
+        from clipreel.heads.cache.xclip import MITHeadConfig
 
         return MITHeadConfig
     if kind == "xclip-prompt":
-        from clipreel.heads.xclip import XCLIPHeadConfig
+        from clipreel.heads.cache.xclip import XCLIPHeadConfig
 
         return XCLIPHeadConfig
     if kind == "text-prompt":
-        from clipreel.heads.prompts import TextPromptConfig
+        from clipreel.heads.cache.text_prompt import TextPromptConfig
 
         return TextPromptConfig
     if kind == "linear":
-        from clipreel.heads.baselines import LinearProbeConfig
+        from clipreel.heads.cache.baselines import LinearProbeConfig
 
         return LinearProbeConfig
     if kind == "mlp":
-        from clipreel.heads.baselines import FrameMeanMLPConfig
+        from clipreel.heads.cache.baselines import FrameMeanMLPConfig
 
         return FrameMeanMLPConfig
-    from clipreel.heads.zeroshot import ZeroShotConfig
+    from clipreel.heads.cache.zeroshot import ZeroShotConfig
 
     return ZeroShotConfig
 
@@ -313,7 +262,7 @@ def _with_class_texts(head: nn.Module, text_model: TextModel, classnames: Sequen
     "{}"), not normalised. A non-persistent buffer: it follows the head to its device but stays out
     of the saved weights, because it is recomputed from the class names on every rebuild.
     """
-    from clipreel.heads.zeroshot import encode_texts, readable_classname
+    from clipreel.heads.cache.zeroshot import encode_texts, readable_classname
 
     texts = encode_texts(text_model.clip, text_model.tokenizer, [readable_classname(name) for name in classnames])
     head.register_buffer("class_text_embeds", texts.cpu(), persistent=False)
@@ -323,7 +272,7 @@ def _with_class_texts(head: nn.Module, text_model: TextModel, classnames: Sequen
 def _zeroshot_head(config, text_model: TextModel, classnames: Sequence[str]) -> nn.Module:
     """A ZeroShotClassifier for `classnames`, its class embeddings left out of the saved weights
     (they are recomputed from the class names, so novel classes work)."""
-    from clipreel.heads.zeroshot import (
+    from clipreel.heads.cache.zeroshot import (
         ZeroShotClassifier,
         class_text_embeddings,
         templates_named,

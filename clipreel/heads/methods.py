@@ -22,9 +22,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.ezclip import EZCLIPClassifier, EZCLIPConfig
-from clipreel.heads.vifi import BridgePrompt, BridgePromptConfig, ViFiCLIP, ViFiConfig
-from clipreel.heads.xclip_cct import XCLIP, XCLIPConfig
+from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig
+from clipreel.heads.raw.vifi import (
+    BridgePrompt,
+    BridgePromptConfig,
+    ViFiCLIP,
+    ViFiConfig,
+)
+from clipreel.heads.raw.xclip import XCLIP, XCLIPConfig
 
 METHODS = ("vifi", "prompt", "xclip", "ezclip")
 

@@ -1,1 +1,5 @@
-"""The stages of clipreel, as verbs: sources, sampling, decode, preprocess, backbone, extract, synth."""
+"""The stages of clipreel, as verbs (extract, train, finetune, evaluate, protocols, demo), and the
+data they read (`pipeline.data`).
+
+May import: heads/, stores/ and the top-level utilities.
+"""

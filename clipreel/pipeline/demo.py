@@ -22,9 +22,9 @@ HEADS = {"linear": 30, "evl": 30}  # head kind -> epochs
 
 def run_demo(out: Path, console: Console) -> dict:
     """Run every stage into `out` and return {method: test report}."""
+    from clipreel.pipeline.data.synth.world import SynthConfig, make_world
     from clipreel.pipeline.evaluate import evaluate_run, zero_shot
     from clipreel.pipeline.extract import ExtractConfig, run_extract
-    from clipreel.pipeline.synth import SynthConfig, make_world
     from clipreel.pipeline.train import TrainConfig, run_training
     from clipreel.stores.features import FeatureStore, verify
 

@@ -23,23 +23,17 @@ import pandas as pd
 import torch
 from torch import nn
 
+from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.kinds import (
-    TEXT_KINDS,
-    TextModel,
-    head_logits,
-    head_spec,
-    load_text_model,
-    rebuild_head,
-)
-from clipreel.heads.zeroshot import (
+from clipreel.heads.cache.zeroshot import (
     TEMPLATES,
     ZeroShotClassifier,
     ZeroShotConfig,
     class_text_embeddings,
 )
-from clipreel.pipeline.devices import resolve_device
-from clipreel.pipeline.loader import CacheLoader
+from clipreel.heads.clip import TextModel, load_text_model
+from clipreel.heads.kinds import TEXT_KINDS, head_logits, head_spec, rebuild_head
+from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import Run, load_run, provenance_mismatch

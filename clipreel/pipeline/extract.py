@@ -24,11 +24,11 @@ import pandas as pd
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.decode import choose_decoder
+from clipreel.pipeline.data.decode import choose_decoder
+from clipreel.pipeline.data.sampling import SamplingConfig
 from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
-from clipreel.pipeline.sampling import SamplingConfig
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 
 MANIFEST_FLUSH_SECONDS = 5.0
@@ -82,7 +82,7 @@ class ExtractSummary:
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`."""
     started = time.perf_counter()
-    from clipreel.pipeline.sources import read_sources
+    from clipreel.pipeline.data.sources import read_sources
 
     sources = read_sources(
         cfg.videos,
@@ -95,12 +95,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     # Ray starts first: it comes up while this process loads the model, which takes about as long.
     started_ray = ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
-        from clipreel.pipeline.backbone import (
-            Backbone,
-            BackboneConfig,
-            register_builtin_models,
-        )
-        from clipreel.pipeline.preprocess import PreprocessConfig
+        from clipreel.heads.clip import register_builtin_models
+        from clipreel.heads.taps import Backbone, BackboneConfig
+        from clipreel.pipeline.data.preprocess import PreprocessConfig
 
         register_builtin_models()
         # The driver builds the backbone once on the CPU: it fails fast on bad model/weights,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipreel.pipeline.sampling import SamplingConfig, sample_indices
+from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices
 
 NO_FRAMES = np.zeros((0, 1, 1, 3), dtype=np.uint8)
 
@@ -26,7 +26,7 @@ def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
     item: {"row", "path", "video_id"} -> adds "indices" (V, T), "frames" (V*T, H, W, 3) uint8,
     "num_frames", "fps" and "error" ("" when all went well).
     """
-    from clipreel.pipeline.decode import PyAVDecoder, probe
+    from clipreel.pipeline.data.decode import PyAVDecoder, probe
 
     config = SamplingConfig.from_dict(sampling)
     result = {
@@ -54,12 +54,9 @@ class ExtractActor:
     def __init__(self, store_path: str, backbone: dict, preprocess: dict, decoder: str | None):
         import torch
 
-        from clipreel.pipeline.backbone import (
-            Backbone,
-            BackboneConfig,
-            register_builtin_models,
-        )
-        from clipreel.pipeline.preprocess import PreprocessConfig
+        from clipreel.heads.clip import register_builtin_models
+        from clipreel.heads.taps import Backbone, BackboneConfig
+        from clipreel.pipeline.data.preprocess import PreprocessConfig
         from clipreel.stores.features import FeatureStore
 
         gpu = torch.cuda.is_available()
@@ -71,14 +68,14 @@ class ExtractActor:
         self.store = FeatureStore.open(store_path, mode="r+")
         self.decoder = None
         if decoder is not None:
-            from clipreel.pipeline.decode import make_decoder
+            from clipreel.pipeline.data.decode import make_decoder
 
             self.decoder = make_decoder(decoder, device="cuda" if gpu else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from clipreel.pipeline.preprocess import preprocess
+        from clipreel.pipeline.data.preprocess import preprocess
 
         rows = batch["row"]
         status = np.array(["failed"] * len(rows), dtype=object)

@@ -2,7 +2,7 @@
 
 The methods (`clipreel.heads.methods`: vifi, prompt, xclip, ezclip) update or prompt the backbone
 itself, so they cannot train from the feature cache: every step decodes, samples and augments clips
-(`clipreel.pipeline.frames`, through a loader of `clipreel.pipeline.frame_loaders`) and runs the
+(`clipreel.pipeline.data.raw_frames`, through a loader of `clipreel.pipeline.data.frame_loaders`) and runs the
 whole CLIP.
 
 The loop follows `clipreel.pipeline.train` (the cache trainer) and reuses its helpers: AdamW with
@@ -40,17 +40,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.ezclip import EZCLIPClassifier, contrastive_kl_loss, motion_loss, same_label_matrix
+from clipreel.heads.clip import file_sha256, load_clip, resolve_model_name
 from clipreel.heads.methods import METHODS, build_method_model, image_size_of
-from clipreel.pipeline.backbone import file_sha256, load_clip, resolve_model_name
-from clipreel.pipeline.devices import resolve_device
+from clipreel.heads.raw.ezclip import (
+    EZCLIPClassifier,
+    contrastive_kl_loss,
+    motion_loss,
+    same_label_matrix,
+)
+from clipreel.pipeline.data.augment import AugmentConfig, mix_batch, stable_generator
+from clipreel.pipeline.data.frame_loaders import (
+    FrameLoading,
+    frame_loader,
+    resolve_loading,
+)
+from clipreel.pipeline.data.raw_frames import RawFrameDataset
+from clipreel.pipeline.data.sampling import SamplingConfig
+from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.evaluate import mean_softmax_over_views
-from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
-from clipreel.pipeline.frames import AugmentConfig, RawFrameDataset, mix_batch, stable_generator
 from clipreel.pipeline.progress import progress_bar
-from clipreel.pipeline.sampling import SamplingConfig
-from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import (
     CHECKPOINT_FILE,
     CURVES_FILE,
@@ -202,7 +212,7 @@ def augment_config(image_size: int, norm: str, settings: dict | None = None) -> 
     try:
         return AugmentConfig(**{**(settings or {}), "image_size": image_size, "norm": norm})
     except TypeError as error:  # a setting AugmentConfig does not have
-        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.frames."
+        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.data.raw_frames."
                             "AugmentConfig (crop, scales, flip, color_jitter, grayscale, ...)") from None
 
 

@@ -18,9 +18,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
 from clipreel.heads.methods import image_size_of
-from clipreel.pipeline.devices import resolve_device
+from clipreel.pipeline.data.frame_loaders import (
+    FrameLoading,
+    frame_loader,
+    resolve_loading,
+)
+from clipreel.pipeline.data.sampling import SamplingConfig
+from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.evaluate import compute_metrics, write_report_files
 from clipreel.pipeline.finetune import (
     RUN_KIND_PREFIX,
@@ -31,9 +38,6 @@ from clipreel.pipeline.finetune import (
     predict_raw,
     split_rows,
 )
-from clipreel.pipeline.frame_loaders import FrameLoading, frame_loader, resolve_loading
-from clipreel.pipeline.sampling import SamplingConfig
-from clipreel.pipeline.sources import read_sources
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import load_run
 

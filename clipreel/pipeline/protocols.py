@@ -45,8 +45,10 @@ import numpy as np
 import pandas as pd
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.kinds import TEXT_KINDS, head_spec, load_text_model
+from clipreel.heads.clip import load_text_model
+from clipreel.heads.kinds import TEXT_KINDS, head_spec
 from clipreel.heads.methods import METHODS
+from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.evaluate import (
     load_head,
     save_report,
@@ -57,7 +59,6 @@ from clipreel.pipeline.evaluate import (
 )
 from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
 from clipreel.pipeline.finetune_eval import eval_rows, evaluate_finetuned
-from clipreel.pipeline.sources import read_sources
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import MANIFEST_FILE, FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, write_manifest

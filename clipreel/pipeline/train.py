@@ -42,19 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
+from clipreel.heads.cache.xclip import exempt_from_weight_decay
+from clipreel.heads.clip import load_text_model
 from clipreel.heads.kinds import (
     TEXT_KINDS,
     build_head,
     head_logits,
     head_spec,
-    load_text_model,
     trainable_parameters,
 )
-from clipreel.heads.xclip import exempt_from_weight_decay
-from clipreel.pipeline.devices import resolve_device
+from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.pipeline.evaluate import view_averaged_probabilities
-from clipreel.pipeline.loader import CacheLoader
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray
 from clipreel.stores.features import FeatureStore, provenance_diff

@@ -1,0 +1,139 @@
+"""Zero-shot CLIP classification (template ensembles) and the baseline heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipreel.errors import ClipreelError
+from clipreel.heads.cache.baselines import (
+    FrameMeanMLP,
+    FrameMeanMLPConfig,
+    LinearProbe,
+    LinearProbeConfig,
+)
+from clipreel.heads.cache.zeroshot import (
+    TEMPLATES,
+    ZeroShotClassifier,
+    ZeroShotConfig,
+    class_text_embeddings,
+    encode_texts,
+    templates_named,
+)
+
+CLASSNAMES = ["archery", "playing_guitar", "surfing water", "tai chi"]
+
+
+
+
+def test_every_template_has_one_slot_for_the_class_name():
+    for name, templates in TEMPLATES.items():
+        assert templates, name
+        for template in templates:
+            assert template.count("{}") == 1, template
+    assert len(TEMPLATES["ensemble"]) > len(TEMPLATES["video"]) > 1
+    with pytest.raises(ClipreelError, match="unknown template set"):
+        templates_named("cinema")
+
+
+def test_single_bare_template_is_the_normalised_encode_text(tiny_clip):
+    model, tokenizer = tiny_clip
+    embeds = class_text_embeddings(model, tokenizer, CLASSNAMES, ["{}"])
+    with torch.no_grad():
+        direct = model.encode_text(tokenizer(["archery", "playing guitar", "surfing water", "tai chi"]))
+    torch.testing.assert_close(embeds, F.normalize(direct, dim=-1))
+
+
+def test_template_ensemble_is_the_normalised_mean_of_per_template_embeddings(tiny_clip):
+    model, tokenizer = tiny_clip
+    templates = templates_named("video")
+    ensemble = class_text_embeddings(model, tokenizer, CLASSNAMES, templates, batch_size=3)
+    assert ensemble.shape == (len(CLASSNAMES), 64)
+    torch.testing.assert_close(ensemble.norm(dim=-1), torch.ones(len(CLASSNAMES)))
+
+    per_template = torch.stack([class_text_embeddings(model, tokenizer, CLASSNAMES, [t]) for t in templates])
+    torch.testing.assert_close(ensemble, F.normalize(per_template.mean(dim=0), dim=-1))
+    assert not torch.allclose(ensemble, per_template[0], atol=1e-4)  # the templates do differ
+
+
+def test_encode_texts_batches_give_the_same_embeddings(tiny_clip):
+    model, tokenizer = tiny_clip
+    texts = [f"a video of {name}." for name in CLASSNAMES] + ["a cat."]
+    torch.testing.assert_close(
+        encode_texts(model, tokenizer, texts, batch_size=2), encode_texts(model, tokenizer, texts)
+    )
+
+
+def test_zero_shot_logits_equal_a_direct_computation(tiny_clip):
+    model, tokenizer = tiny_clip
+    classifier = ZeroShotClassifier.from_clip(model, tokenizer, CLASSNAMES, templates="photo")
+    assert classifier.config.num_classes == 4 and classifier.config.embed_dim == 64
+    assert list(classifier.parameters()) == []
+
+    embeds = torch.randn(3, 5, 64).half()  # (B, T, E) as the cache stores them
+    with torch.no_grad():
+        texts = model.encode_text(tokenizer([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]))
+    video = F.normalize(embeds.float().mean(dim=1), dim=-1)
+    expected = model.logit_scale.exp() * video @ F.normalize(texts, dim=-1).t()
+    torch.testing.assert_close(classifier(embeds), expected.detach())
+
+
+def test_zero_shot_classifier_round_trips_without_the_clip_model(tiny_clip, tmp_path):
+    model, tokenizer = tiny_clip
+    classifier = ZeroShotClassifier.from_clip(model, tokenizer, CLASSNAMES, templates="ensemble")
+    save_file(classifier.state_dict(), tmp_path / "zeroshot.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(classifier.config.to_dict()))
+
+    config = ZeroShotConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    loaded = ZeroShotClassifier(config)
+    loaded.load_state_dict(load_file(tmp_path / "zeroshot.safetensors"))
+    embeds = torch.randn(2, 5, 64)
+    assert torch.equal(classifier(embeds), loaded(embeds))
+
+
+def test_zero_shot_refuses_embeddings_of_the_wrong_shape():
+    with pytest.raises(ClipreelError, match="shape"):
+        ZeroShotClassifier(ZeroShotConfig(embed_dim=64, num_classes=3), torch.randn(4, 64))
+
+
+@pytest.mark.parametrize(
+    "head_class, config",
+    [
+        (LinearProbe, LinearProbeConfig(embed_dim=64, num_classes=4)),
+        (FrameMeanMLP, FrameMeanMLPConfig(embed_dim=64, num_classes=4, hidden=32)),
+    ],
+    ids=["linear_probe", "frame_mean_mlp"],
+)
+def test_baseline_heads_train_save_and_ignore_frame_order(head_class, config, tmp_path):
+    torch.manual_seed(1)
+    head = head_class(config)
+    embeds = torch.randn(6, 5, 64).half()
+    head.train()
+    logits = head(embeds)
+    assert logits.shape == (6, 4)
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 0, 1])).backward()
+    for name, param in head.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+    head.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(embeds), head(embeds.flip(dims=[1])))  # frame means only
+
+    save_file(head.state_dict(), tmp_path / "head.safetensors")
+    loaded = head_class(type(config).from_dict(json.loads(json.dumps(config.to_dict())))).eval()
+    loaded.load_state_dict(load_file(tmp_path / "head.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(head(embeds), loaded(embeds))
+
+
+def test_linear_probe_equals_the_mean_of_per_frame_logits():
+    torch.manual_seed(2)
+    probe = LinearProbe(LinearProbeConfig(embed_dim=64, num_classes=4))
+    embeds = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        per_frame = probe.linear(F.normalize(embeds, dim=-1))  # (B, T, K)
+        torch.testing.assert_close(probe(embeds), per_frame.mean(dim=1))

@@ -1,0 +1,65 @@
+"""SIGKILL the whole extraction job mid-run; the re-run finishes it and nothing is done twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipreel.pipeline.data.synth.world import SynthConfig, make_world
+from clipreel.stores.features import FeatureStore, verify
+
+
+def _kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session: the driver, its local Ray (GCS, raylet) and every
+    worker (Ray puts each worker in its own process group, but they stay in the session)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _done_chunks(store_path: Path) -> list[Path]:
+    done_dir = store_path / "done"
+    return [p for p in done_dir.rglob("*") if p.is_file() and p.name != "zarr.json"] if done_dir.exists() else []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_completes_exactly_once(tmp_path):
+    videos = make_world(tmp_path / "w", SynthConfig(classes=4, videos_per_class=5, frames=16, size=64))
+    store_path = tmp_path / "f.zarr"
+    command = [
+        sys.executable, "-m", "clipreel", "extract", "--videos", str(videos), "--out", str(store_path),
+        "--model", "clipreel-tiny", "--pretrained", "none", "--frames", "4", "--batch-size", "1",
+        "--workers", "1", "--no-progress",
+    ]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    job = subprocess.Popen(command, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(_done_chunks(store_path)) < 3 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job finished before it could be killed; make it longer"
+    _kill_session(job.pid)
+    job.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in _done_chunks(store_path)}
+    total = 20
+    assert 3 <= len(done_before) < total
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{total - len(done_before)} computed now" in rerun.stdout
+    store = FeatureStore.open(store_path)
+    assert store.done_mask().all()
+    assert (store.manifest()["status"] == "done").all()
+    assert verify(store) == []
+    for path, mtime in done_before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path}: a done video was recomputed"
