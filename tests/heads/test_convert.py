@@ -1,0 +1,264 @@
+"""Checkpoint converters: official EVL, X-CLIP (original and transformers' layout), ViFi-CLIP and
+EZ-CLIP checkpoints built from clipreel's own models at tiny sizes, under the official key names,
+written to disk, read back, imported, and run on the same real video file as the source model.
+Also: refusals that name the keys and tensors, and ViFi-CLIP's export to open_clip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipreel.errors import ClipreelError
+from clipreel.heads.cache.evl import EVLConfig, EVLHead
+from clipreel.heads.clip import OPENAI_METADATA_KEYS
+from clipreel.heads.convert.clip_layout import build_clip
+from clipreel.heads.convert.common import Imported, UserChoices
+from clipreel.heads.convert.evl import convert_evl
+from clipreel.heads.convert.xclip import convert_xclip
+from clipreel.heads.raw.xclip import XCLIP, XCLIPConfig
+from clipreel.heads.taps import Backbone, BackboneConfig
+from clipreel.pipeline.data.decode.probe import probe
+from clipreel.pipeline.data.decode.pyav import PyAVDecoder
+from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
+from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices
+from clipreel.pipeline.data.synth.videofile import write_video
+
+# A tiny OpenAI-style CLIP: QuickGELU and width / 64 heads in both towers, as every reference
+# repository builds its CLIP, so that no --model is needed to import it.
+TINY = "convert-tiny"
+TINY_CONFIG = {
+    "embed_dim": 128,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "head_width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+CLASSNAMES = ["playing_guitar", "riding a horse", "juggling", "dog"]
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    """A folder of open_clip model configs, registered with open_clip: the tiny CLIP and each import's."""
+    folder = tmp_path_factory.mktemp("model-configs")
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(folder)
+    return folder
+
+
+def register(folder, name: str, config: dict) -> str:
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return name
+
+
+@pytest.fixture(scope="module")
+def tokenizer(configs):
+    return open_clip.get_tokenizer(TINY)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A real H.264 file: 48 frames of 72x96 with a bar that moves and a colour that changes."""
+    rows, cols = np.mgrid[0:72, 0:96]
+    frames = []
+    for t in range(48):
+        image = np.zeros((72, 96, 3), dtype=np.uint8)
+        image[..., 0] = (cols * 2 + t * 5) % 256
+        image[..., 1] = (rows * 3) % 256
+        image[..., 2] = 40 + 4 * t
+        image[:, (2 * t) % 96 : (2 * t) % 96 + 8] = 255
+        frames.append(image)
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", np.stack(frames))
+
+
+def clips_of(video, record) -> torch.Tensor:
+    """The video as a method's evaluation reads it: (views * crops, T, 3, S, S), from the import's record."""
+    info = probe(video)
+    sampling = SamplingConfig(policy=record.sampling, frames=record.frames, stride=record.stride or 1, views=record.views)
+    indices = sample_indices(info.num_frames, sampling, "clip")  # (V, T)
+    frames = PyAVDecoder().read(video, indices.reshape(-1), info)  # (V*T, H, W, 3)
+    pixels = preprocess(frames, PreprocessConfig(image_size=record.image_size, mean=record.mean, std=record.std, crops=record.crops))
+    crops = pixels.shape[0]
+    pixels = pixels.unflatten(1, (record.views, record.frames))  # (C, V, T, 3, S, S)
+    return pixels.transpose(0, 1).reshape(record.views * crops, record.frames, *pixels.shape[-3:])
+
+
+def tiny_clip(seed: int) -> torch.nn.Module:
+    """A seeded random tiny CLIP (both towers), frozen, in eval mode."""
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Non-trivial values for every parameter and float buffer (zeros-initialised ones included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+
+
+def saved_and_loaded(obj, path):
+    """Through a real file, as a user's checkpoint arrives (tensors and plain containers only)."""
+    torch.save(obj, path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------- EVL
+
+EVL_FRAMES, EVL_LAYERS, EVL_CLASSES = 8, 2, 5
+
+
+@pytest.fixture(scope="module")
+def evl_source(configs, tmp_path_factory):
+    """The source EVL: a frozen tiny CLIP (saved as an OpenAI-layout state dict, archive metadata
+    included) and a random EVL head saved as the official checkpoint (`model`, `module.` keys)."""
+    folder = tmp_path_factory.mktemp("evl")
+    clip = tiny_clip(seed=1)
+    base = dict(clip.state_dict())
+    base.update({key: torch.tensor(value) for key, value in zip(OPENAI_METADATA_KEYS, (64, 77, 49408))})
+    torch.save(base, folder / "base.pt")
+    torch.manual_seed(2)
+    head = EVLHead(EVLConfig(width=128, heads=2, layers=EVL_LAYERS, frames=EVL_FRAMES, grid=4, num_classes=EVL_CLASSES)).eval()
+    randomise(head, seed=3)
+    official = {
+        "model": {"module." + key: value for key, value in head.state_dict().items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 4e-4, "params": [0, 1]}]},
+        "next_step": 50000,
+    }
+    torch.save(official, folder / "k400_tiny_8f.pth")
+    backbone = Backbone(BackboneConfig(model=TINY, pretrained=str(folder / "base.pt"), layers=str(EVL_LAYERS)))
+    return folder, backbone, head
+
+
+def evl_logits(backbone: Backbone, head: EVLHead, clips: torch.Tensor) -> torch.Tensor:
+    features = backbone.forward_clips(clips)
+    with torch.no_grad():
+        return head(features.tokens, features.attention)
+
+
+def load_evl(folder):
+    checkpoint = torch.load(folder / "k400_tiny_8f.pth", map_location="cpu", weights_only=True)
+    base = torch.load(folder / "base.pt", map_location="cpu", weights_only=True)
+    return checkpoint, base
+
+
+def test_evl_import_gives_the_source_logits_on_a_video(evl_source, configs, video, tmp_path):
+    folder, source_backbone, source_head = evl_source
+    imported = convert_evl(*load_evl(folder))
+
+    assert imported.method == "evl"
+    assert imported.facts["frames"] == EVL_FRAMES and imported.facts["num_classes"] == EVL_CLASSES
+    assert imported.facts["feature_blocks"] == [1, 2] and imported.facts["grid"] == 4
+    record = imported.preprocessing
+    assert (record.norm, record.sampling, record.stride, record.views, record.crops) == ("clip", "dense", 16, 3, 1)
+
+    name = register(configs, "convert-evl-imported", imported.clip_config)
+    torch.save(imported.clip_state_dict, tmp_path / "backbone.pt")
+    backbone = Backbone(BackboneConfig(model=name, pretrained=str(tmp_path / "backbone.pt"), layers=str(imported.method_config["layers"])))
+    head = EVLHead(EVLConfig(**imported.method_config)).eval()
+    head.load_state_dict(imported.state_dict, strict=True)
+
+    clips = clips_of(video, record)  # (3 views, 8, 3, 64, 64)
+    expected = evl_logits(source_backbone, source_head, clips)
+    assert expected.shape == (3, EVL_CLASSES)
+    torch.testing.assert_close(evl_logits(backbone, head, clips), expected, rtol=0, atol=0)
+
+
+def test_evl_refuses_frames_and_classes_that_contradict_the_tensors(evl_source):
+    folder = evl_source[0]
+    with pytest.raises(ClipreelError, match=r"--frames 16 .*decoder\.temporal_pos_embed\.0 has shape \(8, 128\)"):
+        convert_evl(*load_evl(folder), UserChoices(frames=16))
+    with pytest.raises(ClipreelError, match=r"--classes 400 .*proj\.2\.weight has shape \(5, 128\)"):
+        convert_evl(*load_evl(folder), UserChoices(num_classes=400))
+    with pytest.raises(ClipreelError, match=r"--model clipreel-tiny contradicts .*embed_dim 64 \(the checkpoint: 128"):
+        convert_evl(*load_evl(folder), UserChoices(model="clipreel-tiny"))
+    assert convert_evl(*load_evl(folder), UserChoices(frames=8, num_classes=5, model=TINY)).facts["heads_from"] == f"--model {TINY}"
+
+
+def test_evl_refuses_a_damaged_checkpoint_naming_every_key(evl_source):
+    checkpoint, base = load_evl(evl_source[0])
+    weights = checkpoint["model"]
+    del weights["module.decoder.decoder_layers.1.norm3.bias"]
+    weights["module.decoder.temporal_conv.0.weight"] = torch.zeros(128, 1, 5)
+    weights["module.decoder.extra_query"] = torch.zeros(128)
+    with pytest.raises(ClipreelError) as refusal:
+        convert_evl(checkpoint, base)
+    message = str(refusal.value)
+    assert "decoder.decoder_layers.1.norm3.bias" in message.split("missing")[1]
+    assert "decoder.temporal_conv.0.weight (128, 1, 5) (expected (128, 1, 3))" in message
+    assert "decoder.extra_query" in message.split("unexpected")[1]
+
+
+def test_evl_refuses_a_base_clip_of_another_width(evl_source):
+    checkpoint, _ = load_evl(evl_source[0])
+    other = open_clip.create_model("clipreel-tiny").state_dict()  # width 64
+    with pytest.raises(ClipreelError, match=r"decoder\.cls_token has width 128, but the --clip image tower has width 64"):
+        convert_evl(checkpoint, other)
+
+
+# ------------------------------------------------------------------------------------------- X-CLIP
+
+XCLIP_FRAMES = 4
+
+
+def xclip_official(model: XCLIP, clip: torch.nn.Module) -> dict:
+    """X-CLIP's released layout (`{"model": ...}`, no `module.`) of a clipreel XCLIP and its text tower."""
+    weights = {key: value for key, value in clip.state_dict().items() if not key.startswith("visual.")}
+    for key, value in model.state_dict().items():
+        weights[key.removeprefix("head.")] = value
+    return {"model": weights, "epoch": 29, "max_accuracy": 0.5}
+
+
+@pytest.fixture(scope="module")
+def xclip_source(configs, tokenizer, tmp_path_factory):
+    clip = tiny_clip(seed=4)
+    torch.manual_seed(5)
+    model = XCLIP(clip, tokenizer, CLASSNAMES, XCLIPConfig(frames=XCLIP_FRAMES)).eval()
+    randomise(model.visual, seed=6, scale=0.02)
+    randomise(model.head, seed=7)
+    path = tmp_path_factory.mktemp("xclip") / "k400_tiny.pth"
+    torch.save(xclip_official(model, clip), path)
+    return path, model
+
+
+def build_xclip(imported: Imported, tokenizer) -> XCLIP:
+    clip = build_clip(imported.clip_config, imported.clip_state_dict)
+    model = XCLIP(clip, tokenizer, CLASSNAMES, XCLIPConfig(**imported.method_config)).eval()
+    model.load_state_dict(imported.state_dict, strict=True)
+    return model
+
+
+def test_xclip_import_gives_the_source_logits_on_a_video(xclip_source, tokenizer, video):
+    path, source = xclip_source
+    imported = convert_xclip(torch.load(path, map_location="cpu", weights_only=True))
+    assert imported.method == "xclip" and imported.facts["frames"] == XCLIP_FRAMES
+    record = imported.preprocessing
+    assert (record.norm, record.sampling, record.views, record.crops) == ("imagenet", "tsn", 4, 3)
+    model = build_xclip(imported, tokenizer)
+    clips = clips_of(video, record)  # (12, T, 3, S, S)
+    with torch.no_grad():
+        expected = source(clips)["logits"]
+        torch.testing.assert_close(model(clips)["logits"], expected, rtol=1e-6, atol=1e-6)
+    assert expected.shape == (12, len(CLASSNAMES))
+
+
+def test_xclip_refuses_contradictions_and_damage_naming_tensors(xclip_source):
+    path = xclip_source[0]
+    with pytest.raises(ClipreelError, match=r"--frames 8 .*mit\.positional_embedding has shape \(1, 4, 128\)"):
+        convert_xclip(torch.load(path, weights_only=True), UserChoices(frames=8))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["model"]["visual.transformer.resblocks.2.message_attn.in_proj_bias"]
+    checkpoint["model"]["prompts_generator.decoder.1.cross_attn.q_proj.weight"] = torch.zeros(128, 64)
+    with pytest.raises(ClipreelError) as refusal:
+        convert_xclip(checkpoint)
+    message = str(refusal.value)
+    assert "visual.transformer.resblocks.2.message_attn.in_proj_bias" in message
+    assert "prompts_generator.decoder.1.cross_attn.q_proj.weight (128, 64) (expected (128, 128))" in message
