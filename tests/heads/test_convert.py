@@ -22,6 +22,7 @@ from clipreel.heads.convert.clip_layout import build_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
 from clipreel.heads.convert.xclip import convert_xclip
+from clipreel.heads.convert.xclip_hf import convert_xclip_hf, hf_sources
 from clipreel.heads.raw.xclip import XCLIP, XCLIPConfig
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.decode.probe import probe
@@ -262,3 +263,76 @@ def test_xclip_refuses_contradictions_and_damage_naming_tensors(xclip_source):
     message = str(refusal.value)
     assert "visual.transformer.resblocks.2.message_attn.in_proj_bias" in message
     assert "prompts_generator.decoder.1.cross_attn.q_proj.weight (128, 64) (expected (128, 128))" in message
+
+
+# ------------------------------------------------------------------------------------------- X-CLIP, transformers' layout
+
+
+def to_hf_layout(official: dict) -> dict:
+    """X-CLIP's layout -> transformers' (split q/k/v, Linear projections), along the documented mapping."""
+    weights = {}
+    for key, value in official.items():
+        kind, targets = hf_sources(key)
+        if kind == "transposed":
+            weights[targets[0]] = value.t().contiguous()
+        elif kind == "fused":
+            weights.update(zip(targets, value.chunk(3)))
+        else:
+            weights[targets[0]] = value
+    return weights
+
+
+def test_xclip_round_trip_through_transformers_key_names(xclip_source, tokenizer, video, tmp_path):
+    path, source = xclip_source
+    official = torch.load(path, weights_only=True)["model"]
+    hf_weights = to_hf_layout(official)
+    hf_weights["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # saved by older transformers
+    imported = convert_xclip_hf(saved_and_loaded(hf_weights, tmp_path / "pytorch_model.bin"))
+    assert imported.facts["layout"] == "transformers" and imported.facts["frames"] == XCLIP_FRAMES
+    clips = clips_of(video, imported.preprocessing)
+    with torch.no_grad():
+        torch.testing.assert_close(build_xclip(imported, tokenizer)(clips)["logits"], source(clips)["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_xclip_hf_refusal_names_the_keys_of_the_file(xclip_source):
+    hf_weights = to_hf_layout(torch.load(xclip_source[0], weights_only=True)["model"])
+    del hf_weights["vision_model.encoder.layers.1.message_attn.k_proj.bias"]
+    hf_weights["mit.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(128, 127)
+    with pytest.raises(ClipreelError) as refusal:
+        convert_xclip_hf(hf_weights)
+    message = str(refusal.value)
+    assert "vision_model.encoder.layers.1.message_attn.k_proj.bias" in message.split("missing")[1]
+    assert "mit.encoder.layers.0.self_attn.q_proj.weight (128, 127) (expected (128, 128))" in message
+
+
+def test_xclip_hf_import_matches_transformers_own_model(tokenizer, video, tmp_path):
+    """A tiny transformers XCLIPModel, saved by save_pretrained, imported, scores like transformers does."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    vision, text = TINY_CONFIG["vision_cfg"], TINY_CONFIG["text_cfg"]
+    width, embed = vision["width"], TINY_CONFIG["embed_dim"]
+    config = transformers.XCLIPConfig(
+        text_config={"hidden_size": text["width"], "intermediate_size": 4 * text["width"], "num_hidden_layers": text["layers"],
+                     "num_attention_heads": text["heads"]},
+        vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": vision["layers"],
+                       "num_attention_heads": width // 64, "image_size": vision["image_size"], "patch_size": vision["patch_size"],
+                       "num_frames": XCLIP_FRAMES, "mit_hidden_size": embed, "mit_intermediate_size": 4 * embed,
+                       "mit_num_attention_heads": embed // 64},
+        projection_dim=embed,
+        prompt_num_attention_heads=embed // 64,
+    )
+    torch.manual_seed(8)
+    hf_model = transformers.XCLIPModel(config).eval()
+    hf_model.save_pretrained(tmp_path / "xclip-tiny")
+    imported = convert_xclip_hf(load_file(tmp_path / "xclip-tiny" / "model.safetensors"))
+    model = build_xclip(imported, tokenizer)
+
+    clips = clips_of(video, imported.preprocessing)  # ImageNet-normalised, as XCLIPProcessor's output
+    # CLIP's BPE ids (transformers' CLIPTokenizer gives the same ones) of the texts clipreel's XCLIP
+    # encodes: the class names with underscores read as spaces.
+    token_ids = tokenizer([name.replace("_", " ") for name in CLASSNAMES])
+    with torch.no_grad():
+        expected = hf_model(input_ids=token_ids, pixel_values=clips).logits_per_video
+        torch.testing.assert_close(model(clips)["logits"], expected, rtol=1e-4, atol=1e-4)
+    assert expected.shape == (12, len(CLASSNAMES))

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from clipreel.heads.convert.clip_layout import (
+    TextFacts,
+    VisionFacts,
     attention_heads,
     block_shapes,
     clip_evidence,
@@ -97,6 +99,25 @@ def head_shapes(width: int, embed_dim: int, frames: int, mit_layers: int, prompt
     return shapes
 
 
+def xclip_shapes(vision: VisionFacts, text: TextFacts, frames: int, mit_layers: int, prompt_layers: int) -> dict[str, Shape]:
+    """Every key and shape of an X-CLIP checkpoint with these sizes."""
+    shapes = {
+        **clip_shapes(vision, text),
+        **head_shapes(vision.width, vision.embed_dim, frames, mit_layers, prompt_layers),
+    }
+    for layer in range(vision.layers):
+        shapes.update(message_shapes(f"visual.transformer.resblocks.{layer}.", vision.width))
+    return shapes
+
+
+def layout_facts(vision: VisionFacts, frames: int, mit_layers: int, prompt_layers: int) -> str:
+    """The sizes an X-CLIP layout was derived from, in words (for refusals)."""
+    return (
+        f"ViT width {vision.width}, {vision.layers} image layers, T={frames}, {mit_layers} MIT and "
+        f"{prompt_layers} prompt generator layers"
+    )
+
+
 def convert_xclip(checkpoint: Mapping, user: UserChoices = UserChoices(), source: str = "the X-CLIP checkpoint") -> Imported:
     """An official X-CLIP checkpoint -> clipreel's `XCLIP` (config, strict state dict) and its CLIP.
 
@@ -109,15 +130,9 @@ def convert_xclip(checkpoint: Mapping, user: UserChoices = UserChoices(), source
     _, frames, _ = tensor_shape(tensors, "mit.positional_embedding", source, 3)
     mit_layers = numbered(tensors, "mit.resblocks.")
     prompt_layers = numbered(tensors, "prompts_generator.decoder.")
-    expected = {
-        **clip_shapes(vision, text),
-        **head_shapes(vision.width, vision.embed_dim, frames, mit_layers, prompt_layers),
-    }
-    for layer in range(vision.layers):
-        expected.update(message_shapes(f"visual.transformer.resblocks.{layer}.", vision.width))
     check_layout(
-        tensors, expected, source,
-        f"ViT width {vision.width}, {vision.layers} image layers, T={frames}, {mit_layers} MIT and {prompt_layers} prompt layers",
+        tensors, xclip_shapes(vision, text, frames, mit_layers, prompt_layers), source,
+        layout_facts(vision, frames, mit_layers, prompt_layers),
     )
     check_user_value(
         "--frames", user.frames, frames,
