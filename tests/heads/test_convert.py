@@ -22,6 +22,7 @@ from clipreel.heads.convert.clip_layout import build_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
 from clipreel.heads.convert.export import export_open_clip
+from clipreel.heads.convert.ezclip import convert_ezclip
 from clipreel.heads.convert.vifi import convert_vifi
 from clipreel.heads.convert.xclip import convert_xclip
 from clipreel.heads.convert.xclip_hf import convert_xclip_hf, hf_sources
@@ -518,3 +519,94 @@ def test_export_refuses_methods_that_are_not_a_plain_clip_and_incomplete_weights
     with pytest.raises(ClipreelError, match=r"missing \(1\): visual\.ln_post\.bias"):
         export_open_clip("vifi", weights, TINY_CONFIG, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- EZ-CLIP
+
+EZ_FRAMES = 4
+DESCRIPTIONS = ["a person strums a guitar", "a rider on a galloping horse", "someone tosses balls in the air", "a dog runs"]
+
+
+@pytest.fixture(scope="module")
+def ezclip_source(configs, tokenizer, tmp_path_factory):
+    """EZ-CLIP over a tiny CLIP, trained prompts and adapters, every weight fp16-exact; saved as EZ-CLIP's
+    training dict with fp16 tensors."""
+    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig, reference_key
+
+    clip = tiny_clip(seed=16)
+    torch.manual_seed(17)
+    model = EZCLIPClassifier(clip, tokenizer, DESCRIPTIONS, EZCLIPConfig(frames=EZ_FRAMES)).eval()
+    randomise(model.ezclip, seed=18)
+    with torch.no_grad():
+        for tensor in [*clip.state_dict().values(), *model.state_dict().values()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    weights = {key: value.half() for key, value in clip.state_dict().items()}
+    weights.update({reference_key(key.removeprefix("ezclip.")): value.half() for key, value in model.state_dict().items()})
+    path = tmp_path_factory.mktemp("ezclip") / "k400_ezclip.pt"
+    torch.save({"epoch": 42, "model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []}}, path)
+    return path, model
+
+
+def test_ezclip_import_scores_100_cosine_like_ezclip(ezclip_source, tokenizer, video):
+    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig
+
+    path, source = ezclip_source
+    imported = convert_ezclip(torch.load(path, map_location="cpu", weights_only=True))
+    assert imported.method == "ezclip" and imported.facts["frames"] == EZ_FRAMES
+    assert imported.method_config["template"] == "{}" and imported.method_config["deep_prompts"]
+    record = imported.preprocessing
+    assert (record.norm, record.sampling, record.views, record.crops, record.short_side) == ("clip", "tsn", 1, 1, 73)
+
+    options = dict(imported.method_config)
+    template = options.pop("template")
+    model = EZCLIPClassifier(build_clip(imported.clip_config, imported.clip_state_dict), tokenizer, DESCRIPTIONS,
+                             EZCLIPConfig(**options), template).eval()
+    model.load_state_dict(imported.state_dict, strict=True)
+    clips = clips_of(video, record)
+    with torch.no_grad():
+        reference = source(clips)
+        # EZ-CLIP's test.py: softmax over 100 * cosine(video, class text).
+        expected = 100.0 * F.normalize(reference["video_embeds"], dim=-1) @ F.normalize(reference["text_embeds"], dim=-1).t()
+        out = model(clips)
+    torch.testing.assert_close(out["frame_embeds"], reference["frame_embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(out["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference["logits"], expected, rtol=1e-3, atol=1e-3)  # CLIP's own temperature differs
+
+
+def test_ezclip_refusals_name_the_tensors(ezclip_source):
+    path = ezclip_source[0]
+    with pytest.raises(ClipreelError, match=r"--frames 8 .*visual\.transformer\.T_prompt_embeddings has shape \(3, 4, 128\)"):
+        convert_ezclip(torch.load(path, weights_only=True), UserChoices(frames=8))
+    checkpoint = torch.load(path, weights_only=True)
+    weights = checkpoint["model_state_dict"]
+    weights["transformer.resblocks.1.Adapter.D_fc2.weight"] = torch.zeros(128, 16, dtype=torch.float16)
+    weights["visual.transformer.resblocks.0.T_Adapter.D_fc1.weight"] = torch.zeros(32, 128, dtype=torch.float16)
+    del weights["visual.temporal_embedding"]
+    with pytest.raises(ClipreelError) as refusal:
+        convert_ezclip(checkpoint)
+    message = str(refusal.value)
+    assert "transformer.resblocks.1.Adapter.D_fc2.weight (128, 16) (expected (128, 32))" in message
+    assert "visual.temporal_embedding" in message.split("missing")[1]
+    assert "visual.transformer.resblocks.0.T_Adapter.D_fc1.weight" in message.split("unexpected")[1]
+
+
+# ------------------------------------------------------------------------------------------- shared pieces
+
+
+def test_heads_come_from_model_where_no_tensor_fixes_them(evl_source, configs):
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["vision_cfg"]["head_width"] = 32
+    config["text_cfg"]["heads"] = 4
+    name = register(configs, "convert-tiny-narrow-heads", config)
+    imported = convert_evl(*load_evl(evl_source[0]), UserChoices(model=name))
+    assert imported.facts["heads"] == 4 and imported.method_config["heads"] == 4
+    assert imported.clip_config["vision_cfg"]["head_width"] == 32 and imported.clip_config["text_cfg"]["heads"] == 4
+
+
+def test_a_container_without_tensors_is_refused_naming_its_entries():
+    from clipreel.heads.convert.common import unwrap_checkpoint
+
+    with pytest.raises(ClipreelError, match="entries that are not tensors: config, epoch"):
+        unwrap_checkpoint({"weights.pt": torch.zeros(1), "epoch": 3, "config": {"T": 8}}, "k400.pth")
+    assert set(unwrap_checkpoint({"model": {"module.a": torch.zeros(1)}, "config": object()}, "k400.pth")) == {"a"}
