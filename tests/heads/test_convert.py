@@ -7,7 +7,6 @@ Also: refusals that name the keys and tensors, and ViFi-CLIP's export to open_cl
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import open_clip

@@ -25,7 +25,13 @@ from torch import nn
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import OPENAI_METADATA_KEYS, resolve_model_name
-from clipreel.heads.convert.common import Shape, Tensors, numbered, tensor_shape, unwrap_checkpoint
+from clipreel.heads.convert.common import (
+    Shape,
+    Tensors,
+    numbered,
+    tensor_shape,
+    unwrap_checkpoint,
+)
 
 OPENAI_HEAD_WIDTH = 64  # OpenAI CLIP: heads = width // 64 in both towers (clip/model.py: build_model)
 

@@ -186,6 +186,9 @@ class UserChoices:
     num_classes: int | None = None
 
 
+NO_CHOICES = UserChoices()  # nothing passed: every value comes from the checkpoint
+
+
 def check_user_value(option: str, given: int | None, fixed: int, evidence: str) -> None:
     """Refuse a user value that contradicts the checkpoint; `evidence` names the tensor and what it says."""
     if given is not None and given != fixed:

@@ -32,6 +32,7 @@ from clipreel.heads.convert.clip_layout import (
     vision_facts,
 )
 from clipreel.heads.convert.common import (
+    NO_CHOICES,
     Imported,
     Preprocessing,
     Shape,
@@ -87,7 +88,7 @@ def evl_shapes(config: EVLConfig) -> dict[str, Shape]:
     return shapes
 
 
-def convert_evl(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = UserChoices(), source: str = "the EVL checkpoint") -> Imported:
+def convert_evl(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = NO_CHOICES, source: str = "the EVL checkpoint") -> Imported:
     """An official EVL checkpoint + the base CLIP it was trained on -> clipreel's EVL head and backbone.
 
     Refuses a fine-tuned backbone (`backbone.*` keys: its patch embedding has a bias that open_clip's
@@ -182,8 +183,10 @@ def convert_evl(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = Use
         state_dict=as_float32(tensors),
         preprocessing=preprocessing,
         conventions=[
-            f"the decoder reads the last {layers} blocks of the frozen CLIP ({feature_blocks[0]}..{feature_blocks[-1]}): "
-            f"extract with --layers {layers}",
+            (
+                f"the decoder reads the last {layers} blocks of the frozen CLIP ({feature_blocks[0]}.."
+                f"{feature_blocks[-1]}): extract with --layers {layers}"
+            ),
             "class order: the checkpoint's (data/k400_class_mappings.json for the Kinetics-400 releases)",
         ],
     )

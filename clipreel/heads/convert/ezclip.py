@@ -35,6 +35,7 @@ from clipreel.heads.convert.clip_layout import (
     vision_facts,
 )
 from clipreel.heads.convert.common import (
+    NO_CHOICES,
     Imported,
     Preprocessing,
     Shape,
@@ -74,7 +75,7 @@ def addition_shapes(
     return shapes
 
 
-def convert_ezclip(checkpoint: Mapping, user: UserChoices = UserChoices(), source: str = "the EZ-CLIP checkpoint") -> Imported:
+def convert_ezclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: str = "the EZ-CLIP checkpoint") -> Imported:
     """An EZ-CLIP training dict (or its `model_state_dict`) -> clipreel's `EZCLIPClassifier` and its CLIP."""
     tensors = as_float32(unwrap_checkpoint(checkpoint, source))
     vision = vision_facts(tensors, "visual.", source)
@@ -130,10 +131,14 @@ def convert_ezclip(checkpoint: Mapping, user: UserChoices = UserChoices(), sourc
             sampling="tsn", frames=frames, stride=None, views=1, view_scores="mean_softmax",
         ),
         conventions=[
-            f"scores: 100 * cosine (test.py); the CLIP's logit_scale {checkpoint_scale:.4f} is replaced by ln 100 so "
-            "that exp(logit_scale) * cosine is that",
-            "class texts: one LLM-written description per class, template '{}'; clipreel reads underscores in them "
-            "as spaces, and its tokenizer truncates texts beyond the context where EZ-CLIP's refuses them",
+            (
+                f"scores: 100 * cosine (test.py); the CLIP's logit_scale {checkpoint_scale:.4f} is replaced by ln 100 "
+                "so that exp(logit_scale) * cosine is that"
+            ),
+            (
+                "class texts: one LLM-written description per class, template '{}'; clipreel reads underscores in "
+                "them as spaces, and its tokenizer truncates texts beyond the context where EZ-CLIP's refuses them"
+            ),
             "the fp16 weights are computed in float32, as EZ-CLIP's CPU path does",
         ],
     )

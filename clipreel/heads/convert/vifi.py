@@ -43,6 +43,7 @@ from clipreel.heads.convert.clip_layout import (
     vision_shapes,
 )
 from clipreel.heads.convert.common import (
+    NO_CHOICES,
     Imported,
     Preprocessing,
     Shape,
@@ -83,7 +84,7 @@ def prompt_shapes(n_ctx_vision: int, n_ctx_text: int, depth_vision: int, depth_t
     return shapes
 
 
-def convert_vifi(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = UserChoices(), source: str = "the ViFi-CLIP checkpoint") -> Imported:
+def convert_vifi(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = NO_CHOICES, source: str = "the ViFi-CLIP checkpoint") -> Imported:
     """A ViFi-CLIP checkpoint + the base CLIP's token table -> clipreel's `ViFiCLIP` (method "vifi")
     or, for a prompted checkpoint, `BridgePrompt` (method "prompt") around the ViFi-tuned CLIP."""
     tensors = as_float32(unwrap_checkpoint(checkpoint, source))
@@ -127,8 +128,10 @@ def convert_vifi(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = Us
     }
     conventions = [
         "token table: the --clip token embedding rounded to fp16, as ViFi-CLIP embeds its class texts",
-        "no tensor fixes T: 32 frames for the zero-shot, few-shot and base-to-novel models, 16 for the fully "
-        "supervised Kinetics-400 ones (pass --frames)",
+        (
+            "no tensor fixes T: 32 frames for the zero-shot, few-shot and base-to-novel models, 16 for the fully "
+            "supervised Kinetics-400 ones (pass --frames)"
+        ),
         "the reference runs under fp16 autocast; this import computes in float32",
     ]
     if prompted:

@@ -36,6 +36,7 @@ from clipreel.heads.convert.clip_layout import (
     vision_facts,
 )
 from clipreel.heads.convert.common import (
+    NO_CHOICES,
     Imported,
     Preprocessing,
     Shape,
@@ -118,7 +119,7 @@ def layout_facts(vision: VisionFacts, frames: int, mit_layers: int, prompt_layer
     )
 
 
-def convert_xclip(checkpoint: Mapping, user: UserChoices = UserChoices(), source: str = "the X-CLIP checkpoint") -> Imported:
+def convert_xclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: str = "the X-CLIP checkpoint") -> Imported:
     """An official X-CLIP checkpoint -> clipreel's `XCLIP` (config, strict state dict) and its CLIP.
 
     Classes are not fixed by X-CLIP's weights (its classifier is the class names' text), so

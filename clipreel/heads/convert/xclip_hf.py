@@ -32,6 +32,7 @@ import torch
 
 from clipreel.heads.convert.clip_layout import TextFacts, VisionFacts
 from clipreel.heads.convert.common import (
+    NO_CHOICES,
     Imported,
     Shape,
     Tensors,
@@ -134,7 +135,7 @@ def from_hf(tensors: Mapping[str, torch.Tensor], xclip_layout: Mapping[str, Shap
     return official
 
 
-def convert_xclip_hf(state_dict: Mapping, user: UserChoices = UserChoices(), source: str = "the transformers X-CLIP checkpoint") -> Imported:
+def convert_xclip_hf(state_dict: Mapping, user: UserChoices = NO_CHOICES, source: str = "the transformers X-CLIP checkpoint") -> Imported:
     """A transformers `XCLIPModel` state dict -> clipreel's `XCLIP`, through X-CLIP's own layout."""
     tensors = unwrap_checkpoint(state_dict, source)
     for key in POSITION_ID_BUFFERS:
