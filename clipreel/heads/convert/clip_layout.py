@@ -286,9 +286,10 @@ def open_clip_config(vision: VisionFacts, text: TextFacts, heads: Heads) -> dict
 
 def read_base_clip(checkpoint: Mapping, source: str = "--clip") -> Tensors:
     """The base CLIP's tensors (OpenAI layout): an OpenAI archive's state dict, a state dict in its
-    layout, or an open_clip checkpoint. OpenAI's archive metadata entries are dropped."""
+    layout, or an open_clip checkpoint. OpenAI's archive metadata entries and the text causal mask
+    (which traced archives keep, and open_clip rebuilds) are dropped."""
     tensors = unwrap_checkpoint(checkpoint, source)
-    for key in OPENAI_METADATA_KEYS:
+    for key in (*OPENAI_METADATA_KEYS, "attn_mask"):
         tensors.pop(key, None)
     return tensors
 

@@ -31,8 +31,6 @@ Shape = tuple[int, ...]
 # (utils/saving.py), Lightning-style tools {"state_dict": ...}.
 CONTAINER_KEYS = ("model", "model_state_dict", "state_dict")
 DDP_PREFIX = "module."
-# How many names a refusal lists per kind of problem before it summarises the rest.
-LISTED_KEYS = 12
 
 
 def unwrap_checkpoint(checkpoint: Mapping, source: str) -> Tensors:
@@ -51,7 +49,7 @@ def unwrap_checkpoint(checkpoint: Mapping, source: str) -> Tensors:
             break
     not_tensors = sorted(str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor))
     if not_tensors or not checkpoint:
-        found = f"entries that are not tensors: {_listing(not_tensors)}" if not_tensors else "no tensors"
+        found = f"entries that are not tensors: {', '.join(not_tensors)}" if not_tensors else "no tensors"
         raise ClipreelError(
             f"{source}: expected a state dict (name -> tensor), or a training checkpoint holding one under "
             f"{', '.join(repr(key) for key in CONTAINER_KEYS)}; found {found}."
@@ -129,11 +127,11 @@ class KeyReport:
         lines = []
         if self.mis_shaped:
             shapes = [f"{key} {found} (expected {expected})" for key, found, expected in self.mis_shaped]
-            lines.append(f"mis-shaped ({len(shapes)}): {_listing(shapes)}")
+            lines.append(f"mis-shaped ({len(shapes)}): {', '.join(shapes)}")
         if self.missing:
-            lines.append(f"missing ({len(self.missing)}): {_listing(self.missing)}")
+            lines.append(f"missing ({len(self.missing)}): {', '.join(self.missing)}")
         if self.unexpected:
-            lines.append(f"unexpected ({len(self.unexpected)}): {_listing(self.unexpected)}")
+            lines.append(f"unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
         return "\n".join(lines)
 
 
@@ -162,11 +160,6 @@ def check_layout(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, Sha
             f"'module.' prefix.\n{report.describe()}\nThe file is incomplete, damaged, or a checkpoint of another "
             "method or variant."
         )
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:LISTED_KEYS])
-    return shown + (f", ... and {len(names) - LISTED_KEYS} more" if len(names) > LISTED_KEYS else "")
 
 
 # --------------------------------------------------------------------------- the user's values
