@@ -7,6 +7,7 @@ Also: refusals that name the keys and tensors, and ViFi-CLIP's export to open_cl
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import open_clip
@@ -609,3 +610,24 @@ def test_a_container_without_tensors_is_refused_naming_its_entries():
     with pytest.raises(ClipreelError, match="entries that are not tensors: config, epoch"):
         unwrap_checkpoint({"weights.pt": torch.zeros(1), "epoch": 3, "config": {"T": 8}}, "k400.pth")
     assert set(unwrap_checkpoint({"model": {"module.a": torch.zeros(1)}, "config": object()}, "k400.pth")) == {"a"}
+
+
+def test_evl_at_the_released_vit_b16_sizes():
+    """A k400_vitb16_8f_dec4x768 layout (meta tensors: shapes only) over open_clip's ViT-B-16: the
+    decoder + head hold 33,183,376 parameters, the count of EVL's own modules, and the facts and the
+    rebuilt CLIP are ViT-B/16's."""
+    from clipreel.heads.convert.evl import evl_shapes
+
+    shapes = evl_shapes(EVLConfig())
+    assert sum(math.prod(shape) for shape in shapes.values()) == 33_183_376
+    with torch.device("meta"):
+        base = open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-16")).state_dict()
+    checkpoint = {"model": {"module." + key: torch.empty(shape, device="meta") for key, shape in shapes.items()}}
+    imported = convert_evl(checkpoint, base, UserChoices(model="ViT-B-16", frames=8, num_classes=400))
+    assert imported.facts["feature_blocks"] == [8, 9, 10, 11] and imported.facts["grid"] == 14
+    assert imported.method_config["heads"] == 12
+    reference = open_clip.get_model_config("ViT-B-16")
+    assert imported.clip_config["vision_cfg"].items() >= {"width": 768, "layers": 12, "patch_size": 16, "image_size": 224}.items()
+    assert imported.clip_config["text_cfg"].items() >= reference["text_cfg"].items()
+    with pytest.raises(ClipreelError, match=r"vision_width 1024 \(the checkpoint: 768, from visual\.conv1\.weight"):
+        convert_evl(checkpoint, base, UserChoices(model="ViT-L-14"))
