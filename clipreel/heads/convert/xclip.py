@@ -50,7 +50,7 @@ from clipreel.heads.convert.common import (
 )
 from clipreel.heads.raw.xclip import XCLIPConfig
 
-# The checkpoint keys that belong to XCLIP's head rather than to the CLIP: prefix -> clipreel prefix.
+# Checkpoint keys that belong to XCLIP's head (clipreel prefixes them with "head.").
 HEAD_PREFIXES = ("mit.", "prompts_visual_ln.", "prompts_visual_proj", "prompts_generator.", "logit_scale")
 MESSAGE_MODULES = ("message_fc.", "message_ln.", "message_attn.")
 # X-CLIP's final test pass (main.py): 4 clips x 3 crops on frames resized to the crop size.
@@ -141,8 +141,7 @@ def convert_xclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: s
     )
     heads = attention_heads(user.model, vision, text, clip_evidence("visual.", "", "token_embedding.weight", vision, text))
 
-    clip_keys = set(clip_shapes(vision, text))
-    clip_state_dict = {key: tensors[key] for key in clip_keys}
+    clip_state_dict = {key: tensors[key] for key in clip_shapes(vision, text)}
     state_dict = {}
     for key, value in tensors.items():
         if key.startswith("visual."):
@@ -169,6 +168,10 @@ def convert_xclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: s
         preprocessing=preprocessing,
         conventions=[
             "class texts: the bare class names (template '{}'), shifted per video by the prompt generator",
+            (
+                "X-CLIP tokenizes class names as they are; clipreel reads underscores as spaces (the released "
+                "label files use spaces)"
+            ),
             "the test pass X-CLIP reports: TSN segment centres, 4 clips x 3 crops, softmax summed over views",
         ],
     )
