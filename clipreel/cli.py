@@ -83,7 +83,7 @@ def extract(
     )
     summary = run_extract(cfg, progress=progress)
     for change in summary.repairs:
-        console.print(f"repaired: {change}", highlight=False)
+        console.print(f"repaired: {change}", highlight=False, soft_wrap=True)
     startup = f" ({summary.startup_seconds:.1f} to the first stored video)" if summary.startup_seconds else ""
     console.print(f"extract → {summary.store}", highlight=False)
     console.print(f"  videos   {summary.total}", highlight=False)
@@ -141,7 +141,7 @@ def verify(
     if repair:
         report, problems = repair_store_at(store, force=force)
         for action in report.actions or ["nothing to repair"]:
-            console.print(f"repaired: {action}", highlight=False)
+            console.print(f"repaired: {action}", highlight=False, soft_wrap=True)
     else:
         problems = verify_store(FeatureStore.open(store))
     if problems:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from clipreel.cli import app
+from clipreel.errors import ClipreelError
 from clipreel.heads.clip import register_builtin_models
 from clipreel.pipeline.data.decode import PyAVDecoder, dali_available
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
@@ -205,3 +206,30 @@ def test_resume_appends_and_refuses_other_settings(ray_local, world, tmp_path):
     refused = _extract("--videos", str(both), "--out", str(store_path), "--pretrained", "none", "--frames", "6")
     assert refused.exit_code != 0
     assert "frames" in str(refused.exception) + refused.output
+
+
+def test_recheck_recomputes_exactly_the_videos_verify_rejects(ray_local, world, tmp_path):
+    listing = tmp_path / "five.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},0\n" for p in sorted((world.parent / "videos").rglob("*.mp4"))[:5]))
+    store_path = tmp_path / "f.zarr"
+    command = ("--videos", str(listing), "--out", str(store_path), "--pretrained", "none", "--frames", "4")
+    assert _extract(*command).exit_code == 0
+    store = FeatureStore.open(store_path)
+    os.remove(store.chunk_file("tokens", 1))  # a deleted chunk
+    with open(store.chunk_file("attention", 3), "r+b") as chunk:  # a truncated one
+        chunk.truncate(100)
+    untouched = {row: os.stat(store.chunk_file("tokens", row)).st_mtime_ns for row in (0, 2, 4)}
+    assert runner.invoke(app, ["verify", str(store_path)]).exit_code == 1
+    with pytest.raises(ClipreelError, match="verify --repair"):
+        store.read([1])
+
+    trusting = _extract(*command)  # without --recheck the done flags are trusted
+    assert trusting.exit_code == 0 and "0 computed now" in trusting.output
+
+    rechecked = _extract(*command, "--recheck")
+
+    assert rechecked.exit_code == 0, rechecked.output
+    assert "2 computed now" in rechecked.output
+    assert "row 1 (" in rechecked.output and "tokens chunk file missing" in rechecked.output
+    assert runner.invoke(app, ["verify", str(store_path)]).exit_code == 0
+    assert {row: os.stat(store.chunk_file("tokens", row)).st_mtime_ns for row in (0, 2, 4)} == untouched
