@@ -145,7 +145,7 @@ def _extract_holding_lease(cfg, sources, sampling, lease, started: float, progre
             started_ray = ensure_ray(cfg.address) or started_ray
             try:
                 results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray)
-                last_flush = time.perf_counter()
+                last_flush, flush_every = time.perf_counter(), MANIFEST_FLUSH_SECONDS
                 with progress_bar("extract", len(todo), progress) as advance:
                     for result in results:
                         if startup_seconds is None and result["status"] == "done":
@@ -155,9 +155,13 @@ def _extract_holding_lease(cfg, sources, sampling, lease, started: float, progre
                         computed_now += result["status"] == "done"
                         failed_now += result["status"] == "failed"
                         advance(f"done {computed_now}  failed {failed_now}")
-                        if time.perf_counter() - last_flush > MANIFEST_FLUSH_SECONDS:
+                        if time.perf_counter() - last_flush > flush_every:
+                            flush_started = time.perf_counter()
                             _save_results(store, lease, finished)
                             last_flush = time.perf_counter()
+                            # Merging into a big manifest takes a while (1.1 s at a million rows):
+                            # keep it under a tenth of the driver's time.
+                            flush_every = max(MANIFEST_FLUSH_SECONDS, 10 * (last_flush - flush_started))
             finally:
                 _save_results(store, lease, finished)
     finally:

@@ -49,7 +49,13 @@ from clipreel.errors import ClipreelError
 from clipreel.stores import fastread
 from clipreel.stores.audit import provenance_diff, summarize, verify
 from clipreel.stores.lease import LEASE_FOLDER
-from clipreel.stores.manifest import manifest_from_parquet, manifest_to_parquet, new_manifest, orphan_mask
+from clipreel.stores.manifest import (
+    manifest_from_parquet,
+    manifest_to_parquet,
+    manifest_values,
+    new_manifest,
+    orphan_mask,
+)
 from clipreel.stores.objects import StoreObjects
 
 __all__ = [
@@ -336,22 +342,20 @@ class FeatureStore:
         values, and every other row stays as storage has it (rows another writer appended included).
         """
         self._require_writable("write the manifest")
+        if "video_id" not in changes.columns:
+            raise ClipreelError("update_manifest: changes need a video_id column naming the videos they change")
+        values = manifest_values(changes.drop(columns="video_id"))
         manifest = self.manifest()
-        unknown_columns = [name for name in changes.columns if name not in manifest.columns]
-        if "video_id" not in changes.columns or unknown_columns:
-            raise ClipreelError(
-                f"update_manifest: changes need a video_id column and only manifest columns; unknown {unknown_columns}"
-            )
         positions = pd.Index(manifest["video_id"]).get_indexer(changes["video_id"])
         if (positions < 0).any():
             missing = changes["video_id"].to_numpy()[positions < 0][:5].tolist()
             raise ClipreelError(f"{self.path}: update_manifest: videos {missing} are not in the store's manifest")
-        updated = manifest.copy()
-        for column in changes.columns.drop("video_id"):
-            updated.iloc[positions, updated.columns.get_loc(column)] = changes[column].to_numpy()
-        updated = new_manifest(updated)
-        self._save_checked_manifest(updated, manifest)
-        return updated
+        for column in values.columns:
+            manifest.iloc[positions, manifest.columns.get_loc(column)] = values[column].to_numpy()
+        # The rows and their videos are storage's own, so only the row count needs checking.
+        self._check_extent(len(manifest))
+        self._objects.replace(MANIFEST_FILE, manifest_to_parquet(manifest))
+        return manifest
 
     def append(self, rows: pd.DataFrame) -> None:
         """Add videos: into orphan placeholder rows first, then at the end, growing every array.

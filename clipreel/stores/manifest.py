@@ -100,7 +100,7 @@ def _check_unique_ids(table: pd.DataFrame) -> None:
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then os.replace."""
-    data = manifest_to_parquet(df)
+    data = manifest_to_parquet(new_manifest(df))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -124,11 +124,27 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return manifest_from_parquet(path.read_bytes(), str(path))
 
 
-def manifest_to_parquet(df: pd.DataFrame) -> bytes:
-    """The manifest as the bytes of a zstd-compressed Parquet file."""
+def manifest_to_parquet(manifest: pd.DataFrame) -> bytes:
+    """A manifest (as `new_manifest` returns it) as the bytes of a zstd-compressed Parquet file."""
     buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(new_manifest(df), preserve_index=False), buffer, compression="zstd")
+    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), buffer, compression="zstd")
     return buffer.getvalue().to_pybytes()
+
+
+def manifest_values(changes: pd.DataFrame) -> pd.DataFrame:
+    """Some manifest columns (any of `MANIFEST_COLUMNS`) cast to their dtypes, statuses checked:
+    new values for rows of a manifest, without rebuilding all of it."""
+    unknown = [name for name in changes.columns if name not in MANIFEST_COLUMNS]
+    if unknown:
+        raise ClipreelError(f"manifest values: unknown column(s) {unknown}; the manifest has {list(MANIFEST_COLUMNS)}")
+    try:
+        values = changes.astype({name: MANIFEST_COLUMNS[name] for name in changes.columns}).reset_index(drop=True)
+    except (ValueError, TypeError) as exc:
+        raise ClipreelError(f"manifest values of the wrong type: {exc}") from exc
+    if "status" in values.columns and not values["status"].isin(STATUSES).all():
+        bad = values["status"][~values["status"].isin(STATUSES)].iloc[0]
+        raise ClipreelError(f"manifest status {bad!r}; it must be one of {', '.join(STATUSES)}")
+    return values
 
 
 def manifest_from_parquet(data: bytes, where: str) -> pd.DataFrame:
