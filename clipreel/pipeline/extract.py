@@ -37,7 +37,12 @@ from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 from clipreel.stores.lease import WriterLease
 from clipreel.stores.manifest import orphan_mask
-from clipreel.stores.repair import complete_append, recheck, reconcile_statuses, repair_store
+from clipreel.stores.repair import (
+    complete_append,
+    recheck,
+    reconcile_statuses,
+    repair_store,
+)
 
 MANIFEST_FLUSH_SECONDS = 5.0
 RESULT_COLUMNS = ("status", "error", "num_frames", "fps")  # what a finished video sets in the manifest

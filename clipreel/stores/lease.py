@@ -24,6 +24,7 @@ clipreel.errors and stores.objects.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -245,11 +246,13 @@ def _record_name(generation: int) -> str:
 
 
 def _delete_older_records(objects: StoreObjects, generation: int) -> None:
-    """Remove the records of generations before `generation` (never the newest one)."""
-    for name in objects.list(LEASE_FOLDER):
-        match = _RECORD_NAME.fullmatch(name)
-        if match and int(match[1]) < generation:
-            objects.delete(f"{LEASE_FOLDER}/{name}")
+    """Remove the records of generations before `generation` (never the newest one). Best effort:
+    an old record left behind is never read again."""
+    with contextlib.suppress(OSError):
+        for name in objects.list(LEASE_FOLDER):
+            match = _RECORD_NAME.fullmatch(name)
+            if match and int(match[1]) < generation:
+                objects.delete(f"{LEASE_FOLDER}/{name}")
 
 
 def _refusal(store, record: LeaseRecord, state: str, force: bool, wait_seconds: float) -> str:

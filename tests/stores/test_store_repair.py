@@ -17,7 +17,13 @@ from clipreel.stores.features import FeatureStore, StoreLayout, verify
 from clipreel.stores.lease import WriterLease
 from clipreel.stores.manifest import manifest_to_parquet, new_manifest, orphan_mask
 from clipreel.stores.objects import StoreObjects
-from clipreel.stores.repair import complete_append, recheck, reconcile_statuses, repair_store, repair_store_at
+from clipreel.stores.repair import (
+    complete_append,
+    recheck,
+    reconcile_statuses,
+    repair_store,
+    repair_store_at,
+)
 
 LAYOUT = StoreLayout(videos=6, views=1, frames=3, layers=2, tokens=5, width=8, embed_dim=4)
 NUM_FRAMES = 30
@@ -163,9 +169,8 @@ def test_repair_retries_silent_failures_and_is_refused_while_another_writer_hold
     store.write_manifest(manifest)
     assert len(verify(store)) == 2
 
-    with WriterLease.acquire(store_path, "another writer"):
-        with pytest.raises(ClipreelError, match="has another writer"):
-            repair_store_at(store_path)
+    with WriterLease.acquire(store_path, "another writer"), pytest.raises(ClipreelError, match="has another writer"):
+        repair_store_at(store_path)
     report, remaining = repair_store_at(store_path)
 
     assert report.actions == ["2 manifest statuses set from the done flags"] and remaining == []
