@@ -67,6 +67,10 @@ def extract(
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    wait: float = typer.Option(0.0, help="Seconds to wait when another process holds the store's writer lease (default: refuse at once)."),
+    force: bool = typer.Option(False, help="Take over the store's writer lease if it has expired (its holder stopped renewing it)."),
+    recheck: bool = typer.Option(False, help="Verify every done video first and compute again those that fail (missing or damaged chunks, NaN/inf)."),
+    repair: bool = typer.Option(False, help="Repair the store first, as `clipreel verify --repair` does (includes --recheck)."),
 ) -> None:
     """Extract multi-layer CLIP features of every video into a Zarr store (resumable; bad files are recorded, not fatal)."""
     from clipreel.pipeline.extract import ExtractConfig, run_extract
@@ -75,15 +79,19 @@ def extract(
         videos=videos, out=str(out), model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
-        skip_missing=skip_missing,
+        skip_missing=skip_missing, wait=wait, force=force, recheck=recheck, repair=repair,
     )
     summary = run_extract(cfg, progress=progress)
+    for change in summary.repairs:
+        console.print(f"repaired: {change}", highlight=False, soft_wrap=True)
     startup = f" ({summary.startup_seconds:.1f} to the first stored video)" if summary.startup_seconds else ""
     console.print(f"extract → {summary.store}", highlight=False)
     console.print(f"  videos   {summary.total}", highlight=False)
     console.print(f"  done     {summary.done} ({summary.computed_now} computed now)", highlight=False)
     console.print(f"  failed   {summary.failed}", highlight=False)
     console.print(f"  seconds  {summary.seconds:.1f}{startup}", highlight=False)
+    if summary.orphaned:
+        console.print(f"  {summary.orphaned} orphan placeholder row(s) wait for videos not yet in the store", highlight=False)
     for video_id, error in summary.failures[:20]:
         console.print(f"[red]failed[/] {video_id}: {error}")
     if summary.failed:
@@ -102,8 +110,10 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
         print(json.dumps(summary, indent=2, default=str))
         return
     table = Table(title=str(store), show_header=False)
-    for key in ("videos", "done", "failed", "pending", "manifest_rows", "schema_version", "clipreel_version"):
+    for key in ("videos", "done", "failed", "pending", "manifest_rows", "orphaned", "schema_version", "clipreel_version"):
         table.add_row(key, str(summary[key]))
+    lease = summary["writer_lease"]
+    table.add_row("writer lease", "never taken" if lease is None else f"{lease['state']}: {lease['description']}")
     for name, array in summary["arrays"].items():
         table.add_row(f"array {name}", f"{tuple(array['shape'])} {array['dtype']}, chunks {tuple(array['chunks'])}")
     table.add_row("bytes on disk", f"{summary['bytes_on_disk']:,} ({summary['bytes_on_disk'] / 2**30:.2f} GiB)")
@@ -116,12 +126,24 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="A feature store (NAME.zarr).")) -> None:
+def verify(
+    store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
+    repair: bool = typer.Option(False, help="Make the store consistent (holding its writer lease): restore lost manifest rows, and mark every video that fails the checks not done, for extract to compute again."),
+    force: bool = typer.Option(False, help="With --repair: take over the store's writer lease if it has expired."),
+) -> None:
     """Check every done video's data: present, finite, consistent with the manifest. Exits 1 naming each problem."""
     from clipreel.stores.features import FeatureStore
     from clipreel.stores.features import verify as verify_store
+    from clipreel.stores.repair import repair_store_at
 
-    problems = verify_store(FeatureStore.open(store))
+    if force and not repair:
+        raise ClipreelError("clipreel verify: --force takes over the writer lease for --repair; give both, or neither")
+    if repair:
+        report, problems = repair_store_at(store, force=force)
+        for action in report.actions or ["nothing to repair"]:
+            console.print(f"repaired: {action}", highlight=False, soft_wrap=True)
+    else:
+        problems = verify_store(FeatureStore.open(store))
     if problems:
         for problem in problems:
             console.print(f"[red]✗[/] {problem}")

@@ -12,6 +12,11 @@ Each video owns its chunks in the store and its `done` flag is written last, so 
 SIGKILL of the whole job) never leaves a half-written video marked done, and re-running the same
 command only computes what is missing. Bad files never stop the job: their errors travel as rows
 and end up in the manifest with status `failed`.
+
+The driver holds the store's writer lease for the whole run (a second extract on the same store
+waits or is refused), and merges statuses into the manifest in storage rather than overwriting
+it. Before computing it completes an interrupted append, and on request repairs the store
+(--repair) or clears the done flags of videos that verify rejects (--recheck).
 """
 
 from __future__ import annotations
@@ -30,8 +35,17 @@ from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
+from clipreel.stores.lease import WriterLease
+from clipreel.stores.manifest import orphan_mask
+from clipreel.stores.repair import (
+    complete_append,
+    recheck,
+    reconcile_statuses,
+    repair_store,
+)
 
 MANIFEST_FLUSH_SECONDS = 5.0
+RESULT_COLUMNS = ("status", "error", "num_frames", "fps")  # what a finished video sets in the manifest
 
 
 @dataclass
@@ -57,6 +71,10 @@ class ExtractConfig:
     root: str | None = None
     labels: str | None = None
     skip_missing: bool = False
+    wait: float = 0.0  # seconds to wait for another writer's lease on the store
+    force: bool = False  # take over an expired writer lease
+    recheck: bool = False  # clear the done flags of videos that verify rejects, so they are computed again
+    repair: bool = False  # repair_store first (includes recheck)
 
     def sampling_config(self) -> SamplingConfig:
         return SamplingConfig(
@@ -77,10 +95,12 @@ class ExtractSummary:
     seconds: float
     startup_seconds: float | None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error)
+    repairs: list[str] = field(default_factory=list)  # what repair, recheck or append completion changed
+    orphaned: int = 0  # orphan placeholder rows still waiting for a video
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
-    """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`."""
+    """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`, holding its writer lease."""
     started = time.perf_counter()
     from clipreel.pipeline.data.sources import read_sources
 
@@ -92,6 +112,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     )
     sampling = cfg.sampling_config()
     choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder before anything starts
+    with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
+        return _extract_holding_lease(cfg, sources, sampling, lease, started, progress)
+
+
+def _extract_holding_lease(cfg, sources, sampling, lease, started: float, progress: bool) -> ExtractSummary:
+    """run_extract's work, while this process holds the store's writer lease."""
     # Ray starts first: it comes up while this process loads the model, which takes about as long.
     started_ray = ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
@@ -110,39 +136,46 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         )
         provenance = _provenance(backbone, sampling, preprocess)
         store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess)
-        manifest = _reconcile(store)
-        todo = manifest.index[manifest["status"] != "done"].to_numpy()
+        repairs = _make_consistent(store, cfg)
+        _add_new_videos(store, sources)
+        manifest, _ = reconcile_statuses(store)
+        todo = manifest.index[(manifest["status"] != "done") & ~orphan_mask(manifest)].to_numpy()
 
         startup_seconds = None
         computed_now = failed_now = 0
+        finished: dict[str, dict] = {}  # video_id -> its RESULT_COLUMNS, until merged into storage
         if len(todo):
             import ray
 
             started_ray = ensure_ray(cfg.address) or started_ray
             try:
                 results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray)
-                last_flush = time.perf_counter()
+                last_flush, flush_every = time.perf_counter(), MANIFEST_FLUSH_SECONDS
                 with progress_bar("extract", len(todo), progress) as advance:
                     for result in results:
                         if startup_seconds is None and result["status"] == "done":
                             startup_seconds = time.perf_counter() - started
-                        row = int(result["row"])
-                        for column in ("status", "error", "num_frames", "fps"):
-                            manifest.at[row, column] = result[column]
+                        video_id = manifest.at[int(result["row"]), "video_id"]
+                        finished[video_id] = {column: result[column] for column in RESULT_COLUMNS}
                         computed_now += result["status"] == "done"
                         failed_now += result["status"] == "failed"
                         advance(f"done {computed_now}  failed {failed_now}")
-                        if time.perf_counter() - last_flush > MANIFEST_FLUSH_SECONDS:
-                            store.write_manifest(manifest)
+                        if time.perf_counter() - last_flush > flush_every:
+                            flush_started = time.perf_counter()
+                            _save_results(store, lease, finished)
                             last_flush = time.perf_counter()
+                            # Merging into a big manifest takes a while (1.1 s at a million rows):
+                            # keep it under a tenth of the driver's time.
+                            flush_every = max(MANIFEST_FLUSH_SECONDS, 10 * (last_flush - flush_started))
             finally:
-                store.write_manifest(manifest)
+                _save_results(store, lease, finished)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    manifest = _reconcile(store)
+    lease.ensure_held()
+    manifest, _ = reconcile_statuses(store)
     failed = manifest[manifest["status"] == "failed"]
     return ExtractSummary(
         store=str(cfg.out),
@@ -154,15 +187,20 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         seconds=time.perf_counter() - started,
         startup_seconds=startup_seconds,
         failures=list(zip(failed["video_id"], failed["error"])),
+        repairs=repairs,
+        orphaned=int(orphan_mask(manifest).sum()),
     )
 
 
 def _has_work(path, sources: pd.DataFrame) -> bool:
     """Whether the store at `path` lacks any video of `sources` (cheap: no model, no Ray)."""
-    if not Path(path).exists() or not any(Path(path).iterdir()):
+    if not FeatureStore.exists(path):
         return True
     store = FeatureStore.open(path)
-    done_ids = set(store.manifest()["video_id"][store.done_mask()])
+    manifest, done = store.manifest(), store.done_mask()
+    if len(manifest) != len(done):  # an inconsistent store: this run completes or repairs it first
+        return True
+    done_ids = set(manifest["video_id"][done])
     return not set(sources["video_id"]) <= done_ids
 
 
@@ -184,8 +222,8 @@ def _provenance(backbone, sampling: SamplingConfig, preprocess) -> dict:
 
 
 def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sampling, preprocess):
-    """Open the store at `path` (refusing different settings) and add new videos, or create it."""
-    if Path(path).exists() and any(Path(path).iterdir()):
+    """Open the store at `path` (refusing different settings), or create it with `sources` as its videos."""
+    if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
         differences = provenance_diff(store.provenance, provenance)
         if differences:
@@ -194,10 +232,6 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
                 + "\n  - ".join(differences)
                 + "\nUse the same settings to resume or add videos, or choose a new --out."
             )
-        known = set(store.manifest()["video_id"])
-        new_rows = sources[~sources["video_id"].isin(known)]
-        if len(new_rows):
-            store.append(new_rows.reset_index(drop=True))
         return store
     layout = StoreLayout(
         videos=len(sources),
@@ -211,16 +245,38 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
     return FeatureStore.create(path, layout, provenance, sources)
 
 
-def _reconcile(store: FeatureStore) -> pd.DataFrame:
-    """Make manifest statuses agree with the done flags (the truth after any crash) and save them."""
-    manifest = store.manifest()
-    done = store.done_mask()
-    was_done = manifest["status"] == "done"
-    manifest.loc[done, "status"] = "done"
-    manifest.loc[done, "error"] = ""
-    manifest.loc[was_done & ~done, "status"] = "pending"
-    store.write_manifest(manifest)
-    return manifest
+def _make_consistent(store: FeatureStore, cfg: ExtractConfig) -> list[str]:
+    """Repair the store (--repair), or complete an interrupted append and recheck (--recheck).
+
+    Returns one line per change, for the summary.
+    """
+    if cfg.repair:
+        return repair_store(store).actions
+    grown = complete_append(store)
+    changes = [f"completed an interrupted append: {name} grown to {after} rows" for name, (_, after) in grown.items()]
+    if cfg.recheck:
+        ids = store.manifest()["video_id"]
+        for row, problems in recheck(store).items():
+            changes.append(f"row {row} ({ids.iloc[row]}) to be extracted again: {'; '.join(problems)}")
+    return changes
+
+
+def _add_new_videos(store: FeatureStore, sources: pd.DataFrame) -> None:
+    """Append the videos of `sources` that the store does not have yet (into orphan placeholders first)."""
+    known = set(store.manifest()["video_id"])
+    new_rows = sources[~sources["video_id"].isin(known)]
+    if len(new_rows):
+        store.append(new_rows.reset_index(drop=True))
+
+
+def _save_results(store: FeatureStore, lease: WriterLease, finished: dict[str, dict]) -> None:
+    """Merge the finished videos' results into the manifest in storage (if this process still holds
+    the lease), then forget them."""
+    if not finished:
+        return
+    lease.ensure_held()
+    store.update_manifest(pd.DataFrame([{"video_id": video_id, **columns} for video_id, columns in finished.items()]))
+    finished.clear()
 
 
 def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray):

@@ -2,6 +2,7 @@
 
 These back `clipreel info`, `clipreel verify` and the "same settings?" check before videos are
 added to an existing store. They are importable from clipreel.stores.features as well.
+`rejected_videos` is verify's verdict on each done video, which repair.py acts on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from clipreel.errors import ClipreelError
+from clipreel.stores.lease import lease_status
+from clipreel.stores.manifest import orphan_mask
 
 if TYPE_CHECKING:
     from clipreel.stores.features import FeatureStore
@@ -70,10 +73,11 @@ def _plain(value):
 
 
 def summarize(store: "FeatureStore") -> dict:
-    """Facts about a store: videos by status, layout, array shapes, bytes, provenance.
+    """Facts about a store: videos by status, layout, array shapes, bytes, provenance, writer lease.
 
     done comes from the done flags (the truth after a crash); failed are the not-done rows the
-    manifest marks failed; every other row is pending.
+    manifest marks failed; every other row is pending (orphan placeholders included, also counted
+    apart). writer_lease is the newest lease record with its state, or None.
     """
     manifest = store.manifest()
     videos = store.layout.videos
@@ -93,6 +97,8 @@ def summarize(store: "FeatureStore") -> dict:
         "failed": failed,
         "pending": videos - int(done.sum()) - failed,
         "manifest_rows": len(manifest),
+        "orphaned": int(orphan_mask(manifest).sum()),
+        "writer_lease": lease_status(store.path),
         "layout": asdict(store.layout),
         "arrays": arrays,
         "bytes_on_disk": _bytes_on_disk(store.path),
@@ -117,19 +123,15 @@ def _bytes_on_disk(location: Path | str) -> int:
 def verify(store: "FeatureStore", check_values: bool = True) -> list[str]:
     """Problems found in the store, one line each naming the row and video_id; [] when sound.
 
-    Checks: manifest rows == N; provenance frames/views/feature_blocks agree with the shapes;
-    manifest status agrees with the done flags; failed rows carry an error message; every done
-    video has all its chunk files at the right size and (check_values) finite tokens, embeds and
-    attention maps, and frame indices in [0, num_frames).
+    Checks: every array and the manifest have the same number of rows; provenance
+    frames/views/feature_blocks agree with the shapes; manifest status agrees with the done flags;
+    failed rows carry an error message; and `rejected_videos`: every done video has all its chunk
+    files at the right size and (check_values) finite tokens, embeds and attention maps, and frame
+    indices in [0, num_frames).
     """
     layout = store.layout
     manifest = store.manifest()
-    problems: list[str] = []
-    if len(manifest) != layout.videos:
-        problems.append(
-            f"manifest has {len(manifest)} rows but the arrays hold {layout.videos} videos "
-            "(row i of every array is manifest row i)"
-        )
+    problems = extent_problems(store, len(manifest))
     problems += _layout_problems(store)
     done = store.done_mask()
     rows = min(len(manifest), layout.videos)
@@ -143,12 +145,37 @@ def verify(store: "FeatureStore", check_values: bool = True) -> list[str]:
         problems.append(f"row {row} ({ids[row]}): done flag is set but manifest status is {status[row]!r}")
     for row in np.flatnonzero((status == "failed") & (errors == "")):
         problems.append(f"row {row} ({ids[row]}): status 'failed' without an error message")
-    num_frames = pd.to_numeric(manifest["num_frames"], errors="coerce").to_numpy()
-    for row in np.flatnonzero(done):
-        known_frames = num_frames[row] if row < rows else np.nan
-        for problem in _video_problems(store, row, known_frames, check_values):
-            problems.append(f"row {row} ({ids[row]}): {problem}")
+    for row, row_problems in rejected_videos(store, check_values).items():
+        problems += [f"row {row} ({ids[row]}): {problem}" for problem in row_problems]
     return problems
+
+
+def extent_problems(store: "FeatureStore", manifest_rows: int) -> list[str]:
+    """The arrays in storage disagreeing with each other or with the manifest's row count."""
+    extent = store.arrays_extent()
+    counts = set(extent.values())
+    held = f"{counts.pop()} videos" if len(counts) == 1 else ", ".join(f"{name} {n}" for name, n in extent.items())
+    problems = []
+    if len(set(extent.values())) > 1:
+        problems.append(f"the arrays disagree on the number of videos: {held} (an interrupted append?)")
+    if any(count != manifest_rows for count in extent.values()):
+        problems.append(
+            f"manifest has {manifest_rows} rows but the arrays hold {held} (row i of every array is manifest row i)"
+        )
+    return problems
+
+
+def rejected_videos(store: "FeatureStore", check_values: bool = True) -> dict[int, list[str]]:
+    """{row: what is wrong} for every done video whose data verify rejects (see `verify`)."""
+    manifest = store.manifest()
+    num_frames = pd.to_numeric(manifest["num_frames"], errors="coerce").to_numpy()
+    rejected = {}
+    for row in np.flatnonzero(store.done_mask()):
+        known_frames = num_frames[row] if row < len(manifest) else np.nan
+        problems = _video_problems(store, int(row), known_frames, check_values)
+        if problems:
+            rejected[int(row)] = problems
+    return rejected
 
 
 def _layout_problems(store: "FeatureStore") -> list[str]:
@@ -187,6 +214,8 @@ def _video_problems(store: "FeatureStore", row: int, num_frames: float, check_va
         values = store.read([row], fields=data_arrays)
     except ClipreelError as error:
         return [str(error)]
+    except Exception as error:  # e.g. a truncated chunk read through zarr from an fsspec URL
+        return [f"unreadable: {type(error).__name__}: {error}"]
     for name in data_arrays:
         bad = int((~np.isfinite(values[name])).sum())
         if bad:

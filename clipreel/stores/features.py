@@ -5,6 +5,7 @@ Layout (documented field by field in docs/store.md):
     NAME.zarr/
       zarr.json             root group; attributes schema_version, clipreel_version, provenance
       manifest.parquet      one row per video; row i of every array below is manifest row i
+      writer_lease/         who may add rows and rewrite the manifest now (lease.py)
       tokens/               (N, V, T, K, L, D)          float16  outputs of the K feature blocks, CLS first
       embeds/               (N, V, T, E)                float32  projected per-frame embeddings (not normalised)
       attention/            (N, V, 2, T-1, K, P, P)     float16  EVL's cross-frame attention maps (T >= 2 only)
@@ -21,17 +22,20 @@ chunk files, and writers in different processes never touch the same file (zarr'
 read-modify-write of a shared chunk loses updates). A video's `done` chunk is written last, so
 a crash can leave a half-written video but never one that reads as done.
 
+One process at a time holds the store's writer lease (lease.py) and alone adds rows or rewrites
+the manifest. Even so, every manifest write reads the manifest and the arrays' extent again from
+storage and refuses to drop, move or miscount a row, so no stale view can shrink the manifest.
+
 Reading goes straight to the chunk files when the store is a local folder (see fastread.py),
 and through zarr otherwise (fsspec URLs, or any array whose encoding is not raw bytes).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +48,15 @@ from clipreel import __version__
 from clipreel.errors import ClipreelError
 from clipreel.stores import fastread
 from clipreel.stores.audit import provenance_diff, summarize, verify
-from clipreel.stores.manifest import new_manifest, read_manifest, write_manifest
+from clipreel.stores.lease import LEASE_FOLDER
+from clipreel.stores.manifest import (
+    manifest_from_parquet,
+    manifest_to_parquet,
+    manifest_values,
+    new_manifest,
+    orphan_mask,
+)
+from clipreel.stores.objects import StoreObjects
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -157,14 +169,19 @@ class FeatureStore:
         self.mode = mode
         self._group = group
         self._fast_read = fast_read
+        self._objects = StoreObjects(path)
         attributes = group.attrs.asdict()
         self.provenance: dict = dict(attributes.get("provenance", {}))
         self.schema_version: int = attributes["schema_version"]
         self.clipreel_version: str | None = attributes.get("clipreel_version")
-        videos, views, frames, layers, tokens, width = group["tokens"].shape
-        self.layout = StoreLayout(videos, views, frames, layers, tokens, width, group["embeds"].shape[-1])
+        self._load_arrays()
+
+    def _load_arrays(self) -> None:
+        """Read the arrays' metadata from storage: the layout (N from tokens) and the readers."""
+        videos, views, frames, layers, tokens, width = self._group["tokens"].shape
+        self.layout = StoreLayout(videos, views, frames, layers, tokens, width, self._group["embeds"].shape[-1])
         self._arrays = {
-            name: group[name].with_config({"write_empty_chunks": ARRAYS[name].write_empty_chunks})
+            name: self._group[name].with_config({"write_empty_chunks": ARRAYS[name].write_empty_chunks})
             for name in self.layout.array_names
         }
         # Per array: why its chunk files cannot be read directly (absent when they can), and
@@ -189,9 +206,11 @@ class FeatureStore:
         provenance: dict,
         manifest: pd.DataFrame,
     ) -> "FeatureStore":
-        """Create a new store at `path` (which must not exist, or be an empty folder)."""
+        """Create a new store at `path` (which must not exist, or be an empty folder but for its writer lease)."""
         location = _location(path)
-        if isinstance(location, Path) and location.exists() and any(location.iterdir()):
+        if isinstance(location, Path) and location.exists() and any(
+            entry.name != LEASE_FOLDER for entry in location.iterdir()
+        ):
             raise ClipreelError(
                 f"{location} already exists and is not empty: choose a new path, delete it, or add "
                 "videos to an existing store with FeatureStore.open(path, 'r+').append(rows)"
@@ -233,8 +252,13 @@ class FeatureStore:
                 attributes={"description": spec.description},
             )
         # The manifest is written last: a store without one is an interrupted create.
-        _save_manifest(location, manifest)
+        StoreObjects(location).replace(MANIFEST_FILE, manifest_to_parquet(manifest))
         return cls.open(location, mode="r+")
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether `path` holds a store (its root zarr.json), complete or not."""
+        return StoreObjects(_location(path)).exists("zarr.json")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", fast_read: bool = True) -> "FeatureStore":
@@ -271,7 +295,7 @@ class FeatureStore:
         if _has_member(group, "tokens") and group["tokens"].shape[2] >= 2:
             required.append("attention")
         missing = [name for name in required if not _has_member(group, name)]
-        if not _manifest_exists(location):
+        if not StoreObjects(location).exists(MANIFEST_FILE):
             missing.append(MANIFEST_FILE)
         if missing:
             raise ClipreelError(
@@ -290,39 +314,95 @@ class FeatureStore:
     # ------------------------------------------------------------------ manifest
 
     def manifest(self) -> pd.DataFrame:
-        """The store's manifest (manifest.parquet inside the store)."""
-        return _load_manifest(self.path)
+        """The store's manifest (manifest.parquet inside the store), as storage holds it now."""
+        data = self._objects.read(MANIFEST_FILE)
+        if data is None:
+            raise ClipreelError(f"{self.path}: {MANIFEST_FILE} is missing; the store cannot name its videos")
+        return manifest_from_parquet(data, f"{self.path}/{MANIFEST_FILE}")
+
+    def arrays_extent(self) -> dict[str, int]:
+        """Rows of each per-video array as storage says now (this object's layout may be older)."""
+        return {name: self._group[name].shape[0] for name in self.layout.array_names}
 
     def write_manifest(self, df: pd.DataFrame) -> None:
-        """Replace the manifest (atomically); it must keep one row per video, in row order."""
+        """Save `df` as the manifest, atomically.
+
+        It must keep every video of the manifest in storage at its row (only orphan placeholders may
+        take another video) and have exactly one row per row of the arrays in storage. Both are read
+        again from storage, so a writer whose view predates another writer's append is refused
+        instead of shrinking the manifest. Hold the store's writer lease while writing.
+        """
         self._require_writable("write the manifest")
-        if len(df) != self.layout.videos:
-            raise ClipreelError(
-                f"{self.path}: the new manifest has {len(df)} rows, the store has {self.layout.videos} "
-                "videos; use append() to add videos"
-            )
-        _save_manifest(self.path, new_manifest(df))
+        self._save_checked_manifest(new_manifest(df), self.manifest())
+
+    def update_manifest(self, changes: pd.DataFrame) -> pd.DataFrame:
+        """Merge `changes` into the manifest in storage, save it atomically and return it.
+
+        changes: a `video_id` column and any other manifest columns; each video it lists gets those
+        values, and every other row stays as storage has it (rows another writer appended included).
+        """
+        self._require_writable("write the manifest")
+        if "video_id" not in changes.columns:
+            raise ClipreelError("update_manifest: changes need a video_id column naming the videos they change")
+        values = manifest_values(changes.drop(columns="video_id"))
+        manifest = self.manifest()
+        positions = pd.Index(manifest["video_id"]).get_indexer(changes["video_id"])
+        if (positions < 0).any():
+            missing = changes["video_id"].to_numpy()[positions < 0][:5].tolist()
+            raise ClipreelError(f"{self.path}: update_manifest: videos {missing} are not in the store's manifest")
+        for column in values.columns:
+            manifest.iloc[positions, manifest.columns.get_loc(column)] = values[column].to_numpy()
+        # The rows and their videos are storage's own, so only the row count needs checking.
+        self._check_extent(len(manifest))
+        self._objects.replace(MANIFEST_FILE, manifest_to_parquet(manifest))
+        return manifest
 
     def append(self, rows: pd.DataFrame) -> None:
-        """Add videos: grow every per-video array by len(rows) and append rows to the manifest.
+        """Add videos: into orphan placeholder rows first, then at the end, growing every array.
 
-        The new rows start not done. Do not append while other processes write videos.
+        The new rows start not done. The manifest is saved before the arrays grow (metadata only), so
+        a crash in between leaves rows that the manifest names and the arrays do not reach yet; the
+        next writer grows the arrays (`grow_arrays`), losing nothing. Hold the store's writer lease.
         """
         self._require_writable("append videos")
-        old = self.manifest()
-        if len(old) != self.layout.videos:
-            raise ClipreelError(
-                f"{self.path}: manifest has {len(old)} rows but the arrays have {self.layout.videos}; "
-                "run `clipreel verify` and fix the store before appending"
-            )
-        combined = new_manifest(pd.concat([old, new_manifest(rows)], ignore_index=True))
-        videos = len(combined)
-        # Arrays first: if we crash before the manifest is written, the extra rows are merely
-        # not done, and verify() reports the row-count mismatch.
-        for array in self._arrays.values():
-            array.resize((videos, *array.shape[1:]))
-        _save_manifest(self.path, combined)
-        self.layout = replace(self.layout, videos=videos)
+        stored = self.manifest()
+        self._check_extent(len(stored))
+        new = new_manifest(rows)
+        placeholders = np.flatnonzero(orphan_mask(stored))[: len(new)]
+        filled = stored.copy()
+        for column in filled.columns:
+            filled.iloc[placeholders, filled.columns.get_loc(column)] = new[column].to_numpy()[: len(placeholders)]
+        combined = new_manifest(pd.concat([filled, new.iloc[len(placeholders) :]], ignore_index=True))
+        self.mark_not_done(placeholders)
+        self._objects.replace(MANIFEST_FILE, manifest_to_parquet(combined))
+        self.grow_arrays(len(combined))
+
+    def grow_arrays(self, videos: int) -> dict[str, tuple[int, int]]:
+        """Resize every per-video array with fewer than `videos` rows in storage to `videos` rows.
+
+        Only metadata changes: the new rows have no chunk files and read as not done. Returns
+        {array: (rows before, rows after)} for the arrays that grew.
+        """
+        self._require_writable("grow the arrays")
+        grown = {}
+        for name in self.layout.array_names:
+            array = self._group[name]  # its metadata as storage has it now
+            if array.shape[0] < videos:
+                grown[name] = (array.shape[0], videos)
+                array.resize((videos, *array.shape[1:]))
+        self._load_arrays()
+        return grown
+
+    def mark_not_done(self, rows: Sequence[int]) -> None:
+        """Clear the done flags of `rows`: they read as not done, and the next extract computes them.
+
+        Their chunk files stay until that rewrite.
+        """
+        self._require_writable("clear done flags")
+        rows = self._checked_rows(rows)
+        done = self._arrays["done"]
+        for row in rows[self._done_rows_among(rows)]:
+            done[int(row)] = 0
 
     # ------------------------------------------------------------------ writing
 
@@ -417,8 +497,9 @@ class FeatureStore:
             except fastread.ChunkFileError as error:
                 raise ClipreelError(
                     f"{self.path}: {self._describe_rows([error.row])} is marked done but its {field} "
-                    f"{error.problem} ({error.path}). The store is damaged: run `clipreel verify`, "
-                    "then extract that video again."
+                    f"{error.problem} ({error.path}). The store is damaged: `clipreel verify --repair "
+                    f"{self.path}` marks such videos not done, and the same `clipreel extract` command "
+                    "then computes them again (or run that command with --recheck)."
                 ) from None
         return result
 
@@ -437,6 +518,37 @@ class FeatureStore:
         return files.path(row) if files is not None else None
 
     # ------------------------------------------------------------------ helpers
+
+    def _save_checked_manifest(self, manifest: pd.DataFrame, stored: pd.DataFrame) -> None:
+        """Save `manifest` if it keeps every video of `stored` (storage's manifest) at its row and
+        matches the arrays' extent in storage."""
+        if len(manifest) < len(stored):
+            raise ClipreelError(
+                f"{self.path}: the new manifest has {len(manifest)} rows, the manifest in storage {len(stored)}; "
+                "a manifest never loses rows (did another process add videos since this one read it?). "
+                "Merge changes into the stored manifest with update_manifest()."
+            )
+        ids, stored_ids = manifest["video_id"].to_numpy(), stored["video_id"].to_numpy()
+        moved = np.flatnonzero((ids[: len(stored_ids)] != stored_ids) & ~orphan_mask(stored))
+        if len(moved):
+            row = int(moved[0])
+            raise ClipreelError(
+                f"{self.path}: the new manifest puts video {ids[row]!r} at row {row}, where the store holds "
+                f"{stored_ids[row]!r}; a row never changes video. Merge changes with update_manifest()."
+            )
+        self._check_extent(len(manifest))
+        self._objects.replace(MANIFEST_FILE, manifest_to_parquet(manifest))
+
+    def _check_extent(self, rows: int) -> None:
+        """Raise unless every per-video array in storage has `rows` rows."""
+        extent = self.arrays_extent()
+        if any(count != rows for count in extent.values()):
+            counts = ", ".join(f"{name} {count}" for name, count in extent.items())
+            raise ClipreelError(
+                f"{self.path}: the manifest has {rows} rows but the arrays in storage hold {counts}; row i of "
+                f"every array must be manifest row i. Run `clipreel verify --repair {self.path}` to make "
+                "them agree."
+            )
 
     def _read_with_zarr(self, field: str, rows: np.ndarray, axis: int | None, keep) -> np.ndarray:
         """The fallback read: one zarr read per row, on the reader threads (zarr itself is async)."""
@@ -525,37 +637,6 @@ def _has_member(group: zarr.Group, name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _manifest_exists(location: Path | str) -> bool:
-    if isinstance(location, Path):
-        return (location / MANIFEST_FILE).is_file()
-    import fsspec
-
-    filesystem, path = fsspec.core.url_to_fs(f"{location}/{MANIFEST_FILE}")
-    return filesystem.isfile(path)
-
-
-def _load_manifest(location: Path | str) -> pd.DataFrame:
-    if isinstance(location, Path):
-        return read_manifest(location / MANIFEST_FILE)
-    import fsspec
-
-    with fsspec.open(f"{location}/{MANIFEST_FILE}", "rb") as file:
-        return new_manifest(pd.read_parquet(io.BytesIO(file.read())))
-
-
-def _save_manifest(location: Path | str, manifest: pd.DataFrame) -> None:
-    """Local: atomic replace. URL: one whole-object write (object stores replace atomically)."""
-    if isinstance(location, Path):
-        write_manifest(manifest, location / MANIFEST_FILE)
-        return
-    import fsspec
-
-    buffer = io.BytesIO()
-    manifest.to_parquet(buffer, index=False, compression="zstd")
-    filesystem, path = fsspec.core.url_to_fs(f"{location}/{MANIFEST_FILE}")
-    filesystem.pipe_file(path, buffer.getvalue())
 
 
 def _checked_values(name: str, values, shape: tuple[int, ...], dtype, row: int) -> np.ndarray:

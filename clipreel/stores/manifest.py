@@ -2,6 +2,8 @@
 
 In memory it is a pandas DataFrame with exactly the columns of `MANIFEST_COLUMNS`, in that order; on
 disk it is a zstd-compressed Parquet file, replaced atomically so that a crash never leaves a torn file.
+A feature store's manifest may hold orphan placeholders: rows whose video is unknown, restored by
+`clipreel verify --repair` for store rows that the manifest had lost (`orphan_records`, `orphan_mask`).
 A label map is a small text file that fixes the order of class names (line i = label i).
 """
 
@@ -44,6 +46,7 @@ _DEFAULTS = {
     "error": "",
 }
 _REQUIRED = ("video_id", "path")
+ORPHAN_MARK = "<orphaned row "  # video_id and path of a placeholder row: "<orphaned row 37>"
 
 
 def new_manifest(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -97,14 +100,13 @@ def _check_unique_ids(table: pd.DataFrame) -> None:
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then os.replace."""
-    table = new_manifest(df)
+    data = manifest_to_parquet(new_manifest(df))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrow_table = pa.Table.from_pandas(table, preserve_index=False)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as temp_file:
-            pq.write_table(arrow_table, temp_file, compression="zstd")
+            temp_file.write(data)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_name, path)
@@ -119,23 +121,66 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ClipreelError(f"manifest {path} does not exist; write one with `clipreel manifest VIDEOS {path}`")
+    return manifest_from_parquet(path.read_bytes(), str(path))
+
+
+def manifest_to_parquet(manifest: pd.DataFrame) -> bytes:
+    """A manifest (as `new_manifest` returns it) as the bytes of a zstd-compressed Parquet file."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), buffer, compression="zstd")
+    return buffer.getvalue().to_pybytes()
+
+
+def manifest_values(changes: pd.DataFrame) -> pd.DataFrame:
+    """Some manifest columns (any of `MANIFEST_COLUMNS`) cast to their dtypes, statuses checked:
+    new values for rows of a manifest, without rebuilding all of it."""
+    unknown = [name for name in changes.columns if name not in MANIFEST_COLUMNS]
+    if unknown:
+        raise ClipreelError(f"manifest values: unknown column(s) {unknown}; the manifest has {list(MANIFEST_COLUMNS)}")
     try:
-        table = pq.read_table(path).to_pandas()
+        values = changes.astype({name: MANIFEST_COLUMNS[name] for name in changes.columns}).reset_index(drop=True)
+    except (ValueError, TypeError) as exc:
+        raise ClipreelError(f"manifest values of the wrong type: {exc}") from exc
+    if "status" in values.columns and not values["status"].isin(STATUSES).all():
+        bad = values["status"][~values["status"].isin(STATUSES)].iloc[0]
+        raise ClipreelError(f"manifest status {bad!r}; it must be one of {', '.join(STATUSES)}")
+    return values
+
+
+def manifest_from_parquet(data: bytes, where: str) -> pd.DataFrame:
+    """A manifest from Parquet bytes (read from `where`, named in errors), columns and dtypes checked."""
+    try:
+        table = pq.read_table(pa.BufferReader(data)).to_pandas()
     except (pa.ArrowException, OSError) as exc:
-        raise ClipreelError(f"{path} is not a Parquet manifest ({exc}); write one with `clipreel manifest`") from exc
+        raise ClipreelError(f"{where} is not a Parquet manifest ({exc}); write one with `clipreel manifest`") from exc
     missing = [name for name in MANIFEST_COLUMNS if name not in table.columns]
     if missing:
         raise ClipreelError(
-            f"{path} is not a clipreel manifest: it lacks the column(s) {', '.join(missing)}; "
+            f"{where} is not a clipreel manifest: it lacks the column(s) {', '.join(missing)}; "
             "write one with `clipreel manifest`"
         )
     for name, dtype in MANIFEST_COLUMNS.items():
         if not _has_kind(table[name], dtype):
             raise ClipreelError(
-                f"{path}: manifest column {name!r} holds {table[name].dtype}, expected {dtype}; "
+                f"{where}: manifest column {name!r} holds {table[name].dtype}, expected {dtype}; "
                 "rewrite it with `clipreel manifest`"
             )
     return new_manifest(table)
+
+
+def orphan_records(rows: range) -> list[dict]:
+    """Placeholder manifest rows for store rows whose video is unknown (the manifest had lost them).
+
+    A placeholder is pending; its video_id and path are both "<orphaned row N>". Adding videos to the
+    store fills placeholders before it grows the arrays.
+    """
+    return [{"video_id": f"{ORPHAN_MARK}{row}>", "path": f"{ORPHAN_MARK}{row}>"} for row in rows]
+
+
+def orphan_mask(df: pd.DataFrame) -> np.ndarray:
+    """(len(df),) bool: which rows are orphan placeholders."""
+    ids = df["video_id"].astype(str)
+    return (ids.str.startswith(ORPHAN_MARK) & (ids == df["path"].astype(str))).to_numpy(dtype=bool)
 
 
 def _has_kind(column: pd.Series, dtype: str) -> bool:

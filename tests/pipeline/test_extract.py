@@ -15,11 +15,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from clipreel.cli import app
+from clipreel.errors import ClipreelError
 from clipreel.heads.clip import register_builtin_models
 from clipreel.pipeline.data.decode import PyAVDecoder, dali_available
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.stores.features import FeatureStore, verify
+from clipreel.stores.manifest import manifest_to_parquet, orphan_mask
+from clipreel.stores.objects import StoreObjects
 
 runner = CliRunner()
 
@@ -205,3 +208,55 @@ def test_resume_appends_and_refuses_other_settings(ray_local, world, tmp_path):
     refused = _extract("--videos", str(both), "--out", str(store_path), "--pretrained", "none", "--frames", "6")
     assert refused.exit_code != 0
     assert "frames" in str(refused.exception) + refused.output
+
+
+def test_recheck_recomputes_exactly_the_videos_verify_rejects(ray_local, world, tmp_path):
+    listing = tmp_path / "five.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},0\n" for p in sorted((world.parent / "videos").rglob("*.mp4"))[:5]))
+    store_path = tmp_path / "f.zarr"
+    command = ("--videos", str(listing), "--out", str(store_path), "--pretrained", "none", "--frames", "4")
+    assert _extract(*command).exit_code == 0
+    store = FeatureStore.open(store_path)
+    os.remove(store.chunk_file("tokens", 1))  # a deleted chunk
+    with open(store.chunk_file("attention", 3), "r+b") as chunk:  # a truncated one
+        chunk.truncate(100)
+    untouched = {row: os.stat(store.chunk_file("tokens", row)).st_mtime_ns for row in (0, 2, 4)}
+    assert runner.invoke(app, ["verify", str(store_path)]).exit_code == 1
+    with pytest.raises(ClipreelError, match="verify --repair"):
+        store.read([1])
+
+    trusting = _extract(*command)  # without --recheck the done flags are trusted
+    assert trusting.exit_code == 0 and "0 computed now" in trusting.output
+
+    rechecked = _extract(*command, "--recheck")
+
+    assert rechecked.exit_code == 0, rechecked.output
+    assert "2 computed now" in rechecked.output
+    assert "row 1 (" in rechecked.output and "tokens chunk file missing" in rechecked.output
+    assert runner.invoke(app, ["verify", str(store_path)]).exit_code == 0
+    assert {row: os.stat(store.chunk_file("tokens", row)).st_mtime_ns for row in (0, 2, 4)} == untouched
+
+
+def test_extract_repair_puts_back_the_videos_a_stale_manifest_lost(ray_local, world, tmp_path):
+    listing = tmp_path / "six.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},0\n" for p in sorted((world.parent / "videos").rglob("*.mp4"))[:6]))
+    store_path = tmp_path / "f.zarr"
+    command = ("--videos", str(listing), "--out", str(store_path), "--pretrained", "none", "--frames", "4")
+    assert _extract(*command).exit_code == 0
+    # What a writer that saved its stale 4-row view over an append of 2 videos left behind.
+    full = FeatureStore.open(store_path).manifest()
+    StoreObjects(store_path).replace("manifest.parquet", manifest_to_parquet(full.iloc[:4]))
+
+    refused = _extract(*command)
+    assert refused.exit_code != 0
+    assert "manifest has lost videos" in str(refused.exception) and "--repair" in str(refused.exception)
+
+    repaired = _extract(*command, "--repair")
+
+    assert repaired.exit_code == 0, repaired.output
+    assert "rows 4..5: restored in the manifest as orphan placeholders" in repaired.output
+    assert "2 computed now" in repaired.output
+    store = FeatureStore.open(store_path)
+    manifest = store.manifest()
+    assert manifest["video_id"].tolist() == full["video_id"].tolist() and not orphan_mask(manifest).any()
+    assert store.done_mask().all() and verify(store) == []

@@ -1,0 +1,97 @@
+"""Two `clipreel extract` processes on one store: a second one with more videos is refused or
+waits for the first's writer lease; the first is SIGKILLed mid-run; the waiting one then appends
+its videos and finishes, and the manifest and the arrays agree, every video done exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipreel.pipeline.data.sources import read_sources
+from clipreel.pipeline.data.synth.world import SynthConfig, make_world
+from clipreel.stores.features import FeatureStore, verify
+from clipreel.stores.lease import LEASE_FOLDER
+
+
+def _kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session: the driver, its local Ray and every worker."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _done_chunks(store_path: Path) -> list[Path]:
+    done_dir = store_path / "done"
+    return [p for p in done_dir.rglob("*") if p.is_file() and p.name != "zarr.json"] if done_dir.exists() else []
+
+
+def _wait_for(condition, job: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the first extract finished before the test could act; give it more videos"
+
+
+@pytest.mark.slow
+def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_killed(tmp_path):
+    videos_csv = make_world(tmp_path / "w", SynthConfig(classes=4, videos_per_class=5, frames=16, size=64))
+    header, *rows = videos_csv.read_text().splitlines()
+    first_list, second_list = videos_csv.parent / "first.csv", videos_csv.parent / "second.csv"
+    first_list.write_text("\n".join([header, *rows[:16]]) + "\n")
+    second_list.write_text("\n".join([header, *rows]) + "\n")  # the same 16 and 4 more
+    store_path = tmp_path / "f.zarr"
+
+    def command(listing: Path, *options: str) -> list[str]:
+        return [sys.executable, "-m", "clipreel", "extract", "--videos", str(listing), "--out", str(store_path),
+                "--model", "clipreel-tiny", "--pretrained", "none", "--frames", "4", "--batch-size", "1",
+                "--workers", "1", "--no-progress", *options]
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = subprocess.Popen(command(first_list), env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        _wait_for(lambda: (store_path / LEASE_FOLDER).is_dir() and any((store_path / LEASE_FOLDER).iterdir()), first, 120)
+        refused = subprocess.run(command(second_list), env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"pid {first.pid}" in refused.stderr and "--wait SECONDS" in refused.stderr
+
+        second = subprocess.Popen(command(second_list, "--wait", "600"), env=env, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: len(_done_chunks(store_path)) >= 3, first, 240)
+        _kill_session(first.pid)
+        first.wait()
+        done_before = {path: path.stat().st_mtime_ns for path in _done_chunks(store_path)}
+        assert 3 <= len(done_before) < 16
+
+        output, errors = second.communicate(timeout=600)
+    finally:
+        for job in (first, second):
+            if job is not None and job.poll() is None:
+                _kill_session(job.pid)
+                job.wait()
+
+    assert second.returncode == 0, output + errors
+    assert f"{20 - len(done_before)} computed now" in output
+    store = FeatureStore.open(store_path)
+    manifest = store.manifest()
+    assert len(manifest) == 20 and manifest["video_id"].is_unique
+    assert set(manifest["video_id"]) == set(read_sources(str(second_list))["video_id"])
+    assert store.arrays_extent() == {name: 20 for name in store.layout.array_names}
+    assert store.done_mask().all() and (manifest["status"] == "done").all()
+    assert verify(store) == []
+    for path, mtime in done_before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path}: a video done before the kill was computed again"
+
+    rerun = subprocess.run(command(second_list), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "0 computed now" in rerun.stdout, rerun.stdout + rerun.stderr
