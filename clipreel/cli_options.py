@@ -87,7 +87,8 @@ SEED = typer.Option(0, help="Seeds initialisation, order, views, sampling, augme
 
 # --- which videos and classes
 SPLIT = typer.Option("test", help="Manifest split to score.")
-CLASSES = typer.Option(None, help="Label map naming the store's label ids (one class name per line, line i = label i).")
+CLASSES = typer.Option(None, help="Label map naming the store's label ids (one class name per line, "
+                                  "line i = label i).")
 REPORT = typer.Option(None, help="JSON report path; the confusion PNG goes next to it.")
 VIEWS = typer.Option(1, help="Raw videos: temporal views per video (scores: mean softmax over views).")
 

@@ -11,9 +11,9 @@ method touches one new file:
   with batch holding what it reads (embeds (B, T, E), tokens (B, T, K, L, D), attention
   (B, 2, T-1, K, P, P)), and has `set_classnames(names)`.
 - a raw-frame method (`MethodEntry`): its config class, its recipe defaults (with the input
-  normalisation), and its class. Every method model is built as `Class(clip_model, tokenizer,
+  normalisation), and its class, a `MethodModel`: built as `Class(clip_model, tokenizer,
   classnames, config)`, called as `model(frames (B, T, 3, S, S)) -> {"logits", "frame_embeds",
-  "video_embeds"}`, and has `loss(outputs, targets, label_smoothing)`, `parameter_groups(lr,
+  "video_embeds"}`, with `loss(outputs, targets, label_smoothing)`, `parameter_groups(lr,
   weight_decay)` and `set_classnames(names)`.
 
 `list_heads()` / `list_methods()` import the family's package, so every file has registered by then.
@@ -31,7 +31,24 @@ from dataclasses import dataclass
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.layers import FrozenCLIP
+from clipreel.heads.layers import FrozenCLIP, classification_loss, one_parameter_group
+
+
+class MethodModel(nn.Module):
+    """The surface of every raw-frame method model, with the defaults most methods keep.
+
+    Subclasses define `forward(frames (B, T, 3, S, S)) -> {"logits" (B, K), "frame_embeds" (B, T, E),
+    "video_embeds" (B, E)}` and `set_classnames(names)` (which switches the classes without touching
+    what was trained); they override `loss` or `parameter_groups` where their reference differs.
+    """
+
+    def loss(self, outputs: dict, targets, label_smoothing: float = 0.0):
+        """Cross-entropy of the class logits against class ids (B,) or mixup's soft targets (B, K)."""
+        return classification_loss(outputs["logits"], targets, label_smoothing)
+
+    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: one group of everything that trains."""
+        return one_parameter_group(self, lr, weight_decay)
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class MethodEntry:
     name: str
     summary: str
     config_class: type  # a JsonConfig dataclass; a `frames` field, if any, is set from the clip length
-    model_class: type  # Class(clip_model, tokenizer, classnames, config)
+    model_class: type  # a MethodModel: Class(clip_model, tokenizer, classnames, config)
     recipe: MethodRecipe
     soft_targets: bool = True  # trains on mixup's soft targets (False: its loss needs class ids)
     # clip_model -> option defaults that depend on the CLIP (e.g. a prompt depth capped by its layers)

@@ -9,8 +9,9 @@
   Train on K-shot videos of the base classes only, then score the test videos of the base classes
   among the base class names, and the test videos of the novel classes among the novel class
   names, never seen in training. Only models that classify against class-name text can do the
-  second part: the cache heads that score against class text, and every fine-tuning method. Reported: base, novel and their
-  harmonic mean HM = 2·B·N / (B + N), of the means over the seeds (as the papers' tables), and per seed.
+  second part: the cache heads that score against class text, and every fine-tuning method.
+  Reported: base, novel and their harmonic mean HM = 2·B·N / (B + N), of the means over the seeds
+  (as the papers' tables), and per seed.
 - Zero-shot on a class list is `evaluate.zero_shot_store(..., classes_file=...)` from a store, and
   `evaluate.zero_shot_raw` / `evaluate_raw_run(..., classes=...)` from raw videos.
 

@@ -42,7 +42,8 @@ def view_averaged_probabilities(
 
 
 @torch.no_grad()
-def predict_store(name: str, head: nn.Module, batches: Iterable[dict], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_store(name: str, head: nn.Module, batches: Iterable[dict],
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Every view of every video of `batches` (a CacheLoader epoch with views="all") through cache head
     `name` -> (probabilities (N, K) float64, labels (N,))."""
     was_training = head.training

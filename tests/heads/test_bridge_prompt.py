@@ -5,7 +5,6 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clipreel.errors import ClipreelError
@@ -19,26 +18,12 @@ TINY_WIDTH = 64  # vision and text width of clipreel-tiny
 TINY_BRIDGE = BridgePromptConfig(n_ctx_vision=3, n_ctx_text=5, depth_vision=3, depth_text=2)
 
 
-def fresh_tiny_clip():
-    """A tiny CLIP of its own (same seeded weights as the tiny_clip fixture), free to train."""
-    model, _ = load_clip("clipreel-tiny", "none")
-    return model
-
-
 def tiny_frames(batch: int = 2, num_frames: int = 3) -> torch.Tensor:
     generator = torch.Generator().manual_seed(7)
     return torch.randn(batch, num_frames, 3, 112, 112, generator=generator)  # (B, T, 3, S, S)
 
 
-def one_training_step(model: torch.nn.Module, frames: torch.Tensor) -> None:
-    model.train()
-    optimizer = torch.optim.SGD(list(trainable_parameters(model).values()), lr=0.1)
-    loss = F.cross_entropy(model(frames)["logits"], LABELS)
-    loss.backward()
-    optimizer.step()
-
-
-def test_bridge_shapes_and_only_the_prompts_train(tiny_clip):
+def test_bridge_shapes_and_only_the_prompts_train(tiny_clip, fresh_tiny_clip, one_training_step):
     _, tokenizer = tiny_clip
     clip_model = fresh_tiny_clip()
     clip_before = {name: param.detach().clone() for name, param in clip_model.named_parameters()}
@@ -62,7 +47,7 @@ def test_bridge_shapes_and_only_the_prompts_train(tiny_clip):
     assert bridge.prompt_learner().shape == (3, TINY_WIDTH)
     assert out["logits"].shape == (2, 3)
 
-    one_training_step(bridge, frames)
+    one_training_step(bridge, frames, LABELS)
     assert not bridge.image_encoder.clip.training  # the frozen CLIP stays in eval mode
     assert not bridge.prompt_learner.clip.model.training
     for name, param in trainable.items():
@@ -72,7 +57,7 @@ def test_bridge_shapes_and_only_the_prompts_train(tiny_clip):
         assert torch.equal(param, clip_before[name]), name
 
 
-def test_bridge_vision_path_is_open_clip_with_prompts_appended_before_ln_pre(tiny_clip):
+def test_bridge_vision_path_is_open_clip_with_prompts_appended_before_ln_pre(tiny_clip, fresh_tiny_clip):
     reference, tokenizer = tiny_clip
     torch.manual_seed(0)
     config = BridgePromptConfig(n_ctx_vision=4, n_ctx_text=5, depth_vision=1, depth_text=1)
@@ -89,7 +74,7 @@ def test_bridge_vision_path_is_open_clip_with_prompts_appended_before_ln_pre(tin
         assert not torch.allclose(ours, reference.encode_image(images), atol=1e-3)  # prompts are attended
 
 
-def test_bridge_deep_vision_prompt_replaces_the_last_tokens_before_the_layer(tiny_clip):
+def test_bridge_deep_vision_prompt_replaces_the_last_tokens_before_the_layer(tiny_clip, fresh_tiny_clip):
     """Set to what layer 0 outputs at the prompt positions, the layer-1 prompt changes nothing."""
     _, tokenizer = tiny_clip
     torch.manual_seed(0)
@@ -118,12 +103,13 @@ def test_bridge_deep_vision_prompt_replaces_the_last_tokens_before_the_layer(tin
         assert not torch.allclose(deep.image_encoder(image), shallow.image_encoder(image), atol=1e-3)
 
 
-def test_bridge_save_load_round_trip_holds_only_the_prompts(tiny_clip, tmp_path):
+def test_bridge_save_load_round_trip_holds_only_the_prompts(tiny_clip, tmp_path, fresh_tiny_clip,
+                                                              one_training_step):
     _, tokenizer = tiny_clip
     torch.manual_seed(0)
     bridge = BridgePrompt(fresh_tiny_clip(), tokenizer, CLASSNAMES, TINY_BRIDGE)
     frames = tiny_frames()
-    one_training_step(bridge, frames)
+    one_training_step(bridge, frames, LABELS)
     state = bridge.state_dict()
     assert set(state) == set(trainable_parameters(bridge)) | {"logit_scale"}
 
@@ -137,7 +123,7 @@ def test_bridge_save_load_round_trip_holds_only_the_prompts(tiny_clip, tmp_path)
         assert torch.equal(reloaded(frames)["logits"], bridge(frames)["logits"])
 
 
-def test_bridge_refuses_depth_beyond_the_towers(tiny_clip):
+def test_bridge_refuses_depth_beyond_the_towers(tiny_clip, fresh_tiny_clip):
     _, tokenizer = tiny_clip
     with pytest.raises(ClipreelError, match="depth_vision 7"):
         BridgePrompt(fresh_tiny_clip(), tokenizer, CLASSNAMES, BridgePromptConfig(n_ctx_text=5, depth_vision=7))

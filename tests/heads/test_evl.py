@@ -92,7 +92,7 @@ def _seed():
 
 
 def reference_checkpoint_shapes(width, frames, grid, classes, layers=4) -> dict[str, tuple]:
-    """The key layout of an official EVL checkpoint, written out from METHODS.md 7.1."""
+    """The key layout of an official EVL checkpoint (`ckpt['model']` of the reference `main.py`), written out."""
     offsets = (2 * grid - 1) ** 2
     shapes = {"module.decoder.cls_token": (width,)}
     for i in range(layers):

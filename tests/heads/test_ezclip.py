@@ -250,7 +250,7 @@ def test_shallow_prompts_have_one_layer(tiny_clip):
 
 
 def test_vit_b16_trainable_count_and_reference_shapes():
-    """METHODS.md 4.1: 73,728 prompts + 3,550,464 visual + 1,580,544 text adapter parameters."""
+    """EZ-CLIP at ViT-B/16, 8 frames: 73,728 prompts + 3,550,464 visual + 1,580,544 text adapter parameters."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: on purpose

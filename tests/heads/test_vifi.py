@@ -19,26 +19,12 @@ LABELS = torch.tensor([0, 2])
 TINY_WIDTH = 64  # vision and text width of clipreel-tiny
 
 
-def fresh_tiny_clip():
-    """A tiny CLIP of its own (same seeded weights as the tiny_clip fixture), free to train."""
-    model, _ = load_clip("clipreel-tiny", "none")
-    return model
-
-
 def tiny_frames(batch: int = 2, num_frames: int = 3) -> torch.Tensor:
     generator = torch.Generator().manual_seed(7)
     return torch.randn(batch, num_frames, 3, 112, 112, generator=generator)  # (B, T, 3, S, S)
 
 
-def one_training_step(model: torch.nn.Module, frames: torch.Tensor) -> None:
-    model.train()
-    optimizer = torch.optim.SGD(list(trainable_parameters(model).values()), lr=0.1)
-    loss = F.cross_entropy(model(frames)["logits"], LABELS)
-    loss.backward()
-    optimizer.step()
-
-
-def test_vifi_at_init_is_clip_frame_mean_against_photo_prompts(tiny_clip):
+def test_vifi_at_init_is_clip_frame_mean_against_photo_prompts(tiny_clip, fresh_tiny_clip):
     reference, tokenizer = tiny_clip
     vifi = ViFiCLIP(fresh_tiny_clip(), tokenizer, CLASSNAMES)
     frames = tiny_frames()
@@ -77,7 +63,8 @@ def test_vifi_at_init_is_clip_frame_mean_against_photo_prompts(tiny_clip):
         ("text", ("clip.transformer.", "clip.positional_embedding", "clip.ln_final.", "clip.text_projection")),
     ],
 )
-def test_vifi_variant_decides_what_trains_and_the_rest_stays_bit_identical(tiny_clip, variant, trained_prefixes):
+def test_vifi_variant_decides_what_trains_and_the_rest_stays_bit_identical(tiny_clip, variant, trained_prefixes,
+                                                                           fresh_tiny_clip, one_training_step):
     _, tokenizer = tiny_clip
     torch.manual_seed(0)
     vifi = ViFiCLIP(fresh_tiny_clip(), tokenizer, CLASSNAMES, ViFiConfig(variant=variant))
@@ -88,7 +75,7 @@ def test_vifi_variant_decides_what_trains_and_the_rest_stays_bit_identical(tiny_
     assert "clip.token_embedding.weight" not in trainable
     assert trainable_parameter_count(vifi) == sum(before[name].numel() for name in trainable)
 
-    one_training_step(vifi, tiny_frames())
+    one_training_step(vifi, tiny_frames(), LABELS)
     for name, param in vifi.named_parameters():
         if name in trainable:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -106,12 +93,13 @@ def test_vifi_config_refuses_unknown_variant_and_templates_without_slot():
     assert ViFiConfig.from_dict(ViFiConfig(variant="text").to_dict()) == ViFiConfig(variant="text")
 
 
-def test_vifi_save_load_round_trip_and_bridge_to_a_standard_clip_checkpoint(tiny_clip, tmp_path):
+def test_vifi_save_load_round_trip_and_bridge_to_a_standard_clip_checkpoint(tiny_clip, tmp_path, fresh_tiny_clip,
+                                                                            one_training_step):
     _, tokenizer = tiny_clip
     torch.manual_seed(0)
     vifi = ViFiCLIP(fresh_tiny_clip(), tokenizer, CLASSNAMES)
     frames = tiny_frames()
-    one_training_step(vifi, frames)
+    one_training_step(vifi, frames, LABELS)
     vifi.eval()
     with torch.no_grad():
         trained_logits = vifi(frames)["logits"]
@@ -131,7 +119,7 @@ def test_vifi_save_load_round_trip_and_bridge_to_a_standard_clip_checkpoint(tiny
         assert torch.equal(fine_tuned.encode_image(frames[0]), expected)
 
 
-def test_vifi_set_classnames_changes_the_classes(tiny_clip):
+def test_vifi_set_classnames_changes_the_classes(tiny_clip, fresh_tiny_clip):
     _, tokenizer = tiny_clip
     vifi = ViFiCLIP(fresh_tiny_clip(), tokenizer, CLASSNAMES)
     vifi.set_classnames(["cat", "jumping"])

@@ -84,7 +84,7 @@ def test_message_tokens_carry_information_across_frames_but_not_across_videos(ti
 
 
 def test_new_module_sizes_at_vit_b16():
-    """METHODS.md 2.6: 2.95M message parameters per block, 35.45M for 12 blocks, 45.31M new in
+    """X-CLIP at ViT-B/16: 2.95M message parameters per block, 35.45M for 12 blocks, 45.31M new in
     all (with MIT and prompt generator, T=8), 86.19M CLIP visual, about 131.5M trainable."""
     # A meta-device ViT-B/16: real shapes and names, no memory and no init time.
     clip = open_clip.create_model("ViT-B-16", device="meta")

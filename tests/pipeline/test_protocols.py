@@ -156,7 +156,7 @@ def test_prompt_learning_beats_its_own_zero_shot_starting_point(store, tmp_path)
     """ViFi-CLIP / CoOp: learned text prompts beat the prompts they start from. Few-shot (4 videos
     per class) on the synthetic world with clipreel-synth, 3 seeds; each run's prompts start as
     the untrained head of its seed (random context, n_ctx 16) and train with ViFi-CLIP's
-    prompting learning rate (4e-2, METHODS.md 3.2). The frame-mean video embedding cannot see
+    prompting learning rate (4e-2, its base-to-novel configs). The frame-mean video embedding cannot see
     motion, so top-1 is bounded near 50% (one class of each time-reversed pair): the prompts can
     only improve how the appearances are named."""
     seeds = (1, 2, 3)

@@ -135,7 +135,8 @@ def test_logits_from_the_cache_equal_logits_from_a_live_backbone(store_path, kin
         live = backbone.forward_clips(clips)
         live_batch = {"tokens": live.tokens, "embeds": live.embeds, "attention": live.attention}
         live_logits = head(live_batch)
-        cache_logits = head({name: torch.from_numpy(cached[name][:, view]) for name in ("tokens", "embeds", "attention")})
+        cache_logits = head({name: torch.from_numpy(cached[name][:, view])
+                             for name in ("tokens", "embeds", "attention")})
     scale = live_logits.abs().max().item()
     assert scale > 0.1  # the logits are not trivially equal
     torch.testing.assert_close(cache_logits, live_logits, rtol=0.0, atol=5e-3 * scale)

@@ -39,13 +39,11 @@ from clipreel.heads.layers import (
     call_block,
     check_clips,
     check_standard_vit,
-    classification_loss,
     cosine_logits,
     logit_scale_of,
-    one_parameter_group,
     patch_stem,
 )
-from clipreel.heads.registry import MethodEntry, MethodRecipe, register_method
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
 
 @dataclass
@@ -120,11 +118,12 @@ class PromptedImageEncoder(nn.Module):
         return cls @ visual.proj  # (N, E)
 
 
-class BridgePrompt(nn.Module):
+class BridgePrompt(MethodModel):
     """Frozen (ViFi-fine-tuned) CLIP + deep vision and language prompts: frames -> class logits.
 
-    Only the prompts train; ``logit_scale`` is copied from the CLIP into a frozen buffer, as in
-    ViFi-CLIP's prompting stage.
+    Only the prompts train (cross-entropy on the class logits, one AdamW group: `MethodModel`'s
+    defaults); ``logit_scale`` is copied from the CLIP into a frozen buffer, as in ViFi-CLIP's
+    prompting stage.
     """
 
     def __init__(
@@ -159,14 +158,6 @@ class BridgePrompt(nn.Module):
         video_embeds = frame_embeds.mean(dim=1)  # (B, E)
         logits = cosine_logits(video_embeds, self.prompt_learner(), self.logit_scale)  # (B, K)
         return {"logits": logits, "frame_embeds": frame_embeds, "video_embeds": video_embeds}
-
-    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Cross-entropy of the class logits, class ids or mixup's soft targets."""
-        return classification_loss(outputs["logits"], targets, label_smoothing)
-
-    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """One AdamW group of the vision and language prompts."""
-        return one_parameter_group(self, lr, weight_decay)
 
 
 def depths_for(clip_model: nn.Module) -> dict:

@@ -67,10 +67,9 @@ from clipreel.heads.layers import (
     cosine_logits,
     drop_path,
     drop_path_rates,
-    one_parameter_group,
     readable_classname,
 )
-from clipreel.heads.registry import MethodEntry, MethodRecipe, register_method
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
 # Key renames between this module's state_dict and EZ-CLIP's checkpoints (its `clip/model.py` names).
 _REFERENCE_RENAMES = (
@@ -234,7 +233,8 @@ class EZCLIP(nn.Module):
         x = self.clip.text_inputs(token_ids)  # (K, C, W)
         for index, block in enumerate(model.transformer.resblocks):
             rate = self.text_drop_path[index]
-            x = x + drop_path(block.ls_1(block.attention(block.ln_1(x), attn_mask=model.attn_mask)), rate, self.training)
+            attended = block.attention(block.ln_1(x), attn_mask=model.attn_mask)
+            x = x + drop_path(block.ls_1(attended), rate, self.training)
             x = self.text_adapters[index](x)
             x = x + drop_path(block.ls_2(block.mlp(block.ln_2(x))), rate, self.training)
         return self.clip.text_features(x, token_ids)  # (K, E)
@@ -269,13 +269,14 @@ class EZCLIP(nn.Module):
         self.load_state_dict({name: state_dict[key] for name, key in own.items()})
 
 
-class EZCLIPClassifier(nn.Module):
+class EZCLIPClassifier(MethodModel):
     """EZ-CLIP plus its class texts, so that it answers like the other methods.
 
     EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}"; without such
     descriptions the class name stands in (``config.template`` may dress it). forward(frames) ->
     logits (B, K), frame_embeds (B, T, E), video_embeds (B, E). ``state_dict()`` is EZ-CLIP's under
-    ``ezclip.`` (the frozen CLIP left out).
+    ``ezclip.`` (the frozen CLIP left out). Its prompts and adapters train in one AdamW group (EZ-CLIP's
+    `utils/solver.py`: `MethodModel`'s parameter_groups), with its own loss.
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
@@ -299,7 +300,8 @@ class EZCLIPClassifier(nn.Module):
         text_embeds = self.ezclip.encode_text(self.token_ids)  # (K, E)
         return {"logits": self.ezclip.logits(outputs["video_embeds"], text_embeds), **outputs}
 
-    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
         """EZ-CLIP's training loss (its `train.py`): the in-batch KL contrastive loss of the videos
         against their class texts, plus the motion loss. Needs class ids (no mixup); label smoothing
         does not apply.
@@ -311,10 +313,6 @@ class EZCLIPClassifier(nn.Module):
         logits_per_video = outputs["logits"][:, targets]  # (B, B)
         contrastive = contrastive_kl_loss(logits_per_video, logits_per_video.t(), same_label_matrix(targets))
         return contrastive + motion_loss(outputs["frame_embeds"])
-
-    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """One AdamW group of the prompts and adapters (EZ-CLIP's `utils/solver.py`)."""
-        return one_parameter_group(self, lr, weight_decay)
 
 
 # -- losses ---------------------------------------------------------------------------------

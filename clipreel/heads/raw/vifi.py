@@ -29,14 +29,8 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
-from clipreel.heads.layers import (
-    check_clips,
-    classification_loss,
-    cosine_logits,
-    one_parameter_group,
-    readable_classname,
-)
-from clipreel.heads.registry import MethodEntry, MethodRecipe, register_method
+from clipreel.heads.layers import check_clips, cosine_logits, readable_classname
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
 VIFI_VARIANTS = ("both", "image", "text")
 
@@ -77,11 +71,13 @@ def _clip_part(parameter_name: str) -> str:
 TRAINED_PARTS = {"both": {"image", "text", "scale"}, "image": {"image"}, "text": {"text"}}
 
 
-class ViFiCLIP(nn.Module):
+class ViFiCLIP(MethodModel):
     """Fine-tuned CLIP with frame-mean pooling: frames (B, T, 3, S, S) -> class logits (B, K).
 
     The CLIP model is taken over, not copied: the towers chosen by ``config.variant`` are
-    unfrozen in place and trained. Pass a model loaded for this purpose (``load_clip``).
+    unfrozen in place and trained. Pass a model loaded for this purpose (``load_clip``). It trains
+    with cross-entropy on the class logits (ViFi-CLIP's `main.py`) and one AdamW group of everything
+    that trains (its `utils/optimizer.py`): `MethodModel`'s defaults.
     """
 
     def __init__(
@@ -126,14 +122,6 @@ class ViFiCLIP(nn.Module):
         video_embeds = frame_embeds.mean(dim=1)  # (B, E)
         logits = cosine_logits(video_embeds, self.encode_classes(), self.clip.logit_scale)  # (B, K)
         return {"logits": logits, "frame_embeds": frame_embeds, "video_embeds": video_embeds}
-
-    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Cross-entropy of the class logits (ViFi-CLIP's `main.py`), class ids or mixup's soft targets."""
-        return classification_loss(outputs["logits"], targets, label_smoothing)
-
-    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """One AdamW group of everything that trains (ViFi-CLIP's `utils/optimizer.py`)."""
-        return one_parameter_group(self, lr, weight_decay)
 
 
 register_method(MethodEntry(

@@ -44,13 +44,12 @@ from clipreel.heads.layers import (
     check_clips,
     check_standard_block,
     check_standard_vit,
-    classification_loss,
     drop_path_rates,
     logit_scale_of,
     patch_stem,
     trainable_parameters,
 )
-from clipreel.heads.registry import MethodEntry, MethodRecipe, register_method
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
 # Parameters whose names contain one of these are X-CLIP's new modules: they train at 10x the
 # CLIP learning rate (X-CLIP's utils/optimizer.py; XCLIPConfig.new_module_lr_scale).
@@ -182,13 +181,14 @@ class XCLIPConfig(JsonConfig):
     new_module_lr_scale: float = 10.0  # learning rate of the new modules / that of the CLIP weights (X-CLIP: 10)
 
 
-class XCLIP(nn.Module):
+class XCLIP(MethodModel):
     """X-CLIP on raw frames: ``forward(frames (B, T, 3, S, S))`` -> logits against the class names.
 
     Trainable: the whole vision tower (CLIP weights fine-tuned, plus the message modules), the
     MIT and the prompt generator. Frozen: the CLIP the head holds (its text tower encodes the
     class names; not copied, not saved) and ``logit_scale``. ``set_classnames`` switches the
-    classes (zero-shot, base-to-novel) without touching the trained weights.
+    classes (zero-shot, base-to-novel) without touching the trained weights. It trains with
+    cross-entropy on the class logits (X-CLIP's `main.py`: `MethodModel`'s loss).
     """
 
     def __init__(
@@ -235,10 +235,6 @@ class XCLIP(nn.Module):
         frame_embeds, patch_tokens = self.visual(frames)  # (B, T, E), (B, T, L-1, D)
         logits, video_embeds = self.head.score(frame_embeds, patch_tokens)  # (B, K), (B, E)
         return {"logits": logits, "frame_embeds": frame_embeds, "video_embeds": video_embeds}
-
-    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Cross-entropy of the class logits (X-CLIP's `main.py`), class ids or mixup's soft targets."""
-        return classification_loss(outputs["logits"], targets, label_smoothing)
 
     def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups, as X-CLIP's `utils/optimizer.py`: the CLIP weights at ``lr``, the new
