@@ -2,6 +2,8 @@
 
 Importing this package registers every cache head (`clipreel.heads.registry`), in the order of
 these imports (the order `list_heads()` and the CLI's help show them in).
+
+May import: its own modules.
 """
 
 import clipreel.heads.cache.evl

@@ -3,6 +3,8 @@ X-CLIP, EZ-CLIP.
 
 Importing this package registers every method (`clipreel.heads.registry`), in the order of these
 imports (the order `list_methods()` and the CLI's help show them in).
+
+May import: its own modules.
 """
 
 import clipreel.heads.raw.vifi

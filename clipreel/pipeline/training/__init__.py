@@ -2,6 +2,6 @@
 raw-frame methods): the optimiser and its schedule, the epoch loop, checkpoints and the one resume
 rule, logs and curves, and data-parallel training through Ray Train.
 
-May import: torch, numpy, pandas, ray, matplotlib, clipreel.errors, clipreel.heads (registry),
-clipreel.pipeline.raycluster.
+May import: torch, numpy, pandas, ray, matplotlib, clipreel.errors, clipreel.heads.registry,
+clipreel.stores.runs, clipreel.pipeline.raycluster.
 """
