@@ -329,7 +329,7 @@ def fewshot(
     from clipreel.pipeline.protocols import few_shot
 
     few_shot(head, options.protocol_source(store, videos), out, shots=options.numbers(shots, "--shots"),
-             seeds=options.numbers(seeds, "--seeds"), epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16),
+             seeds=options.numbers(seeds, "--seeds"), epochs=epochs, lr=lr, batch_size=batch_size,
              options=options.parse_options(option), store_checkpoint=store_checkpoint,
              finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
 
@@ -362,7 +362,7 @@ def base2novel(
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
     base_to_novel(head, options.protocol_source(store, videos), out, shots=shots,
                   seeds=options.numbers(seeds, "--seeds"), base_classes=base, epochs=epochs, lr=lr,
-                  batch_size=batch_size or (8 if videos else 16), options=options.parse_options(option),
+                  batch_size=batch_size, options=options.parse_options(option),
                   store_checkpoint=store_checkpoint,
                   finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
 

@@ -69,14 +69,14 @@ def load_method_clip(model_name: str, pretrained: str, device: torch.device | st
     if not run_dir.is_dir():
         return load_clip(model_name, pretrained, device=device)
     run = load_run(run_dir)
-    if run.kind != RUN_KIND_PREFIX + "vifi":
+    prefix = "clip."  # a run that fine-tuned a whole CLIP (ViFi-CLIP) keeps all of it, and only it, under this prefix
+    if not run.kind.startswith(RUN_KIND_PREFIX) or not all(key.startswith(prefix) for key in run.state_dict):
         raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
                             "of a `clipreel finetune vifi`, or a checkpoint file")
     if resolve_model_name(run.head_config["model"]) != resolve_model_name(model_name):
         raise ClipreelError(f"--pretrained {run_dir} fine-tuned {run.head_config['model']}, not {model_name}: "
                             f"pass --model {run.head_config['model']}")
     clip_model, _ = load_clip(model_name, "none", device=device)
-    prefix = "clip."  # ViFiCLIP keeps the whole CLIP under it
     clip_model.load_state_dict({key.removeprefix(prefix): value for key, value in run.state_dict.items()})
     return clip_model, file_sha256(run_dir / WEIGHTS_FILE)
 

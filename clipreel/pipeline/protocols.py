@@ -154,14 +154,16 @@ def protocol_store(
 class StoreVideos:
     """A protocol's videos in a feature store: cache heads train on protocol stores (links + a manifest)."""
 
-    def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int = 16,
+    def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int | None = None,
                  options: dict | None = None, store_checkpoint: str | None = None):
         head_entry(kind)  # an unknown head fails here, before any work
         self.kind, self.source = kind, str(store_path)
         self.store = FeatureStore.open(store_path)
         self.manifest, self.done = self.store.manifest(), self.store.done_mask()
         self.classnames = store_classnames(self.store)
-        self.lr, self.batch_size, self.options = lr, batch_size, dict(options or {})
+        self.lr, self.options = lr, dict(options or {})
+        # TrainConfig settings of every run: the batch size, when one is given (else TrainConfig's default)
+        self.train_settings = {"batch_size": batch_size} if batch_size is not None else {}
         self.store_checkpoint = store_checkpoint
         self.text_model = text_model_for(kind, self.store.provenance, store_checkpoint)
 
@@ -177,8 +179,8 @@ class StoreVideos:
         run_training(
             TrainConfig(
                 kind=self.kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
-                epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, options=self.options,
-                store_checkpoint=self.store_checkpoint,
+                epochs=epochs, lr=self.lr, seed=seed, options=self.options, store_checkpoint=self.store_checkpoint,
+                **self.train_settings,
             ),
             progress=progress,
         )
@@ -244,12 +246,15 @@ def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: 
     return path
 
 
-def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int = 16,
+def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int | None = None,
                     options: dict | None = None, store_checkpoint: str | None = None,
                     finetune: dict | None = None) -> StoreVideos | RawVideos:
-    """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store."""
+    """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store.
+
+    batch_size None: each trainer's default (16 cache videos, 8 raw clips)."""
     if kind in list_methods():
-        return RawVideos(kind, source, lr=lr, options=options, finetune={"batch_size": batch_size, **(finetune or {})})
+        settings = {**(finetune or {}), **({"batch_size": batch_size} if batch_size is not None else {})}
+        return RawVideos(kind, source, lr=lr, options=options, finetune=settings)
     return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, store_checkpoint=store_checkpoint)
 
 
@@ -288,7 +293,7 @@ def few_shot(
     test_split: str = "test",
     epochs: int = FEW_SHOT_EPOCHS,
     lr: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     options: dict | None = None,
     store_checkpoint: str | None = None,
     finetune: dict | None = None,
@@ -383,7 +388,7 @@ def base_to_novel(
     test_split: str = "test",
     epochs: int = BASE_TO_NOVEL_EPOCHS,
     lr: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     options: dict | None = None,
     store_checkpoint: str | None = None,
     finetune: dict | None = None,
