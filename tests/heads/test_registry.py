@@ -8,6 +8,7 @@ it trains (printed; run with -s to see them), and set_classnames.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -160,3 +161,19 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(ClipreelError, match="fixed by the store"):
         create_head("linear", store_layout=LAYOUT, provenance=PROVENANCE, classnames=CLASSNAMES,
                     options={"embed_dim": 32})
+
+
+def test_the_cli_help_lists_what_the_registries_hold():
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app
+
+    runner = CliRunner()
+    for command, names in (("train", list_heads()), ("finetune", list_methods()),
+                           ("fewshot", list_heads() + list_methods())):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        shown = re.sub(r"[\s│]+", "", result.output)  # the help's text, without its wrapping and box
+        for name in names:
+            summary = head_entry(name).summary if name in list_heads() else method_entry(name).summary
+            assert re.sub(r"\s+", "", f"{name} ({summary})") in shown, (command, name)
