@@ -23,14 +23,14 @@ import open_clip
 import torch
 
 from clipreel.heads.clip import load_clip, register_builtin_models
-from clipreel.heads.methods import METHODS, build_method_model
+from clipreel.heads.layers import trainable_parameters
+from clipreel.heads.registry import create_method, list_methods
 from clipreel.pipeline.data.augment import AugmentConfig
 from clipreel.pipeline.data.frame_loaders import FrameLoading, frame_loader
 from clipreel.pipeline.data.raw_frames import RawFrameDataset
 from clipreel.pipeline.data.sampling import SamplingConfig
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-from clipreel.pipeline.finetune import method_loss
 from clipreel.pipeline.raycluster import ensure_ray
 
 CLASSNAMES = ["red circle moving left", "red circle moving right", "green square growing", "green square shrinking"]
@@ -39,8 +39,8 @@ CLASSNAMES = ["red circle moving left", "red circle moving right", "green square
 def step_clips_per_s(method: str, model_name: str, frames: int, size: int, batch: int, steps: int) -> tuple[float, int]:
     """Clips/s of full training steps (after one warm-up step), and the trainable parameter count."""
     clip, _ = load_clip(model_name, "none")
-    model, _ = build_method_model(method, clip, open_clip.get_tokenizer(model_name), CLASSNAMES, frames, {})
-    parameters = [param for param in model.parameters() if param.requires_grad]
+    model, _ = create_method(method, clip, open_clip.get_tokenizer(model_name), CLASSNAMES, frames, {})
+    parameters = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     clips = torch.randn(batch, frames, 3, size, size)
     labels = torch.arange(batch) % len(CLASSNAMES)
@@ -49,7 +49,7 @@ def step_clips_per_s(method: str, model_name: str, frames: int, size: int, batch
         if step == 1:
             started = time.perf_counter()
         optimizer.zero_grad()
-        method_loss(method, model, clips, labels)[1].backward()
+        model.loss(model(clips), labels, label_smoothing=0.1).backward()
         optimizer.step()
     return batch * steps / (time.perf_counter() - started), sum(p.numel() for p in parameters)
 
@@ -94,7 +94,7 @@ def main() -> None:
         loaders = {name: loader_clips_per_s(videos_csv, loading, args.frames, size, args.batch, batches=12)
                    for name, loading in loadings.items()}
         steps = {method: step_clips_per_s(method, args.model, args.frames, size, args.batch, args.steps)
-                 for method in METHODS}
+                 for method in list_methods()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,7 @@
     python bench/train_cache.py                  # ViT-B-16 at 224 (random init), 8 frames, 16 videos
     python bench/train_cache.py --small          # clipreel-tiny, a quick check of the script
 
-Both sides train the same EVL head (ViT-B/16 sizes, 400 classes, built by heads.kinds.build_head)
+Both sides train the same EVL head (ViT-B/16 sizes, 400 classes, built by heads.registry.create_head)
 with the same AdamW, on the same videos and labels, one epoch in batches of --batch:
 
     cache   batches of tokens + attention maps stream out of the store (CacheLoader); the
@@ -116,7 +116,7 @@ def prepare(args, work: Path) -> float:
 
 def run_side(args) -> dict:
     """One training epoch from the cache or through the live backbone; prints a JSON line."""
-    from clipreel.heads.kinds import build_head, head_logits
+    from clipreel.heads.registry import create_head
     from clipreel.heads.taps import Backbone
     from clipreel.pipeline.data.cache_loader import CacheLoader
     from clipreel.stores.features import FeatureStore
@@ -125,8 +125,8 @@ def run_side(args) -> dict:
     store = FeatureStore.open(work / "features.zarr")
     labels = np.load(work / "labels.npy")
     torch.manual_seed(0)
-    head, _ = build_head("evl", store_layout=store.layout, provenance=store.provenance,
-                         classnames=[f"class {k}" for k in range(NUM_CLASSES)])
+    head, _ = create_head("evl", store_layout=store.layout, provenance=store.provenance,
+                          classnames=[f"class {k}" for k in range(NUM_CLASSES)])
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=4e-4, weight_decay=0.05)
     order = np.random.default_rng(1).permutation(args.videos)
@@ -155,7 +155,7 @@ def run_side(args) -> dict:
 
     steps = 0
     for batch, batch_labels in batches:
-        loss = F.cross_entropy(head_logits("evl", head, batch), batch_labels)
+        loss = F.cross_entropy(head(batch), batch_labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,9 @@
-"""The `clipreel` command line. Thin: each command parses its options and calls one pipeline function."""
+"""The `clipreel` command line. Thin: each command parses its options, calls one pipeline function and
+prints what it returns. The options several commands share are declared once, in `cli_options`.
+
+May import: typer, rich, clipreel.errors, clipreel.cli_options, and (inside each command) the one
+pipeline or stores function it calls.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clipreel import cli_options as options
 from clipreel.errors import ClipreelError
 
 app = typer.Typer(
@@ -49,8 +55,8 @@ def synth(
 def extract(
     videos: str = typer.Option(..., help="Video list: CSV (path,label[,label_name][,split]), 'path label' list, Kinetics CSV, or a folder per class."),
     out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
-    model: str = typer.Option("ViT-B-16", help="open_clip ViT name; clipreel-tiny is the smallest (tests, quick checks)."),
-    pretrained: str = typer.Option("default", help="Weights: default (the model's built-in file, else its openai tag), an open_clip tag, a local checkpoint file, or none (random init)."),
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
     frames: int = typer.Option(8, help="Frames per clip (T)."),
     views: int = typer.Option(1, help="Temporal views per video (V)."),
     sampling: str = typer.Option("tsn", help="tsn (segment centres), dense (T frames at --stride, EVL), or uniform."),
@@ -66,7 +72,7 @@ def extract(
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths in the list are under (default: the list's folder)."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = options.PROGRESS,
     wait: float = typer.Option(0.0, help="Seconds to wait when another process holds the store's writer lease (default: refuse at once)."),
     force: bool = typer.Option(False, help="Take over the store's writer lease if it has expired (its holder stopped renewing it)."),
     recheck: bool = typer.Option(False, help="Verify every done video first and compute again those that fail (missing or damaged chunks, NaN/inf)."),
@@ -169,67 +175,39 @@ def manifest(
     console.print(f"{len(table)} videos → {out}  {status_counts(table)}")
 
 
-def _parse_options(options: list[str], flag: str = "--option") -> dict:
-    """key=value items of a repeatable option -> {key: value}, values parsed as JSON where they can be."""
-    parsed = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ClipreelError(f"{flag} {item!r}: write key=value, e.g. {flag} n_ctx=4")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
-
-
-def _numbers(text: str, what: str) -> tuple[int, ...]:
-    """'2,4,8' -> (2, 4, 8), with a clear error."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ClipreelError(f"{what} {text!r}: write comma-separated whole numbers, e.g. 2,4,8") from None
-
-
-DECODER_HELP = "auto (DALI when the model is on a GPU, else PyAV), pyav, or dali (on the CPU: VP8/VP9/MJPEG only)."
-LOADER_HELP = ("How clips reach the model: workers (decode processes), ray (Ray Data streaming), or device "
-               "(decode + augment on the model's device: DALI on a GPU); auto: device for DALI on a GPU, else workers.")
-HEAD_HELP = "Head kind: evl, mit, xclip-prompt, text-prompt, linear, mlp or zeroshot."
-
-
 @app.command()
 def train(
-    head: str = typer.Argument(..., help=HEAD_HELP),
+    head: str = typer.Argument(..., help=options.HEAD_HELP),
     store: Path = typer.Option(..., help="Feature store to train from (written by clipreel extract)."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     split: str = typer.Option("train", help="Manifest split to train on."),
     val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' to skip)."),
     epochs: int = typer.Option(10, help="Passes over the training videos."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the head's reference recipe)."),
+    lr: Optional[float] = options.LR,
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: the head's recipe)."),
     batch_size: int = typer.Option(16, help="Videos per step (over all workers)."),
     accumulate: int = typer.Option(1, help="Steps whose gradients are summed before each update."),
     warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before the cosine decay."),
     label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing (X-CLIP/ViFi-CLIP: 0.1)."),
-    seed: int = typer.Option(0, help="Seeds initialisation, order, views and dropout (same seed, same weights on CPU)."),
-    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable (e.g. n_ctx=4)."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
-    classes: Optional[Path] = typer.Option(None, help="Label map naming the label ids (default: the manifest's names)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = options.SEED,
+    option: list[str] = options.OPTION,
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    classes: Optional[Path] = options.CLASSES,
+    device: str = options.DEVICE,
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = options.PROGRESS,
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
     from clipreel.pipeline.train import TrainConfig, run_training
 
-    cfg = TrainConfig(
+    summary = run_training(TrainConfig(
         kind=head, store=str(store), out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, seed=seed, options=_parse_options(option), pretrained=pretrained,
-        classes=str(classes) if classes else None, device=device, workers=workers, address=address,
-    )
-    summary = run_training(cfg, progress=progress)
+        label_smoothing=label_smoothing, seed=seed, options=options.parse_options(option),
+        store_checkpoint=store_checkpoint, classes=str(classes) if classes else None, device=device, workers=workers,
+        address=address,
+    ), progress=progress)
     console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
     console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
     console.print(f"  videos       {summary.train_videos} train, {summary.val_videos} val", highlight=False)
@@ -240,206 +218,37 @@ def train(
     console.print(f"  seconds      {summary.seconds:.1f}", highlight=False)
 
 
-@app.command(name="eval")
-def eval_(
-    run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train or clipreel finetune."),
-    store: Optional[Path] = typer.Option(None, help="Feature store to evaluate a `train` run on (same model/frames/blocks/norm)."),
-    videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
-    split: str = typer.Option("test", help="Manifest split to score."),
-    views: int = typer.Option(1, help="Temporal views per video for `finetune` runs (scores: mean softmax over views)."),
-    crops: int = typer.Option(1, help="Spatial crops per view for `finetune` runs (1 or 3)."),
-    report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
-    classes: Optional[Path] = typer.Option(None, help="Label map naming the store's label ids."),
-    batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
-    workers: int = typer.Option(0, help="Decode worker processes for `finetune` runs (0: decode in this process)."),
-    decoder: str = typer.Option("auto", help=DECODER_HELP),
-    loader: str = typer.Option("auto", help=LOADER_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-) -> None:
-    """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
-
-    Heads trained from the cache (`clipreel train`) are scored on a feature store (--store);
-    fine-tuned models (`clipreel finetune`) on raw videos (--videos).
-    """
-    if (store is None) == (videos is None):
-        raise ClipreelError("clipreel eval: give either --store (a `train` run) or --videos (a `finetune` run)")
-    if videos is not None:
-        from clipreel.pipeline.finetune_eval import evaluate_finetuned
-
-        report_data = evaluate_finetuned(run_dir, videos, split, str(report) if report else None, views=views,
-                                         crops=crops, batch_size=batch_size, workers=workers, decoder=decoder,
-                                         loader=loader, device=device)
-        console.print(f"{run_dir} on {split}: top-1 {report_data['top1']:.3f}, top-5 {report_data['top5']:.3f}, "
-                      f"mean class acc {report_data['mean_class_acc']:.3f}, {report_data['n']} videos", highlight=False)
-        return
-    from clipreel.pipeline.evaluate import evaluate_run
-
-    evaluate_run(run_dir, store, split, report_path=report, pretrained=pretrained,
-                 classes=str(classes) if classes else None, batch_size=batch_size, device=device, console=console)
-
-
-@app.command()
-def zeroshot(
-    store: Optional[Path] = typer.Option(None, help="Feature store whose projected frame embeddings are scored."),
-    videos: Optional[str] = typer.Option(None, help="Video list scored from raw frames, by --method (untrained) or --run."),
-    method: Optional[str] = typer.Option(None, help="With --videos: an untrained method model (where `finetune` starts)."),
-    run: Optional[Path] = typer.Option(None, help="With --videos: a `finetune` run, scored among the list's classes (zero-shot transfer)."),
-    split: str = typer.Option("test", help="Manifest split to score."),
-    classes: Optional[Path] = typer.Option(None, help="Class list (one name per line): restricts or renames the classes."),
-    template: str = typer.Option("ensemble", help="--store: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
-    pretrained: Optional[str] = typer.Option(None, help="--store: the store's CLIP checkpoint file; --method: the CLIP's weights (default: the model's)."),
-    model: str = typer.Option("clipreel-synth", help="--method: the open_clip model."),
-    frames: int = typer.Option(8, help="--method: frames per clip."),
-    views: int = typer.Option(1, help="--videos: temporal views per video (mean softmax over views)."),
-    option: list[str] = typer.Option([], help="--method: method option key=value, repeatable."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-) -> None:
-    """Zero-shot: class names as text, no training on these classes.
-
-    From a store (--store): CLIP's frame-mean embeddings against the class texts. From raw videos
-    (--videos): an untrained method model (--method), or a fine-tuned run (--run) classifying among
-    the list's own classes, as X-CLIP and ViFi-CLIP test zero-shot transfer.
-    """
-    if (store is None) == (videos is None):
-        raise ClipreelError("clipreel zeroshot: give either --store (a feature store) or --videos (raw videos)")
-    if store is not None:
-        from clipreel.pipeline.evaluate import zero_shot
-
-        zero_shot(store, split, classes_file=classes, template=template, report_path=report, pretrained=pretrained,
-                  device=device, console=console)
-        return
-    if (method is None) == (run is None):
-        raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run (a finetune run)")
-    from clipreel.pipeline.finetune_eval import (
-        evaluate_finetuned,
-        zero_shot_classes,
-        zero_shot_raw,
-    )
-
-    names = zero_shot_classes(videos, classes)
-    if method is not None:
-        scores = zero_shot_raw(method, videos, split, model, pretrained or "default", frames=frames,
-                               options=_parse_options(option), views=views, device=device, classes=names,
-                               report_path=str(report) if report else None)
-    else:
-        scores = evaluate_finetuned(run, videos, split, str(report) if report else None, classes=names, views=views,
-                                    device=device)
-    console.print(f"zero-shot {method or run} on {split}: top-1 {scores['top1']:.3f}, top-5 {scores['top5']:.3f}, "
-                  f"mean class acc {scores['mean_class_acc']:.3f}, {scores['n']} videos", highlight=False)
-
-
-RAW_ONLY = "(fine-tuning methods, with --videos)"
-# The options of the protocols' fine-tuning runs (fewshot and base2novel with --videos).
-RAW_MODEL = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}.")
-RAW_FRAMES = typer.Option(8, help=f"Frames per clip {RAW_ONLY}.")
-PROTOCOL_BATCH_SIZE = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos).")
-RAW_AUGMENT = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}.")
-RAW_WORKERS = typer.Option(2, help=f"Decode worker processes {RAW_ONLY}.")
-
-
-def _raw_settings(model: str, frames: int, augment: list[str], workers: int) -> dict:
-    """The FinetuneConfig settings of a protocol's fine-tuning runs."""
-    return {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
-
-
-def _protocol_source(store: Optional[Path], videos: Optional[str]) -> str:
-    """The protocol's videos: a store (cache heads) or a video list (fine-tuning methods)."""
-    if (store is None) == (videos is None):
-        raise ClipreelError("give either --store (a cache head) or --videos (a fine-tuning method: vifi, prompt, xclip, ezclip)")
-    return str(store) if store is not None else videos
-
-
-@app.command()
-def fewshot(
-    head: str = typer.Argument(..., help=HEAD_HELP + " Or a fine-tuning method (vifi, prompt, xclip, ezclip) with --videos."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
-    videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
-    out: Path = typer.Option(..., help="Folder for the runs, few_shot.json and few_shot.png."),
-    shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
-    seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
-    epochs: int = typer.Option(50, help="Epochs per run (X-CLIP / ViFi-CLIP few-shot: 50)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
-    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
-    model: str = RAW_MODEL,
-    frames: int = RAW_FRAMES,
-    batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
-    augment: list[str] = RAW_AUGMENT,
-    workers: int = RAW_WORKERS,
-) -> None:
-    """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
-    from clipreel.pipeline.protocols import few_shot
-
-    source = _protocol_source(store, videos)
-    few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
-             lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
-             pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers),
-             console=console)
-
-
-@app.command()
-def base2novel(
-    head: str = typer.Argument(..., help="A text head (mit, xclip-prompt, text-prompt, zeroshot) or, with --videos, a fine-tuning method."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
-    videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
-    out: Path = typer.Option(..., help="Folder for the runs and base_to_novel.json."),
-    shots: int = typer.Option(16, help="Training videos per base class."),
-    seeds: str = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them)."),
-    base_classes: Optional[str] = typer.Option(None, help="Base classes, ids or names, comma-separated (default: the first half)."),
-    epochs: int = typer.Option(11, help="Epochs per run (ViFi-CLIP base-to-novel: 11)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
-    option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
-    pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
-    model: str = RAW_MODEL,
-    frames: int = RAW_FRAMES,
-    batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
-    augment: list[str] = RAW_AUGMENT,
-    workers: int = RAW_WORKERS,
-) -> None:
-    """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
-    from clipreel.pipeline.protocols import base_to_novel
-
-    source = _protocol_source(store, videos)
-    base = None
-    if base_classes:
-        base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
-    base_to_novel(head, source, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
-                  epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
-                  pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers), console=console)
-
-
 @app.command()
 def finetune(
-    method: str = typer.Argument(..., help="vifi (ViFi-CLIP), prompt (bridge-and-prompt), xclip (X-CLIP) or ezclip (EZ-CLIP)."),
+    method: str = typer.Argument(..., help=options.METHOD_HELP),
     videos: str = typer.Option(..., help="Video list (same formats as extract --videos); its train/val splits are used."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
-    model: str = typer.Option("clipreel-synth", help="open_clip model (ViT-B-16 for the papers' setting)."),
-    pretrained: str = typer.Option("default", help="Weights: default, an open_clip tag, a local checkpoint file, none, or a `finetune vifi` run directory (ViFi-CLIP's bridge to prompt)."),
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
     epochs: int = typer.Option(10, help="Passes over the training videos."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the method's reference recipe)."),
+    lr: Optional[float] = options.LR,
     batch_size: int = typer.Option(8, help="Clips per micro-batch."),
     accumulate: int = typer.Option(1, help="Micro-batches whose gradients are summed before each update (X-CLIP: 4)."),
-    frames: int = typer.Option(8, help="Frames per clip (TSN segments, random offsets in training)."),
+    frames: int = options.FRAMES,
     mixup: bool = typer.Option(False, help="Mixup/cutmix with soft targets (X-CLIP / ViFi-CLIP recipe)."),
-    augment: list[str] = typer.Option([], help="Training augmentation key=value, repeatable: flip=0 where left/right makes the class (SSv2, 'moving left'), color_jitter=0 and grayscale=0 where colour does."),
-    workers: int = typer.Option(2, help="Decode worker processes (or concurrent Ray tasks with --loader ray); 0 decodes in this process."),
-    decoder: str = typer.Option("auto", help=DECODER_HELP),
-    loader: str = typer.Option("auto", help=LOADER_HELP),
+    augment: list[str] = options.AUGMENT,
+    workers: int = options.DECODE_WORKERS_OPTION,
+    decoder: str = options.DECODER,
+    loader: str = options.LOADER,
     address: Optional[str] = typer.Option(None, help="Ray cluster for --loader ray (default: a local Ray)."),
-    seed: int = typer.Option(0, help="Seeds initialisation, order, sampling and augmentation."),
-    option: list[str] = typer.Option([], help="Method option key=value, repeatable (e.g. variant=image for vifi)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    seed: int = options.SEED,
+    option: list[str] = options.OPTION,
+    device: str = options.DEVICE,
+    progress: bool = options.PROGRESS,
 ) -> None:
     """Fine-tune or prompt the backbone itself on raw frames (prints the trainable-parameter count first)."""
     from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
 
     summary = run_finetune(FinetuneConfig(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
-        batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup, augment=_parse_options(augment, "--augment"), workers=workers, decoder=decoder,
-        loader=loader, address=address, seed=seed, options=_parse_options(option), device=device,
+        batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup,
+        augment=options.parse_options(augment, "--augment"), workers=workers, decoder=decoder, loader=loader,
+        address=address, seed=seed, options=options.parse_options(option), device=device,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
     console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)
@@ -449,12 +258,154 @@ def finetune(
     console.print(f"  seconds      {summary.seconds:.1f}", highlight=False)
 
 
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train or clipreel finetune."),
+    store: Optional[Path] = typer.Option(None, help="Feature store to evaluate a `train` run on (same model/frames/blocks/norm)."),
+    videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
+    split: str = options.SPLIT,
+    views: int = options.VIEWS,
+    crops: int = typer.Option(1, help="Raw videos: spatial crops per view (1 or 3)."),
+    report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    classes: Optional[Path] = options.CLASSES,
+    batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
+    workers: int = options.DECODE_WORKERS_OPTION,
+    decoder: str = options.DECODER,
+    loader: str = options.LOADER,
+    device: str = options.DEVICE,
+) -> None:
+    """Score a trained run on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
+
+    Heads trained from the cache (`clipreel train`) are scored on a feature store (--store);
+    fine-tuned models (`clipreel finetune`) on raw videos (--videos).
+    """
+    from clipreel.pipeline.evaluate import EvalConfig, evaluate
+
+    scores, path = evaluate(EvalConfig(
+        run=str(run_dir), store=str(store) if store else None, videos=videos, split=split,
+        report=str(report) if report else None, store_checkpoint=store_checkpoint,
+        classes=str(classes) if classes else None, views=views, crops=crops, batch_size=batch_size, workers=workers,
+        decoder=decoder, loader=loader, device=device,
+    ))
+    _print_scores(f"eval {scores['kind']} on {split}", scores, path)
+
+
+@app.command()
+def zeroshot(
+    store: Optional[Path] = typer.Option(None, help="Feature store whose projected frame embeddings are scored."),
+    videos: Optional[str] = typer.Option(None, help="Video list scored from raw frames, by --method (untrained) or --run."),
+    method: Optional[str] = typer.Option(None, help="With --videos: an untrained raw-frame method (where `finetune` starts; `clipreel finetune --help` lists them)."),
+    run: Optional[Path] = typer.Option(None, help="With --videos: a `finetune` run, scored among the list's classes (zero-shot transfer)."),
+    split: str = options.SPLIT,
+    classes: Optional[Path] = typer.Option(None, help="Class list (one name per line): restricts or renames the classes."),
+    template: str = typer.Option("ensemble", help="--store: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
+    frames: int = options.FRAMES,
+    views: int = options.VIEWS,
+    option: list[str] = options.OPTION,
+    workers: int = options.DECODE_WORKERS_OPTION,
+    device: str = options.DEVICE,
+) -> None:
+    """Zero-shot: class names as text, no training on these classes.
+
+    From a store (--store): CLIP's frame-mean embeddings against the class texts. From raw videos
+    (--videos): an untrained method model (--method), or a fine-tuned run (--run) classifying among
+    the list's own classes, as X-CLIP and ViFi-CLIP test zero-shot transfer.
+    """
+    from clipreel.pipeline.evaluate import ZeroShotEvalConfig, zero_shot
+
+    scores = zero_shot(ZeroShotEvalConfig(
+        store=str(store) if store else None, videos=videos, method=method, run=str(run) if run else None,
+        split=split, classes=str(classes) if classes else None, template=template,
+        report=str(report) if report else None, store_checkpoint=store_checkpoint, model=model,
+        pretrained=pretrained, frames=frames, views=views, options=options.parse_options(option), workers=workers,
+        device=device,
+    ))
+    _print_scores(f"zero-shot {method or run or 'CLIP'} on {split}", scores, report)
+
+
+@app.command()
+def fewshot(
+    head: str = typer.Argument(..., help=options.HEAD_OR_METHOD_HELP),
+    store: Optional[Path] = options.PROTOCOL_STORE,
+    videos: Optional[str] = options.PROTOCOL_VIDEOS,
+    out: Path = options.PROTOCOL_OUT,
+    shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
+    seeds: str = options.SEEDS,
+    epochs: int = typer.Option(50, help="Epochs per run (X-CLIP / ViFi-CLIP few-shot: 50)."),
+    lr: Optional[float] = options.LR,
+    option: list[str] = options.OPTION,
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
+    frames: int = options.FRAMES,
+    batch_size: Optional[int] = options.PROTOCOL_BATCH_SIZE,
+    augment: list[str] = options.AUGMENT,
+    workers: int = options.DECODE_WORKERS_OPTION,
+) -> None:
+    """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
+    from clipreel.pipeline.protocols import few_shot
+
+    few_shot(head, options.protocol_source(store, videos), out, shots=options.numbers(shots, "--shots"),
+             seeds=options.numbers(seeds, "--seeds"), epochs=epochs, lr=lr, batch_size=batch_size,
+             options=options.parse_options(option), store_checkpoint=store_checkpoint,
+             finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
+
+
+@app.command()
+def base2novel(
+    head: str = typer.Argument(..., help=options.TEXT_HEAD_OR_METHOD_HELP),
+    store: Optional[Path] = options.PROTOCOL_STORE,
+    videos: Optional[str] = options.PROTOCOL_VIDEOS,
+    out: Path = options.PROTOCOL_OUT,
+    shots: int = typer.Option(16, help="Training videos per base class."),
+    seeds: str = options.SEEDS,
+    base_classes: Optional[str] = typer.Option(None, help="Base classes, ids or names, comma-separated (default: the first half)."),
+    epochs: int = typer.Option(11, help="Epochs per run (ViFi-CLIP base-to-novel: 11)."),
+    lr: Optional[float] = options.LR,
+    option: list[str] = options.OPTION,
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
+    frames: int = options.FRAMES,
+    batch_size: Optional[int] = options.PROTOCOL_BATCH_SIZE,
+    augment: list[str] = options.AUGMENT,
+    workers: int = options.DECODE_WORKERS_OPTION,
+) -> None:
+    """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
+    from clipreel.pipeline.protocols import base_to_novel
+
+    base = None
+    if base_classes:
+        base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
+    base_to_novel(head, options.protocol_source(store, videos), out, shots=shots,
+                  seeds=options.numbers(seeds, "--seeds"), base_classes=base, epochs=epochs, lr=lr,
+                  batch_size=batch_size, options=options.parse_options(option),
+                  store_checkpoint=store_checkpoint,
+                  finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the demo's videos, store and results.")) -> None:
     """Run the whole pipeline on the built-in synthetic world with a tiny model, offline, on CPU."""
     from clipreel.pipeline.demo import run_demo
 
     run_demo(out, console)
+
+
+def _print_scores(title: str, scores: dict, path) -> None:
+    """One line of metrics, and where the report went."""
+    console.print(
+        f"{title}: top-1 {scores['top1']:.4f}  top-{scores['top5_k']} {scores['top5']:.4f}  "
+        f"mean class {scores['mean_class_acc']:.4f}  ({scores['n']} videos x {scores['views']} views)",
+        highlight=False,
+    )
+    if path is not None:
+        console.print(f"report → {path}", highlight=False)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""The base of clipreel's dataclass configs: a JSON round trip that refuses keys it does not know."""
+"""The base of clipreel's dataclass configs (a JSON round trip that refuses keys it does not know), and
+the defaults several configs and commands share.
+
+May import: clipreel.errors.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,12 @@ import dataclasses
 from typing import Mapping
 
 from clipreel.errors import ClipreelError
+
+# The open_clip model of every command that runs a CLIP (extract, finetune, zero-shot from raw videos,
+# the protocols from raw videos): ViT-B/16, the reference methods' backbone.
+DEFAULT_MODEL = "ViT-B-16"
+# Decode processes of the raw-frame loaders (or concurrent Ray tasks), wherever raw frames are read.
+DECODE_WORKERS = 2
 
 
 class JsonConfig:

@@ -1,5 +1,6 @@
-"""Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP, and
-the synthetic world extracted once into a feature store."""
+"""Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP (shared,
+or fresh ones free to train, and one training step of a method on it), and the synthetic world
+extracted once into a feature store."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def tiny_clip():
 
     model, _ = load_clip("clipreel-tiny", "none")
     return model, open_clip.get_tokenizer("clipreel-tiny")
+
+
+@pytest.fixture
+def fresh_tiny_clip():
+    """Makes tiny CLIPs of their own (the tiny_clip fixture's seeded weights), free to train."""
+    from clipreel.heads.clip import load_clip
+
+    return lambda: load_clip("clipreel-tiny", "none")[0]
+
+
+@pytest.fixture
+def one_training_step():
+    """One SGD step (lr 0.1) of a raw-frame method model on clips (B, T, 3, S, S), by its own loss."""
+    import torch
+
+    from clipreel.heads.layers import trainable_parameters
+
+    def step(model, frames, labels) -> None:
+        model.train()
+        optimizer = torch.optim.SGD(list(trainable_parameters(model).values()), lr=0.1)
+        model.loss(model(frames), labels).backward()
+        optimizer.step()
+
+    return step
 
 
 @dataclass

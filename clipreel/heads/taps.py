@@ -11,7 +11,7 @@ block before it; block -1 is the output of ln_pre) with that block's frozen `ln_
 rows of `in_proj`, and turned into the head-averaged adjacent-frame attention maps the store
 keeps (`cross_frame_attention_from_inputs`).
 
-May import: torch, open_clip, clipreel.errors, clipreel.devices, clipreel.heads.clip.
+May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.devices, clipreel.heads (clip, layers).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU
 from torch import nn
 
+from clipreel.config import DEFAULT_MODEL
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import NORMS, load_clip, resolve_model_name
+from clipreel.heads.layers import check_standard_block, check_standard_vit
 
 TOKEN_LAYOUT = "cls+patches, row-major, outputs of the feature blocks"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
@@ -41,7 +43,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # na
 class BackboneConfig:
     """Which model, which weights, which blocks to tap, and where and how to run it."""
 
-    model: str = "ViT-B-16"
+    model: str = DEFAULT_MODEL
     pretrained: str = "openai"  # an open_clip tag, a local checkpoint file, or "none" (random init)
     layers: str = "4"  # "4" = the last four blocks; "3,7,11" or "-1,-2" = explicit block indices
     norm: str | None = None  # "clip" | "imagenet"; None = the model's own statistics
@@ -96,30 +98,6 @@ def tapped_blocks(feature_blocks) -> tuple[int, ...]:
     return tuple(sorted(set(feature_blocks) | {block - 1 for block in feature_blocks}))
 
 
-def _check_supported_vit(visual: torch.nn.Module, name: str) -> None:
-    """Refuse image towers whose blocks cannot be tapped the way `Backbone` does."""
-    why = None
-    if not isinstance(visual, VisionTransformer):
-        why = f"its image tower is a {type(visual).__name__}, not an open_clip VisionTransformer"
-    elif visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
-        why = "it pools with attention instead of keeping a class token"
-    elif not visual.transformer.batch_first:
-        why = "its transformer is not batch-first"
-    else:
-        for block in visual.transformer.resblocks:
-            attn = getattr(block, "attn", None)
-            if not isinstance(block, ResidualAttentionBlock) or not isinstance(attn, torch.nn.MultiheadAttention):
-                why = f"its blocks are {type(block).__name__}, not standard attention blocks"
-            elif not attn._qkv_same_embed_dim or attn.in_proj_bias is None:
-                why = "its attention has no packed, biased q/k/v projection"
-            if why is not None:
-                break
-    if why is not None:
-        raise ClipreelError(
-            f"--model {name}: {why}. clipreel taps standard open_clip ViTs (e.g. ViT-B-16, ViT-L-14)."
-        )
-
-
 class ClipFeatures(NamedTuple):
     """One batch of clips as the feature store keeps it (see Backbone.forward_clips)."""
 
@@ -146,7 +124,7 @@ class Backbone:
         self.model_name = resolve_model_name(cfg.model)
         self.clip, self.checkpoint_sha256 = load_clip(self.model_name, cfg.pretrained, self.device)
         self.visual = self.clip.visual
-        _check_supported_vit(self.visual, self.model_name)
+        check_standard_vit(self.visual, f"--model {self.model_name}", pooled_by_cls=False)
 
         blocks = self.visual.transformer.resblocks
         height, width = self.visual.image_size
@@ -317,12 +295,8 @@ def qk_weights_from_open_clip_blocks(blocks: Sequence[nn.Module]) -> dict:
 
     `blocks` are the tapped feature blocks in block order (shallow -> deep).
     """
-    for index, block in enumerate(blocks):
-        if not hasattr(block, "ln_1") or not hasattr(getattr(block, "attn", None), "in_proj_weight"):
-            raise ClipreelError(
-                f"block {index} ({type(block).__name__}) has no `ln_1` + `attn.in_proj_weight`: "
-                "EVL needs open_clip's standard ResidualAttentionBlock (a fused-qkv ViT)."
-            )
+    for block in blocks:
+        check_standard_block(block, "EVL's cross-frame attention")
     width = blocks[0].attn.embed_dim
     return {
         "ln_weight": torch.stack([b.ln_1.weight.detach().float() for b in blocks]),  # (K, D)

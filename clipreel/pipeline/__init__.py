@@ -1,5 +1,5 @@
-"""The stages of clipreel, as verbs (extract, train, finetune, evaluate, protocols, demo), and the
-data they read (`pipeline.data`).
+"""The stages of clipreel, as verbs (extract, train, finetune, evaluate, protocols, demo), the data
+they read (`pipeline.data`) and the training kit both trainers share (`pipeline.training`).
 
 May import: heads/, stores/ and the top-level utilities.
 """

@@ -5,6 +5,8 @@ nothing of motion) -> zero-shot, a linear probe and EVL from the cache -> a resu
 Zero-shot and the frame-mean probe can only recognise appearance: each class has a twin that is
 the same clip played backwards, so they stay near half accuracy. EVL's temporal decoder sees the
 order of frames and separates the twins.
+
+May import: rich, clipreel.errors, clipreel.stores, clipreel.pipeline (data.synth, extract, train, evaluate).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ HEADS = {"linear": 30, "evl": 30}  # head kind -> epochs
 def run_demo(out: Path, console: Console) -> dict:
     """Run every stage into `out` and return {method: test report}."""
     from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-    from clipreel.pipeline.evaluate import evaluate_run, zero_shot
+    from clipreel.pipeline.evaluate import evaluate_store_run, zero_shot_store
     from clipreel.pipeline.extract import ExtractConfig, run_extract
     from clipreel.pipeline.train import TrainConfig, run_training
     from clipreel.stores.features import FeatureStore, verify
@@ -44,12 +46,12 @@ def run_demo(out: Path, console: Console) -> dict:
 
     reports = {}
     console.rule("3. zero-shot (class names vs frame-mean embeddings)")
-    reports["zero-shot"] = zero_shot(store_path, "test", report_path=out / "zeroshot" / "eval-test.json")
+    reports["zero-shot"] = zero_shot_store(store_path, "test", report_path=out / "zeroshot" / "eval-test.json")
     for kind, epochs in HEADS.items():
         console.rule(f"4. train {kind} from the cache")
         run_dir = out / "runs" / kind
         run_training(TrainConfig(kind=kind, store=str(store_path), out=str(run_dir), epochs=epochs))
-        reports[kind] = evaluate_run(run_dir, store_path, "test")
+        reports[kind] = evaluate_store_run(run_dir, store_path, "test", run_dir / "eval-test.json")
 
     console.rule("results on the test split")
     table = Table("method", "top-1", "top-5", "mean class acc", "videos")

@@ -1,195 +1,143 @@
-"""Evaluation on a held-out split: a trained run (`clipreel eval`) or zero-shot CLIP (`clipreel zeroshot`).
+"""Evaluation on a held-out split: the `eval` and `zeroshot` commands, one entry function each.
 
-Both paths stream the split's videos from the feature store with every stored view (each view is
-one temporal clip x one spatial crop), turn each view's logits into class probabilities with a
-softmax, and average the probabilities over the views of a video ("mean of softmax", the
-multi-view testing of EVL, X-CLIP and ViFi-CLIP; METHODS.md 2.7, 3.4). The metrics are top-1,
-top-5, mean class accuracy, per-class accuracy and the confusion matrix. The report is a JSON
-file with the confusion matrix drawn next to it as a PNG.
+- `evaluate(EvalConfig)` (`clipreel eval RUN_DIR`): a `clipreel train` run on a feature store
+  (`--store`), or a `clipreel finetune` run on raw videos (`--videos`).
+- `zero_shot(ZeroShotEvalConfig)` (`clipreel zeroshot`): CLIP's zero-shot classifier on a store's
+  frame embeddings (`--store`); or, on raw videos (`--videos`), an untrained method model
+  (`--method`: where fine-tuning starts) or a fine-tuned run among the list's own classes (`--run`:
+  zero-shot transfer, as X-CLIP and ViFi-CLIP test it).
 
-The functions here print nothing unless given a rich `console`, and return the report dict, so
-the CLI commands stay thin wrappers.
+Every path scores each video by the mean softmax over its views (`pipeline.scoring`): from a store,
+every stored view; from raw videos, V temporal clips x C spatial crops decoded, sampled and
+preprocessed like the run's training clips but without augmentation. Each writes the same report:
+top-1/top-5, mean class accuracy, per class, confusion matrix (JSON + PNG, `pipeline.reports`).
+The functions print nothing: they return the report, and the CLI prints it.
+
+May import: torch, numpy, pandas, clipreel.errors, clipreel.devices, clipreel.heads, clipreel.stores,
+clipreel.pipeline (data, scoring, reports, models).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from clipreel.config import DECODE_WORKERS, DEFAULT_MODEL
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.cache.zeroshot import (
-    TEMPLATES,
-    ZeroShotClassifier,
-    ZeroShotConfig,
-    class_text_embeddings,
-)
-from clipreel.heads.clip import TextModel, load_text_model
-from clipreel.heads.kinds import TEXT_KINDS, head_logits, head_spec, rebuild_head
+from clipreel.heads.clip import load_text_model
+from clipreel.heads.layers import image_size_of
+from clipreel.heads.registry import create_head, head_entry, method_entry
 from clipreel.pipeline.data.cache_loader import CacheLoader
+from clipreel.pipeline.data.frame_loaders import FrameLoading, frame_loader, resolve_loading
+from clipreel.pipeline.data.raw_frames import RawFrameDataset, augment_config, labelled_rows
+from clipreel.pipeline.data.sampling import SamplingConfig
+from clipreel.pipeline.data.sources import read_sources
+from clipreel.pipeline.models import (
+    new_method_model,
+    text_model_for,
+    trained_head,
+    trained_method_model,
+)
+from clipreel.pipeline.reports import write_report_files
+from clipreel.pipeline.scoring import compute_metrics, predict_raw, predict_store
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
-from clipreel.stores.runs import Run, load_run, provenance_mismatch
+from clipreel.stores.runs import load_run, provenance_mismatch
 
-TOP_K = 5
 # Videos per evaluation batch. Each comes with all its views, so a batch of ViT-B/16 tokens for
 # EVL (8 frames, 4 blocks, 4 x 3 views) is ~0.9 GB at 8 videos.
 EVAL_BATCH_SIZE = 8
-# Up to this many classes the confusion plot names every class on its axes; beyond, no tick labels.
-MAX_LABELLED_CLASSES = 50
-# Up to this many classes each cell of the confusion plot also shows its count.
-MAX_ANNOTATED_CLASSES = 15
 
 
-# ---------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------- the two commands
 
 
-def compute_metrics(probabilities: np.ndarray, labels: np.ndarray, classnames: Sequence[str]) -> dict:
-    """Classification metrics of N videos over K classes.
+@dataclass
+class EvalConfig:
+    """Everything `clipreel eval` needs."""
 
-    probabilities (N, K): class scores per video (any monotone score works; argmax and top-k are
-    all that is used). labels (N,): the true class index in 0..K-1 (-1, "unknown", is refused).
-    Returns top1, top5 (top-k with k = min(5, K)), mean_class_acc (the mean of the per-class
-    accuracies over the classes that have videos), n, per_class ({name: {"acc", "n"}}; acc is None
-    for a class without videos) and confusion (K x K counts, row = true class, column = predicted).
-    """
-    probabilities = np.asarray(probabilities)
-    labels = np.asarray(labels)
-    classnames = list(classnames)
-    num_classes = len(classnames)
-    if probabilities.ndim != 2 or probabilities.shape[1] != num_classes:
-        raise ClipreelError(
-            f"compute_metrics: probabilities have shape {probabilities.shape}, expected (N, {num_classes}) "
-            f"for the {num_classes} class names"
-        )
-    if labels.shape != (probabilities.shape[0],):
-        raise ClipreelError(
-            f"compute_metrics: {labels.shape} labels for {probabilities.shape[0]} videos; give one label per video"
-        )
-    if len(labels) == 0:
-        raise ClipreelError("compute_metrics: no videos to score; the split holds no labelled, extracted videos")
-    if labels.dtype.kind not in "iu":
-        raise ClipreelError(f"compute_metrics: labels must be integers, got {labels.dtype}")
-    unknown = np.flatnonzero(labels < 0)
-    if len(unknown):
-        raise ClipreelError(
-            f"compute_metrics: {len(unknown)} video(s) have label -1 (unknown), e.g. position {int(unknown[0])}; "
-            "accuracy needs a true class for every video: label them, or evaluate a split without unlabelled videos"
-        )
-    outside = np.flatnonzero(labels >= num_classes)
-    if len(outside):
-        raise ClipreelError(
-            f"compute_metrics: label {int(labels[outside[0]])} (position {int(outside[0])}) is outside the "
-            f"{num_classes} classes (0..{num_classes - 1})"
-        )
-
-    k = min(TOP_K, num_classes)
-    # Stable sort on the negated scores: ties go to the lower class index, as argmax does.
-    ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # (N, k), best first
-    predicted = ranked[:, 0]  # (N,)
-    correct = predicted == labels
-    in_top_k = (ranked == labels[:, None]).any(axis=1)
-
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class_n = confusion.sum(axis=1)  # (K,)
-    per_class_acc = [
-        float(confusion[c, c] / per_class_n[c]) if per_class_n[c] else None for c in range(num_classes)
-    ]
-    present = [acc for acc in per_class_acc if acc is not None]
-    return {
-        "top1": float(correct.mean()),
-        "top5": float(in_top_k.mean()),
-        "top5_k": k,
-        "mean_class_acc": float(np.mean(present)),
-        "n": int(len(labels)),
-        "per_class": {
-            name: {"acc": acc, "n": int(count)} for name, acc, count in zip(classnames, per_class_acc, per_class_n)
-        },
-        "confusion": confusion.tolist(),
-    }
+    run: str  # a run directory of `clipreel train` (with store) or of `clipreel finetune` (with videos)
+    store: str | None = None  # the feature store to score a `train` run on (features meaning the same)
+    videos: str | None = None  # the video list to score a `finetune` run on, from raw frames
+    split: str = "test"
+    report: str | None = None  # the JSON report (default RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it
+    store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from (text heads)
+    classes: str | None = None  # a label map naming the store's label ids, when they are not the manifest's names
+    views: int = 1  # raw videos: temporal views per video
+    crops: int = 1  # raw videos: spatial crops per view (1 or 3)
+    batch_size: int = EVAL_BATCH_SIZE  # videos per batch, each with all its views
+    workers: int = DECODE_WORKERS  # raw videos: decode processes (0: decode in this process)
+    decoder: str = "auto"
+    loader: str = "auto"
+    device: str = "auto"
 
 
-def mean_softmax_over_views(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V, K) logits of every view of B videos -> (B, K) probabilities: softmax per view, mean over views."""
-    return torch.softmax(logits.float(), dim=-1).mean(dim=1)
-
-
-# ---------------------------------------------------------------------- report files
-
-
-def save_report(report: dict, path: str | Path) -> Path:
-    """Write the report as indented JSON (creating the folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
-def plot_confusion(confusion: Sequence[Sequence[int]], classnames: Sequence[str], path: str | Path) -> Path:
-    """Draw the confusion matrix (rows = true class, columns = predicted) as a PNG; returns the path.
-
-    Each row is shown as fractions of its videos, so rare and common classes read alike; cells
-    also show their counts up to MAX_ANNOTATED_CLASSES classes, and the axes name the classes up
-    to MAX_LABELLED_CLASSES (beyond that the labels would be unreadable and are left out).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(confusion, dtype=np.int64)  # (K, K)
-    num_classes = len(classnames)
-    if counts.shape != (num_classes, num_classes):
-        raise ClipreelError(
-            f"plot_confusion: the matrix has shape {counts.shape}, expected ({num_classes}, {num_classes})"
-        )
-    row_totals = counts.sum(axis=1, keepdims=True)
-    fractions = counts / np.maximum(row_totals, 1)  # (K, K), rows of absent classes stay 0
-
-    labelled = num_classes <= MAX_LABELLED_CLASSES
-    side = min(4 + 0.3 * num_classes, 20) if labelled else 10  # inches
-    figure = Figure(figsize=(side + 1.5, side), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    if labelled:
-        font_size = 10 if num_classes <= 20 else 8  # rows are >= 0.3 inch apart: 8 pt still fits
-        axes.set_xticks(range(num_classes), labels=list(classnames), rotation=90, fontsize=font_size)
-        axes.set_yticks(range(num_classes), labels=list(classnames), fontsize=font_size)
+def evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
+    """`clipreel eval`: score a trained run on a split -> (the report, where it was written)."""
+    if (cfg.store is None) == (cfg.videos is None):
+        raise ClipreelError("clipreel eval: give either --store (a `train` run) or --videos (a `finetune` run)")
+    path = Path(cfg.report) if cfg.report is not None else Path(cfg.run) / f"eval-{cfg.split}.json"
+    if cfg.store is not None:
+        report = evaluate_store_run(cfg.run, cfg.store, cfg.split, path, store_checkpoint=cfg.store_checkpoint,
+                                    classes=cfg.classes, batch_size=cfg.batch_size, device=cfg.device)
     else:
-        axes.set_xticks([])
-        axes.set_yticks([])
-    if num_classes <= MAX_ANNOTATED_CLASSES:
-        for true_class in range(num_classes):
-            for predicted in range(num_classes):
-                if counts[true_class, predicted]:
-                    dark = fractions[true_class, predicted] > 0.5
-                    axes.text(predicted, true_class, str(counts[true_class, predicted]), ha="center",
-                              va="center", fontsize=8, color="white" if dark else "black")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+        report = evaluate_raw_run(cfg.run, cfg.videos, cfg.split, path, views=cfg.views, crops=cfg.crops,
+                                  batch_size=cfg.batch_size, workers=cfg.workers, decoder=cfg.decoder,
+                                  loader=cfg.loader, device=cfg.device)
+    return report, path
 
 
-def write_report_files(report: dict, path: Path) -> tuple[Path, Path]:
-    """The JSON report at `path` and its confusion matrix next to it (same name, .png)."""
-    json_path = save_report(report, path)
-    png_path = plot_confusion(report["confusion"], report["classnames"], Path(path).with_suffix(".png"))
-    return json_path, png_path
+@dataclass
+class ZeroShotEvalConfig:
+    """Everything `clipreel zeroshot` needs."""
+
+    store: str | None = None  # a feature store: CLIP's frame-mean embeddings against the class texts
+    videos: str | None = None  # a video list, scored from raw frames by `method` (untrained) or `run`
+    method: str | None = None  # with videos: an untrained method model
+    run: str | None = None  # with videos: a `clipreel finetune` run, classifying among the list's classes
+    split: str = "test"
+    classes: str | None = None  # a class list (one name per line) that restricts or renames the classes
+    template: str = "ensemble"  # store: a template set of heads/cache/zeroshot.py or one literal template
+    report: str | None = None  # the JSON report (and its confusion PNG); default: none written
+    store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from
+    model: str = DEFAULT_MODEL  # method: the open_clip model
+    pretrained: str = "default"  # method: the CLIP's weights
+    frames: int = 8  # method: frames per clip
+    views: int = 1  # raw videos: temporal views per video
+    options: dict = field(default_factory=dict)  # method: its options
+    workers: int = DECODE_WORKERS  # raw videos: decode processes
+    device: str = "auto"
 
 
-# ---------------------------------------------------------------------- which videos, which classes
+def zero_shot(cfg: ZeroShotEvalConfig) -> dict:
+    """`clipreel zeroshot`: classify by class names, with no training on these classes -> the report."""
+    if (cfg.store is None) == (cfg.videos is None):
+        raise ClipreelError("clipreel zeroshot: give either --store (a feature store) or --videos (raw videos)")
+    report_path = Path(cfg.report) if cfg.report is not None else None
+    if cfg.store is not None:
+        return zero_shot_store(cfg.store, cfg.split, classes_file=cfg.classes, template=cfg.template,
+                               report_path=report_path, store_checkpoint=cfg.store_checkpoint, device=cfg.device)
+    if (cfg.method is None) == (cfg.run is None):
+        raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run "
+                            "(a finetune run)")
+    classnames = zero_shot_classes(cfg.videos, cfg.classes)
+    if cfg.method is not None:
+        return zero_shot_raw(cfg.method, cfg.videos, cfg.split, cfg.model, cfg.pretrained, frames=cfg.frames,
+                             options=cfg.options, views=cfg.views, workers=cfg.workers, device=cfg.device,
+                             classes=classnames, report_path=report_path)
+    return evaluate_raw_run(cfg.run, cfg.videos, cfg.split, report_path, classes=classnames, views=cfg.views,
+                            workers=cfg.workers, device=cfg.device)
+
+
+# ---------------------------------------------------------------------- from a feature store
 
 
 @dataclass
@@ -294,81 +242,19 @@ def _video_classnames(videos: pd.DataFrame, label_map: Sequence[str] | None, whe
 
 def store_classnames(store: FeatureStore) -> list[str]:
     """The store's class names by label id (the manifest's label_name of each label)."""
-
     return classnames_from_manifest(store.manifest(), str(store.path))
 
 
-# ---------------------------------------------------------------------- scoring
-
-
-def load_head(run: Run, classnames: Sequence[str] | None = None, text_model: TextModel | None = None) -> nn.Module:
-    """The run's trained head, in eval mode, classifying among `classnames` (default: the run's).
-
-    Text kinds may be given other class names (novel classes: their class text is recomputed);
-    they need the store's text tower (`text_model`).
-    """
-    classnames = list(run.classnames if classnames is None else classnames)
-    head = rebuild_head(run.kind, run.head_config, classnames, text_model)
-    head.load_state_dict(run.state_dict)
-    return head.eval()
-
-
-@torch.no_grad()
-def predict_probabilities(
-    store: FeatureStore,
-    videos: EvalVideos,
-    kind: str,
-    head: nn.Module,
-    *,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: str = "auto",
-) -> np.ndarray:
-    """Class probabilities (N, K) of `videos` (in their order), from every stored view of each.
-
-    Each view goes through the head on its own; its logits become a softmax, and a video's
-    probabilities are the mean over its views (mean_softmax_over_views). batch_size counts
-    videos, each with all its views.
-    """
+def score_store(store: FeatureStore, videos: EvalVideos, name: str, head: nn.Module, *,
+                batch_size: int = EVAL_BATCH_SIZE, device: str = "auto") -> dict:
+    """The body of a report: what was evaluated (store, split, views, classes) and the metrics of
+    cache head `name` on every stored view of `videos`."""
     torch_device = resolve_device(device)
-    head = head.to(torch_device).eval()
-    spec = head_spec(kind)
-    loader = CacheLoader(
-        store, videos.rows, videos.targets, spec.fields, spec.layers, batch_size,
-        shuffle=False, seed=0, views="all",
-    )
-    chunks = [view_averaged_probabilities(kind, head, batch, torch_device).cpu() for batch in loader.epoch(0)]
-    return torch.cat(chunks).numpy().astype(np.float64)  # (N, K)
-
-
-def view_averaged_probabilities(
-    kind: str, head: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Class probabilities (B, K) of a multi-view batch (tensors (B, V, ...)): each view goes
-    through the head on its own, then the mean over views of their softmax."""
-    fields = head_spec(kind).fields
-    count, views = batch[fields[0]].shape[:2]
-    one_view_each = {field: batch[field].flatten(0, 1).to(device) for field in fields}  # (B*V, ...)
-    logits = head_logits(kind, head, one_view_each).unflatten(0, (count, views))  # (B, V, K)
-    return mean_softmax_over_views(logits)
-
-
-def score_videos(
-    store: FeatureStore,
-    videos: EvalVideos,
-    kind: str,
-    head: nn.Module,
-    *,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: str = "auto",
-) -> dict:
-    """The body of a report: what was evaluated (store, split, views, classes) and the metrics."""
-    probabilities = predict_probabilities(store, videos, kind, head, batch_size=batch_size, device=device)
-    return {**_context(store, videos), **compute_metrics(probabilities, videos.targets, videos.classnames)}
-
-
-def _context(store: FeatureStore, videos: EvalVideos) -> dict:
-    """What was evaluated, for the report."""
-    return {
+    entry = head_entry(name)
+    loader = CacheLoader(store, videos.rows, videos.targets, entry.reads, entry.blocks, batch_size,
+                         shuffle=False, seed=0, views="all")
+    probabilities, _ = predict_store(name, head.to(torch_device), loader.epoch(0), torch_device)  # (N, K)
+    context = {
         "store": str(store.path),
         "split": videos.split,
         "views": store.layout.views,
@@ -377,34 +263,18 @@ def _context(store: FeatureStore, videos: EvalVideos) -> dict:
         "not_extracted_videos": videos.not_extracted,
         "classnames": videos.classnames,
     }
+    return {**context, **compute_metrics(probabilities, videos.targets, videos.classnames)}
 
 
+def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike, split: str,
+                       report_path: Path | None = None, *, store_checkpoint: str | None = None,
+                       classes: str | None = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto") -> dict:
+    """A `clipreel train` run's report on `split` of a store (the JSON + PNG written at `report_path`).
 
-
-# ---------------------------------------------------------------------- clipreel eval
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    store_path: str | Path,
-    split: str,
-    report_path: str | Path | None = None,
-    pretrained: str | None = None,
-    classes: str | Path | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: str = "auto",
-    console=None,
-) -> dict:
-    """`clipreel eval RUN_DIR --store STORE --split SPLIT`: score a trained head on a split.
-
-    run_dir: a run written by `clipreel train`. store_path: a feature store whose features mean
-    the same as those the head was trained on (same model, weights, frames, blocks, preprocessing;
-    views and sampling may differ), else refused. split: the manifest split to score; every video
-    must belong to one of the run's classes (closed set). report_path: the JSON report (default
-    RUN_DIR/eval-SPLIT.json); the confusion matrix PNG goes next to it. pretrained: the store's
-    CLIP checkpoint file, needed by text kinds when the store was extracted from a local file.
-    classes: a label map naming the store's label ids, when they are not the manifest's names.
-    Returns the report (metrics plus what was evaluated).
+    The store's features must mean the same as those the head was trained on (same model, weights,
+    frames, blocks, preprocessing; views and sampling may differ), else it is refused. Every video
+    must belong to one of the run's classes (closed set). `classes`: a label map naming the store's
+    label ids, when they are not the manifest's names.
     """
     run = load_run(run_dir)
     store = FeatureStore.open(store_path)
@@ -417,61 +287,43 @@ def evaluate_run(
         )
     label_map = read_label_map(classes) if classes is not None else None
     videos = select_videos(store, split, run.classnames, label_map=label_map, others="refuse")
-    text_model = load_text_model(store.provenance, pretrained) if run.kind in TEXT_KINDS else None
-    head = load_head(run, text_model=text_model)
-    report = {
-        "kind": run.kind,
-        "run": str(run_dir),
-        **score_videos(store, videos, run.kind, head, batch_size=batch_size, device=device),
-    }
-    path = Path(report_path) if report_path is not None else Path(run_dir) / f"eval-{split}.json"
-    write_report_files(report, path)
-    _print_summary(console, f"eval {run.kind} on {split}", report, path)
+    head = trained_head(run, text_model=text_model_for(run.kind, store.provenance, store_checkpoint))
+    report = {"kind": run.kind, "run": str(run_dir),
+              **score_store(store, videos, run.kind, head, batch_size=batch_size, device=device)}
+    if report_path is not None:
+        write_report_files(report, report_path)
     return report
 
 
-# ---------------------------------------------------------------------- clipreel zeroshot
-
-
-def zero_shot(
-    store_path: str | Path,
-    split: str,
-    classes_file: str | Path | None = None,
-    template: str = "ensemble",
-    report_path: str | Path | None = None,
-    pretrained: str | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: str = "auto",
-    console=None,
-) -> dict:
-    """`clipreel zeroshot --store STORE --split SPLIT`: CLIP zero-shot recognition, no training.
+def zero_shot_store(store_path: str | os.PathLike, split: str, *, classes_file: str | os.PathLike | None = None,
+                    template: str = "ensemble", report_path: Path | None = None, store_checkpoint: str | None = None,
+                    batch_size: int = EVAL_BATCH_SIZE, device: str = "auto") -> dict:
+    """CLIP zero-shot recognition of a store's videos, no training.
 
     A video is the mean over frames of its stored projected embeddings; a class is the text
-    embedding of its name in `template`: a template set of heads/zeroshot.py ("ensemble", "video",
-    "photo", "none") or a literal template with one "{}" ("a video of {}."). Scores are scaled
-    cosines, aggregated over the stored views by the mean of their softmax.
+    embedding of its name in `template`: a template set of heads/cache/zeroshot.py ("ensemble",
+    "video", "photo", "none") or a literal template with one "{}" ("a video of {}."). Scores are
+    scaled cosines, aggregated over the stored views by the mean of their softmax.
 
     classes_file (one class name per line) either restricts the list (every name is one of the
     store's classes: only those are candidates and the split's videos of other classes are left
     out) or renames it (as many names as the store has labels: line i names label i). Default:
-    the store's class names by label id. pretrained: the store's CLIP checkpoint file, when it was
-    extracted from a local file. report_path: write the JSON report and its confusion PNG there
-    (default: nothing is written). Returns the report.
+    the store's class names by label id.
     """
     store = FeatureStore.open(store_path)
     classnames, label_map = _zero_shot_classes(store, classes_file)
     videos = select_videos(store, split, classnames, label_map=label_map, others="leave out")
-    text_model = load_text_model(store.provenance, pretrained)
-    classifier = _zero_shot_classifier(text_model, classnames, template)
+    text_model = load_text_model(store.provenance, store_checkpoint)
+    classifier, _ = create_head("zeroshot", store_layout=store.layout, provenance=store.provenance,
+                                classnames=classnames, options={"templates": template}, text_model=text_model)
     report = {
         "kind": "zeroshot",
         "template": template,
         "classes_file": str(classes_file) if classes_file is not None else None,
-        **score_videos(store, videos, "zeroshot", classifier, batch_size=batch_size, device=device),
+        **score_store(store, videos, "zeroshot", classifier, batch_size=batch_size, device=device),
     }
     if report_path is not None:
-        write_report_files(report, Path(report_path))
-    _print_summary(console, f"zero-shot on {split}", report, report_path)
+        write_report_files(report, report_path)
     return report
 
 
@@ -495,38 +347,102 @@ def _zero_shot_classes(store: FeatureStore, classes_file) -> tuple[list[str], li
     )
 
 
-def _zero_shot_classifier(text_model: TextModel, classnames: Sequence[str], template: str) -> ZeroShotClassifier:
-    """A ZeroShotClassifier of the store's CLIP for a template set name or a literal template."""
-    if template in TEMPLATES:
-        templates = TEMPLATES[template]
-    elif template.count("{}") == 1:
-        templates = [template]
-    else:
-        raise ClipreelError(
-            f"--template {template!r}: give a template set ({', '.join(TEMPLATES)}) or a template with one "
-            "'{}' where the class name goes, e.g. 'a video of {}.'"
-        )
-    class_embeds = class_text_embeddings(text_model.clip, text_model.tokenizer, classnames, templates)  # (K, E)
-    config = ZeroShotConfig(
-        embed_dim=class_embeds.shape[1],
-        num_classes=class_embeds.shape[0],
-        templates=template,
-        logit_scale=float(text_model.clip.logit_scale.detach().reshape(())),
-    )
-    return ZeroShotClassifier(config, class_embeds)
+# ---------------------------------------------------------------------- from raw videos
 
 
-# ---------------------------------------------------------------------- console
+def eval_rows(manifest: pd.DataFrame, where: str, split: str, classnames: Sequence[str],
+              others: str = "refuse") -> pd.DataFrame:
+    """The labelled videos of `split`, relabelled as indices into `classnames`.
+
+    Videos of other classes are refused (others="refuse": closed-set evaluation) or left out
+    (others="leave out": scoring a subset of the classes, as base-to-novel does).
+    """
+    rows = labelled_rows(manifest, split)
+    if rows.empty:
+        raise ClipreelError(f"{where}: no labelled video in split {split!r}; its splits are "
+                            f"{sorted(manifest['split'].unique())}")
+    index_of = {name: index for index, name in enumerate(classnames)}
+    known = rows["label_name"].isin(list(index_of))
+    if not known.all() and others == "refuse":
+        unknown = sorted(set(rows.loc[~known, "label_name"]))
+        raise ClipreelError(f"{where}: split {split!r} holds classes the run does not know: {unknown[:10]}; its "
+                            f"classes are {list(classnames)[:20]}. To classify among the list's own classes "
+                            "(zero-shot transfer), use `clipreel zeroshot --videos LIST --run RUN_DIR`.")
+    rows = rows[known]
+    if rows.empty:
+        raise ClipreelError(f"{where}: no video of split {split!r} belongs to the classes {list(classnames)[:20]}")
+    return rows.assign(label=[index_of[name] for name in rows["label_name"]])
 
 
-def _print_summary(console, title: str, report: dict, path) -> None:
-    """One line of metrics (and where the report went) on a rich console, if one was given."""
-    if console is None:
-        return
-    console.print(
-        f"{title}: top-1 {report['top1']:.4f}  top-{report['top5_k']} {report['top5']:.4f}  "
-        f"mean class {report['mean_class_acc']:.4f}  ({report['n']} videos x {report['views']} views)",
-        highlight=False,
-    )
-    if path is not None:
-        console.print(f"report → {path}", highlight=False)
+def score_raw(model: nn.Module, rows: pd.DataFrame, classnames: Sequence[str], *, frames: int, image_size: int,
+              norm: str, views: int = 1, crops: int = 1, batch_size: int = EVAL_BATCH_SIZE,
+              loading: FrameLoading | None = None, device: torch.device | str = "cpu") -> dict:
+    """compute_metrics of a raw-frame method on manifest `rows` (labels index `classnames`), with
+    multi-view testing: each video's `views` temporal clips x `crops` spatial crops, mean of their softmax."""
+    device = torch.device(device)
+    loading = loading or resolve_loading("auto", "auto", device, workers=0)
+    dataset = RawFrameDataset(rows, SamplingConfig(frames=frames, views=views), augment_config(image_size, norm),
+                              train=False, crops=crops, decoder=loading.decoder, device=loading.device)
+    probabilities, labels, _ = predict_raw(model, frame_loader(dataset, batch_size, loading, shuffle=False), device)
+    return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
+            "views": views, "crops": crops}
+
+
+def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report_path: Path | None = None, *,
+                     classes: Sequence[str] | None = None, views: int = 1, crops: int = 1,
+                     batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
+                     loader: str = "auto", device: str = "auto") -> dict:
+    """A `clipreel finetune` run's report on the raw videos of `split` (the JSON + PNG written at `report_path`).
+
+    The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
+    with the run's weights. classes None: among the run's classes (every video's class must be one
+    of them); else among `classes`, which the run need not have seen (zero-shot transfer, novel
+    classes), leaving out the videos of other classes.
+    """
+    run = load_run(run_dir)
+    torch_device = resolve_device(device)
+    model = trained_method_model(run.path, torch_device)
+    if classes is not None:
+        model.set_classnames(list(classes))
+    classnames = list(classes) if classes is not None else run.classnames
+    rows = eval_rows(read_sources(videos), videos, split, classnames,
+                     others="refuse" if classes is None else "leave out")
+    config = run.head_config
+    report = {"run": str(run.path), "kind": run.kind, "split": split,
+              **score_raw(model, rows, classnames, frames=config["frames"], image_size=config["image_size"],
+                          norm=config["norm"], views=views, crops=crops, batch_size=batch_size,
+                          loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device)}
+    if report_path is not None:
+        write_report_files(report, report_path)
+    return report
+
+
+def zero_shot_raw(method: str, videos: str, split: str, model: str = DEFAULT_MODEL, pretrained: str = "default",
+                  *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
+                  classes: Sequence[str] | None = None, views: int = 1, crops: int = 1,
+                  batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
+                  loader: str = "auto", device: str = "auto", report_path: Path | None = None) -> dict:
+    """The untrained method model's report on `split`: where fine-tuning starts from.
+
+    classes None: among the list's classes; else among `classes`, leaving out videos of other classes.
+    """
+    norm = norm if norm is not None else method_entry(method).recipe.norm
+    torch_device = resolve_device(device)
+    manifest = read_sources(videos)
+    classnames = list(classes) if classes is not None else classnames_from_manifest(manifest, videos)
+    network, _, _ = new_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
+    rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
+    report = {"method": method, "model": model, "pretrained": pretrained, "split": split,
+              **score_raw(network, rows, classnames, frames=frames, image_size=image_size_of(network), norm=norm,
+                          views=views, crops=crops, batch_size=batch_size,
+                          loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device)}
+    if report_path is not None:
+        write_report_files(report, report_path)
+    return report
+
+
+def zero_shot_classes(videos: str, classes_file: str | os.PathLike | None = None) -> list[str]:
+    """What zero-shot classifies among: the names of a class list file (one per line), else the list's own classes."""
+    if classes_file is not None:
+        return read_label_map(classes_file)
+    return classnames_from_manifest(read_sources(videos), videos)

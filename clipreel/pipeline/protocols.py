@@ -1,18 +1,19 @@
 """The papers' transfer protocols: few-shot and base-to-novel, for cache heads and fine-tuning methods.
 
-- **Few-shot** (X-CLIP, ViFi-CLIP; METHODS.md 2.8, 3.4-3.5): for each K in `shots` and each seed,
+- **Few-shot** (X-CLIP, ViFi-CLIP: their few-shot configs): for each K in `shots` and each seed,
   draw K training videos per class (seeded, without replacement), train on them, and score on the
   whole test split. Reported per K: the mean and standard deviation of top-1 over the seeds, and
   every run's numbers.
-- **Base-to-novel** (ViFi-CLIP, EZ-CLIP; METHODS.md 3.4-3.5, 4.5): split the classes into base
+- **Base-to-novel** (ViFi-CLIP, EZ-CLIP: their base-to-novel configs): split the classes into base
   and novel (default: the first half of the class ids are base, as ViFi-CLIP's splits take half).
   Train on K-shot videos of the base classes only, then score the test videos of the base classes
   among the base class names, and the test videos of the novel classes among the novel class
   names, never seen in training. Only models that classify against class-name text can do the
-  second part: the cache TEXT_KINDS and every fine-tuning method. Reported: base, novel and their
-  harmonic mean HM = 2·B·N / (B + N), of the means over the seeds (as the papers' tables), and per seed.
-- Zero-shot on a class list is `evaluate.zero_shot(..., classes_file=...)` from a store, and
-  `finetune_eval.zero_shot_raw` / `evaluate_finetuned(..., classes=...)` from raw videos.
+  second part: the cache heads that score against class text, and every fine-tuning method.
+  Reported: base, novel and their harmonic mean HM = 2·B·N / (B + N), of the means over the seeds
+  (as the papers' tables), and per seed.
+- Zero-shot on a class list is `evaluate.zero_shot_store(..., classes_file=...)` from a store, and
+  `evaluate.zero_shot_raw` / `evaluate_raw_run(..., classes=...)` from raw videos.
 
 Where the videos are decides how a run trains on just the drawn ones (`protocol_videos`):
 
@@ -32,6 +33,9 @@ Layout of `out_dir`:
       runs/<K>shot-seed<S>/                  run directories, with their eval-*.json reports
 
 Re-running the same command resumes: finished runs are kept (both trainers resume run directories).
+
+May import: numpy, pandas, matplotlib, clipreel.errors, clipreel.heads.registry, clipreel.stores,
+clipreel.pipeline (data, models, train, finetune, evaluate, reports).
 """
 
 from __future__ import annotations
@@ -45,28 +49,26 @@ import numpy as np
 import pandas as pd
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import load_text_model
-from clipreel.heads.kinds import TEXT_KINDS, head_spec
-from clipreel.heads.methods import METHODS
+from clipreel.heads.registry import head_entry, list_heads, list_methods, method_entry
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.evaluate import (
-    load_head,
-    save_report,
-    score_videos,
+    eval_rows,
+    evaluate_raw_run,
+    score_store,
     select_videos,
     store_classnames,
-    write_report_files,
 )
 from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
-from clipreel.pipeline.finetune_eval import eval_rows, evaluate_finetuned
+from clipreel.pipeline.models import text_model_for, trained_head
+from clipreel.pipeline.reports import save_report, write_report_files
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import MANIFEST_FILE, FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, write_manifest
 from clipreel.stores.runs import load_run
 
 SHOTS_SPLIT = "shots"  # the split of a protocol store that holds the drawn training videos
-FEW_SHOT_EPOCHS = 50  # X-CLIP and ViFi-CLIP few-shot configs (METHODS.md 2.7, 3.4)
-BASE_TO_NOVEL_EPOCHS = 11  # ViFi-CLIP base-to-novel configs (METHODS.md 3.4)
+FEW_SHOT_EPOCHS = 50  # X-CLIP's and ViFi-CLIP's few-shot configs
+BASE_TO_NOVEL_EPOCHS = 11  # ViFi-CLIP's base-to-novel configs
 
 
 # ---------------------------------------------------------------------- drawing K shots
@@ -152,15 +154,18 @@ def protocol_store(
 class StoreVideos:
     """A protocol's videos in a feature store: cache heads train on protocol stores (links + a manifest)."""
 
-    def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int = 16,
-                 options: dict | None = None, pretrained: str | None = None):
-        head_spec(kind)  # an unknown kind fails here, before any work
+    def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int | None = None,
+                 options: dict | None = None, store_checkpoint: str | None = None):
+        head_entry(kind)  # an unknown head fails here, before any work
         self.kind, self.source = kind, str(store_path)
         self.store = FeatureStore.open(store_path)
         self.manifest, self.done = self.store.manifest(), self.store.done_mask()
         self.classnames = store_classnames(self.store)
-        self.lr, self.batch_size, self.options, self.pretrained = lr, batch_size, dict(options or {}), pretrained
-        self.text_model = load_text_model(self.store.provenance, pretrained) if kind in TEXT_KINDS else None
+        self.lr, self.options = lr, dict(options or {})
+        # TrainConfig settings of every run: the batch size, when one is given (else TrainConfig's default)
+        self.train_settings = {"batch_size": batch_size} if batch_size is not None else {}
+        self.store_checkpoint = store_checkpoint
+        self.text_model = text_model_for(kind, self.store.provenance, store_checkpoint)
 
     def check_split(self, split: str) -> None:
         """Fail early on a split that cannot be scored."""
@@ -174,8 +179,8 @@ class StoreVideos:
         run_training(
             TrainConfig(
                 kind=self.kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
-                epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, options=self.options,
-                pretrained=self.pretrained,
+                epochs=epochs, lr=self.lr, seed=seed, options=self.options, store_checkpoint=self.store_checkpoint,
+                **self.train_settings,
             ),
             progress=progress,
         )
@@ -186,8 +191,8 @@ class StoreVideos:
         among those names); the report and its confusion PNG go into the run dir."""
         run = load_run(run_dir)
         videos = select_videos(self.store, split, classnames, others="leave out")
-        head = load_head(run, classnames, self.text_model)
-        report = {"kind": run.kind, "run": str(run_dir), **score_videos(self.store, videos, run.kind, head)}
+        head = trained_head(run, classnames, self.text_model)
+        report = {"kind": run.kind, "run": str(run_dir), **score_store(self.store, videos, run.kind, head)}
         write_report_files(report, run_dir / f"{report_name}.json")
         return report
 
@@ -201,8 +206,7 @@ class RawVideos:
 
     def __init__(self, method: str, videos: str | Path, *, lr: float | None = None, options: dict | None = None,
                  finetune: dict | None = None):
-        if method not in METHODS:
-            raise ClipreelError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(METHODS)}")
+        method_entry(method)  # an unknown method fails here, before any work
         self.kind, self.source = method, str(videos)
         self.manifest = read_sources(videos)
         self.done = (self.manifest["status"] != "failed").to_numpy()
@@ -227,8 +231,8 @@ class RawVideos:
 
     def score(self, run_dir: Path, split: str, classnames: Sequence[str], report_name: str) -> dict:
         settings = {key: self.finetune[key] for key in ("batch_size", "workers", "device") if key in self.finetune}
-        return evaluate_finetuned(run_dir, self.source, split, run_dir / f"{report_name}.json", classes=classnames,
-                                  **settings)
+        return evaluate_raw_run(run_dir, self.source, split, run_dir / f"{report_name}.json", classes=classnames,
+                                **settings)
 
 
 def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: Sequence[str], path: Path) -> Path:
@@ -242,17 +246,16 @@ def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: 
     return path
 
 
-def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int = 16,
-                    options: dict | None = None, pretrained: str | None = None,
+def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int | None = None,
+                    options: dict | None = None, store_checkpoint: str | None = None,
                     finetune: dict | None = None) -> StoreVideos | RawVideos:
-    """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store."""
-    if kind in METHODS:
-        settings = dict(finetune or {})
-        if pretrained is not None:
-            settings["pretrained"] = pretrained
-        settings.setdefault("batch_size", batch_size)
+    """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store.
+
+    batch_size None: each trainer's default (16 cache videos, 8 raw clips)."""
+    if kind in list_methods():
+        settings = {**(finetune or {}), **({"batch_size": batch_size} if batch_size is not None else {})}
         return RawVideos(kind, source, lr=lr, options=options, finetune=settings)
-    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained)
+    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, store_checkpoint=store_checkpoint)
 
 
 def _run_numbers(seed: int, run_dir: Path, train_videos: int, report: dict) -> dict:
@@ -290,9 +293,9 @@ def few_shot(
     test_split: str = "test",
     epochs: int = FEW_SHOT_EPOCHS,
     lr: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     options: dict | None = None,
-    pretrained: str | None = None,
+    store_checkpoint: str | None = None,
     finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
@@ -300,17 +303,16 @@ def few_shot(
     """`clipreel fewshot KIND --store STORE --out OUT_DIR`: the K-shot protocol over all classes.
 
     source: a feature store for a cache head, a video list for a fine-tuning method (`finetune`:
-    further FinetuneConfig settings of its runs). For each K in `shots` and each seed: draw K videos
-    per class from `train_split`, train `kind` for `epochs` (lr: the kind's default when None;
-    options: head or method hyper-parameters), score on the whole `test_split`. pretrained: the
-    store's CLIP checkpoint file (text heads of stores extracted from a local file), or the CLIP a
-    method fine-tunes. Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png);
-    returns the report.
+    further FinetuneConfig settings of its runs, e.g. model, pretrained, frames). For each K in
+    `shots` and each seed: draw K videos per class from `train_split`, train `kind` for `epochs` (lr:
+    the kind's default when None; options: head or method hyper-parameters), score on the whole
+    `test_split`. store_checkpoint: the local checkpoint file a store was extracted from (text heads).
+    Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png); returns the report.
     """
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
-    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-                             finetune=finetune)
+    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options,
+                             store_checkpoint=store_checkpoint, finetune=finetune)
     classnames = videos.classnames
     class_ids = list(range(len(classnames)))
     videos.check_split(test_split)  # fail early on a bad test split
@@ -386,32 +388,33 @@ def base_to_novel(
     test_split: str = "test",
     epochs: int = BASE_TO_NOVEL_EPOCHS,
     lr: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     options: dict | None = None,
-    pretrained: str | None = None,
+    store_checkpoint: str | None = None,
     finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
 ) -> dict:
     """`clipreel base2novel KIND --store STORE --out OUT_DIR`: generalisation to unseen classes.
 
-    source, pretrained, finetune: as for `few_shot`. base_classes: class ids or names (default: the
-    first half of the class ids, rounded up); the other classes are novel. For each seed: train on
-    `shots` videos per base class of `train_split`, then score the `test_split` videos of the base
+    source, store_checkpoint, finetune: as for `few_shot`. base_classes: class ids or names (default:
+    the first half of the class ids, rounded up); the other classes are novel. For each seed: train
+    on `shots` videos per base class of `train_split`, then score the `test_split` videos of the base
     classes among the base names and those of the novel classes among the novel names. Only heads
-    that classify by class-name texts (TEXT_KINDS, every fine-tuning method) can name classes they
-    were not trained on. Writes OUT_DIR/base_to_novel.json; returns the report.
+    that classify by class-name texts (and every fine-tuning method) can name classes they were not
+    trained on. Writes OUT_DIR/base_to_novel.json; returns the report.
     """
-    if kind not in TEXT_KINDS and kind not in METHODS:
+    if kind not in list_methods() and not head_entry(kind).scores_text:
+        text_heads = [name for name in list_heads() if head_entry(name).scores_text]
         raise ClipreelError(
             f"base-to-novel scores classes the head never saw, by their names: only the text kinds "
-            f"({', '.join(TEXT_KINDS)}) and the fine-tuning methods ({', '.join(METHODS)}) can; a {kind} head "
-            "has a fixed set of outputs. Choose a text kind."
+            f"({', '.join(text_heads)}) and the fine-tuning methods ({', '.join(list_methods())}) can; a {kind} "
+            "head has a fixed set of outputs. Choose a text kind."
         )
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
-    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-                             finetune=finetune)
+    videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options,
+                             store_checkpoint=store_checkpoint, finetune=finetune)
     classnames = videos.classnames
     base_ids = _base_class_ids(base_classes, classnames)
     novel_ids = [class_id for class_id in range(len(classnames)) if class_id not in base_ids]

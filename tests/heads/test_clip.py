@@ -299,7 +299,7 @@ def test_non_standard_image_towers_are_refused(tmp_path, name, vision_cfg):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
-    with pytest.raises(ClipreelError, match="standard open_clip ViTs"):
+    with pytest.raises(ClipreelError, match="standard open_clip ViT"):
         Backbone(BackboneConfig(model=name, pretrained="none"))
 
 

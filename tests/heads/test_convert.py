@@ -147,7 +147,7 @@ def evl_source(configs, tmp_path_factory):
 def evl_logits(backbone: Backbone, head: EVLHead, clips: torch.Tensor) -> torch.Tensor:
     features = backbone.forward_clips(clips)
     with torch.no_grad():
-        return head(features.tokens, features.attention)
+        return head({"tokens": features.tokens, "attention": features.attention})
 
 
 def load_evl(folder):
@@ -419,7 +419,7 @@ BRIDGE = {"n_ctx_vision": 2, "n_ctx_text": 3, "depth_vision": 3, "depth_text": 2
 @pytest.fixture(scope="module")
 def bridge_source(configs, tokenizer):
     """A bridge-and-prompt model over a ViFi-tuned tiny CLIP (OpenAI-style fp16 token table), random fp32 prompts."""
-    from clipreel.heads.raw.vifi import BridgePrompt, BridgePromptConfig
+    from clipreel.heads.raw.bridge_prompt import BridgePrompt, BridgePromptConfig
 
     clip = fine_tuned_clip(seed=10, fp16_token_table=True)
     torch.manual_seed(11)
@@ -440,7 +440,7 @@ def bridge_source(configs, tokenizer):
 
 
 def test_bridge_and_prompt_import_uses_vifis_fp16_prompts(bridge_source, tokenizer, video, tmp_path):
-    from clipreel.heads.raw.vifi import BridgePrompt, BridgePromptConfig
+    from clipreel.heads.raw.bridge_prompt import BridgePrompt, BridgePromptConfig
 
     official, clip, source = bridge_source
     imported = convert_vifi(saved_and_loaded(official, tmp_path / "prompted.pth"), clip.state_dict(), UserChoices(frames=8))
@@ -498,7 +498,7 @@ def test_vifi_export_loads_in_open_clip_and_gives_the_frame_embeddings(configs, 
         expected = run_model(clips)["frame_embeds"]  # (B, T, E)
         frames = exported.encode_image(clips.flatten(0, 1)).view(expected.shape)
         torch.testing.assert_close(frames, expected, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(exported.encode_text(run_model.token_ids), run_model(clips)["text_embeds"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exported.encode_text(run_model.token_ids), run_model.encode_classes(), rtol=1e-5, atol=1e-5)
 
 
 def convert_record_for(clip_config: dict):
@@ -558,16 +558,14 @@ def test_ezclip_import_scores_100_cosine_like_ezclip(ezclip_source, tokenizer, v
     record = imported.preprocessing
     assert (record.norm, record.sampling, record.views, record.crops, record.short_side) == ("clip", "tsn", 1, 1, 73)
 
-    options = dict(imported.method_config)
-    template = options.pop("template")
     model = EZCLIPClassifier(build_clip(imported.clip_config, imported.clip_state_dict), tokenizer, DESCRIPTIONS,
-                             EZCLIPConfig(**options), template).eval()
+                             EZCLIPConfig(**imported.method_config)).eval()
     model.load_state_dict(imported.state_dict, strict=True)
     clips = clips_of(video, record)
     with torch.no_grad():
         reference = source(clips)
         # EZ-CLIP's test.py: softmax over 100 * cosine(video, class text).
-        expected = 100.0 * F.normalize(reference["video_embeds"], dim=-1) @ F.normalize(reference["text_embeds"], dim=-1).t()
+        expected = 100.0 * F.normalize(reference["video_embeds"], dim=-1) @ F.normalize(source.ezclip.encode_text(source.token_ids), dim=-1).t()
         out = model(clips)
     torch.testing.assert_close(out["frame_embeds"], reference["frame_embeds"], rtol=0, atol=0)
     torch.testing.assert_close(out["logits"], expected, rtol=1e-5, atol=1e-5)

@@ -20,8 +20,8 @@ from clipreel.heads.cache.evl import (
     TemporalCrossAttention,
     convolve_along_frames,
     load_reference_state_dict,
-    trainable_parameter_count,
 )
+from clipreel.heads.layers import trainable_parameter_count
 from clipreel.heads.taps import (
     adjacent_frame_attention,
     cross_frame_attention_from_inputs,
@@ -92,7 +92,7 @@ def _seed():
 
 
 def reference_checkpoint_shapes(width, frames, grid, classes, layers=4) -> dict[str, tuple]:
-    """The key layout of an official EVL checkpoint, written out from METHODS.md 7.1."""
+    """The key layout of an official EVL checkpoint (`ckpt['model']` of the reference `main.py`), written out."""
     offsets = (2 * grid - 1) ** 2
     shapes = {"module.decoder.cls_token": (width,)}
     for i in range(layers):
@@ -171,14 +171,14 @@ def test_forward_shapes_dtype_and_inputs_untouched():
     assert attention.shape == (3, 2, FRAMES - 1, LAYERS, PATCHES, PATCHES)
     features_fp16, attention_fp16 = features.half(), attention.half()
     kept = features_fp16.clone(), attention_fp16.clone()
-    logits = head(features_fp16, attention_fp16)  # the cache stores fp16
+    logits = head({"tokens": features_fp16, "attention": attention_fp16})  # the cache stores fp16
     assert logits.shape == (3, CLASSES)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     assert torch.equal(features_fp16, kept[0]) and torch.equal(attention_fp16, kept[1])
 
     kept = features.clone(), attention.clone()
-    head(features, attention)  # fp32 input: no cast copy shields it
+    head({"tokens": features, "attention": attention})  # fp32 input: no cast copy shields it
     assert torch.equal(features, kept[0]) and torch.equal(attention, kept[1])
 
 
@@ -186,11 +186,11 @@ def test_wrong_inputs_raise_clear_errors():
     head = tiny_head()
     features, attention = tiny_inputs()
     with pytest.raises(ClipreelError, match=r"features of shape .*expected \(B, T, K, L, D\)"):
-        head(features[:, :2], attention)  # 2 frames into a 4-frame head
+        head({"tokens": features[:, :2], "attention": attention})  # 2 frames into a 4-frame head
     with pytest.raises(ClipreelError, match="needs the adjacent-frame attention maps"):
-        head(features)
+        head({"tokens": features})
     with pytest.raises(ClipreelError, match=r"attention of shape .*expected \(B, 2, T-1, K, P, P\)"):
-        head(features, attention[:, :, :, :2])  # maps of 2 blocks for a 3-layer decoder
+        head({"tokens": features, "attention": attention[:, :, :, :2]})  # 2 blocks' maps, 3 decoder layers
 
     two_blocks = qk_weights_from_open_clip_blocks(random_open_clip_blocks(2))
     block_inputs = torch.randn(1, FRAMES, LAYERS, TOKENS, WIDTH)
@@ -203,7 +203,7 @@ def test_wrong_inputs_raise_clear_errors():
 def test_gradient_reaches_every_trainable_parameter():
     head = tiny_head().train()
     features, attention = tiny_inputs()
-    loss = F.cross_entropy(head(features, attention), torch.tensor([1, 3]))
+    loss = F.cross_entropy(head({"tokens": features, "attention": attention}), torch.tensor([1, 3]))
     loss.backward()
     for name, parameter in head.named_parameters():
         assert parameter.grad is not None, name
@@ -221,7 +221,7 @@ def test_runs_under_autocast():
     head = tiny_head()
     features, attention = tiny_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = head(features.half(), attention.half())
+        logits = head({"tokens": features.half(), "attention": attention.half()})
     assert logits.shape == (2, CLASSES) and torch.isfinite(logits.float()).all()
     logits.float().sum().backward()
     assert head.decoder.cross_attention[0].w1.grad is not None
@@ -318,13 +318,13 @@ def test_head_fed_from_the_cache_equals_the_head_on_a_live_backbone():
     )
     head = tiny_head().eval()
     with torch.no_grad():
-        from_live = head(features, live_attention)
-        from_cache = head(features, stored_attention)
-        from_fp16_cache = head(features.half(), stored_attention.half())
+        from_live = head({"tokens": features, "attention": live_attention})
+        from_cache = head({"tokens": features, "attention": stored_attention})
+        from_fp16_cache = head({"tokens": features.half(), "attention": stored_attention.half()})
         shuffled = cross_frame_attention_from_inputs(  # frames out of order: maps of another video
             per_video(block_inputs)[:, [2, 0, 3, 1]], qk_weights_from_open_clip_blocks(tapped)
         )
-        from_shuffled_maps = head(features, shuffled)
+        from_shuffled_maps = head({"tokens": features, "attention": shuffled})
     torch.testing.assert_close(from_cache, from_live, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_fp16_cache, from_live, rtol=0, atol=1e-3)  # fp16 storage: ~1e-4 off
     assert not torch.allclose(from_cache, from_shuffled_maps, atol=1e-3)  # the maps do matter
@@ -444,7 +444,9 @@ def test_reversing_frames_changes_output_only_with_temporal_modules():
     cross_only = tiny_head(temporal_conv=False, temporal_pos_embed=False).eval()
     with torch.no_grad():
         assert not torch.allclose(
-            cross_only(features, attention), cross_only(features.flip(1), reversed_attention), atol=1e-4
+            cross_only({"tokens": features, "attention": attention}),
+            cross_only({"tokens": features.flip(1), "attention": reversed_attention}),
+            atol=1e-4,
         )
 
     no_temporal = tiny_head(
@@ -453,7 +455,7 @@ def test_reversing_frames_changes_output_only_with_temporal_modules():
     assert not hasattr(no_temporal.decoder, "cross_attention")
     with torch.no_grad():
         torch.testing.assert_close(
-            no_temporal(features), no_temporal(features.flip(1)), rtol=1e-5, atol=1e-5
+            no_temporal({"tokens": features}), no_temporal({"tokens": features.flip(1)}), rtol=1e-5, atol=1e-5
         )
 
 
@@ -503,4 +505,5 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path):
     rebuilt = EVLHead(EVLConfig.from_dict(head.cfg.to_dict())).eval()
     rebuilt.load_state_dict(load_file(str(path)), strict=True)
     with torch.no_grad():
-        assert torch.equal(head(features, attention), rebuilt(features, attention))
+        batch = {"tokens": features, "attention": attention}
+        assert torch.equal(head(batch), rebuilt(batch))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.layers import FrozenCLIP, trainable_parameter_count, trainable_parameters
 from clipreel.heads.raw.ezclip import (
     EZCLIP,
     EZCLIPConfig,
@@ -30,16 +31,15 @@ def _frames(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def _model(tiny_clip, seed: int = 0, **options) -> EZCLIP:
-    clip_model, _ = tiny_clip
     torch.manual_seed(seed)
-    return EZCLIP(clip_model, EZCLIPConfig(frames=FRAMES, **options)).eval()
+    return EZCLIP(FrozenCLIP(*tiny_clip), EZCLIPConfig(frames=FRAMES, **options)).eval()
 
 
 def _randomise_trainables(model: EZCLIP, seed: int) -> None:
     """Give the prompts and both adapter layers non-trivial values (fc2 starts at zero)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, param in model.trainable_parameters():
+        for param in trainable_parameters(model).values():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
@@ -61,7 +61,7 @@ def test_shapes(tiny_clip):
 
 def test_wrong_frame_count_is_refused(tiny_clip):
     model = _model(tiny_clip)
-    with pytest.raises(ValueError, match="expected frames"):
+    with pytest.raises(ClipreelError, match="sample 4 frames"):
         model(torch.zeros(1, FRAMES + 1, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
@@ -111,12 +111,13 @@ def test_frame_order_matters_only_through_the_prompts(tiny_clip):
 def test_the_temporal_embedding_trains_only_when_asked(tiny_clip):
     """Frozen zeros as shipped; trained, it tells frames apart by time even without prompts."""
     shipped = _model(tiny_clip)
-    assert "temporal_embedding" not in dict(shipped.trainable_parameters())
+    assert "temporal_embedding" not in trainable_parameters(shipped)
     model = _model(tiny_clip, train_temporal_embedding=True, use_prompts=False)
-    trainable = dict(model.trainable_parameters())
-    assert trainable["temporal_embedding"].shape == (1, FRAMES, model.clip.visual.transformer.width)
-    assert model.trainable_parameter_count() == _model(tiny_clip, use_prompts=False).trainable_parameter_count() + (
-        FRAMES * model.clip.visual.transformer.width)
+    trainable = trainable_parameters(model)
+    width = model.clip.model.visual.transformer.width
+    assert trainable["temporal_embedding"].shape == (1, FRAMES, width)
+    assert trainable_parameter_count(model) == trainable_parameter_count(_model(tiny_clip, use_prompts=False)) + (
+        FRAMES * width)
     frames = _frames()
     with torch.no_grad():
         assert torch.allclose(model(frames)["video_embeds"], model(frames.flip(1))["video_embeds"], atol=1e-5)
@@ -129,9 +130,8 @@ def test_the_temporal_embedding_trains_only_when_asked(tiny_clip):
 def test_only_prompts_and_adapters_train(tiny_clip):
     clip_model, tokenizer = tiny_clip
     model = _model(tiny_clip).train()
-    assert not model.clip.training  # the frozen CLIP stays in eval mode
-    trainable = dict(model.trainable_parameters())
-    assert set(trainable) == {name for name, param in model.named_parameters() if param.requires_grad}
+    assert not model.clip.model.training  # the frozen CLIP stays in eval mode
+    trainable = trainable_parameters(model)
     assert "T_prompt_embeddings" in trainable
     assert all(name.startswith(("T_prompt", "visual_adapters.", "text_adapters.")) for name in trainable)
     frozen_before = {name: value.clone() for name, value in clip_model.state_dict().items()}
@@ -244,13 +244,13 @@ def test_config_round_trip_and_validation():
 
 def test_shallow_prompts_have_one_layer(tiny_clip):
     model = _model(tiny_clip, deep_prompts=False)
-    assert model.T_prompt_embeddings.shape == (1, FRAMES, model.clip.visual.transformer.width)
+    assert model.T_prompt_embeddings.shape == (1, FRAMES, model.clip.model.visual.transformer.width)
     with torch.no_grad():
         assert model(_frames())["video_embeds"].isfinite().all()
 
 
 def test_vit_b16_trainable_count_and_reference_shapes():
-    """METHODS.md 4.1: 73,728 prompts + 3,550,464 visual + 1,580,544 text adapter parameters."""
+    """EZ-CLIP at ViT-B/16, 8 frames: 73,728 prompts + 3,550,464 visual + 1,580,544 text adapter parameters."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: on purpose
@@ -258,8 +258,8 @@ def test_vit_b16_trainable_count_and_reference_shapes():
         clip_model = open_clip.create_model("ViT-B-16", pretrained=None)
     finally:
         root.setLevel(level)
-    model = EZCLIP(clip_model, EZCLIPConfig(frames=8))
-    assert model.trainable_parameter_count() == 5_204_736
+    model = EZCLIP(FrozenCLIP(clip_model, open_clip.get_tokenizer("ViT-B-16")), EZCLIPConfig(frames=8))
+    assert trainable_parameter_count(model) == 5_204_736
     shapes = {reference_key(name): tuple(value.shape) for name, value in model.state_dict().items()}
     assert shapes["visual.transformer.T_prompt_embeddings"] == (12, 8, 768)
     assert shapes["visual.temporal_embedding"] == (1, 8, 768)

@@ -16,10 +16,9 @@ from clipreel.heads.cache.text_prompt import (
     TextPromptConfig,
     TextPromptLearner,
 )
+from clipreel.heads.layers import FrozenCLIP
 
 CLASSNAMES = ["dog", "playing_guitar", "riding a horse"]
-
-
 
 
 def reference_text_embeds(model, tokenizer, texts) -> torch.Tensor:
@@ -33,7 +32,7 @@ def photo_prompt_config(deep_depth: int = 1) -> TextPromptConfig:
 
 def test_ctx_from_a_photo_of_a_reproduces_encode_text(tiny_clip):
     model, tokenizer = tiny_clip
-    learner = TextPromptLearner(model, tokenizer, CLASSNAMES, photo_prompt_config())
+    learner = TextPromptLearner(FrozenCLIP(model, tokenizer), CLASSNAMES, photo_prompt_config())
     with torch.no_grad():
         ours = learner()
     expected = reference_text_embeds(
@@ -50,7 +49,7 @@ def test_deep_prompt_replaces_the_ctx_positions_before_layer_one(tiny_clip):
     every class; any other deep prompt must change the output.
     """
     model, tokenizer = tiny_clip
-    learner = TextPromptLearner(model, tokenizer, CLASSNAMES, photo_prompt_config(deep_depth=2))
+    learner = TextPromptLearner(FrozenCLIP(model, tokenizer), CLASSNAMES, photo_prompt_config(deep_depth=2))
     with torch.no_grad():
         token_ids = tokenizer(["a photo of a dog."])
         x = model.token_embedding(token_ids) + model.positional_embedding  # (1, C, W)
@@ -68,12 +67,13 @@ def test_deep_prompt_replaces_the_ctx_positions_before_layer_one(tiny_clip):
 def test_gradients_reach_the_prompts_and_nothing_frozen(tiny_clip):
     model, tokenizer = tiny_clip
     torch.manual_seed(1)
-    classifier = PromptedClassifier(model, tokenizer, CLASSNAMES, TextPromptConfig(n_ctx=6, deep_depth=2))
+    config = TextPromptConfig(n_ctx=6, deep_depth=2)
+    classifier = PromptedClassifier(config, FrozenCLIP(model, tokenizer), CLASSNAMES)
     classifier.train()
-    assert not classifier.prompt_learner.text_encoder.transformer.training  # frozen tower stays in eval
+    assert not classifier.prompt_learner.clip.model.transformer.training  # frozen tower stays in eval
 
     embeds = torch.randn(5, 4, 64).half()  # (B, T, E) as the cache stores them
-    logits = classifier(embeds)
+    logits = classifier({"embeds": embeds})
     assert logits.shape == (5, 3)
     F.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1])).backward()
 
@@ -91,7 +91,7 @@ def test_saved_state_is_the_prompts_only_and_round_trips(tiny_clip, tmp_path):
     model, tokenizer = tiny_clip
     torch.manual_seed(2)
     config = TextPromptConfig(n_ctx=5, deep_depth=2)
-    classifier = PromptedClassifier(model, tokenizer, CLASSNAMES, config).eval()
+    classifier = PromptedClassifier(config, FrozenCLIP(model, tokenizer), CLASSNAMES).eval()
     state = classifier.state_dict()
     assert set(state) == {"prompt_learner.ctx", "prompt_learner.deep_ctx.0", "logit_scale"}
     save_file(state, tmp_path / "prompts.safetensors")
@@ -99,23 +99,23 @@ def test_saved_state_is_the_prompts_only_and_round_trips(tiny_clip, tmp_path):
 
     torch.manual_seed(3)  # different random prompts, overwritten by the load
     rebuilt_config = TextPromptConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
-    loaded = PromptedClassifier(model, tokenizer, CLASSNAMES, rebuilt_config).eval()
+    loaded = PromptedClassifier(rebuilt_config, FrozenCLIP(model, tokenizer), CLASSNAMES).eval()
     loaded.load_state_dict(load_file(tmp_path / "prompts.safetensors"))  # strict: nothing missing
 
     embeds = torch.randn(2, 4, 64)
     with torch.no_grad():
-        assert torch.equal(classifier(embeds), loaded(embeds))
+        assert torch.equal(classifier({"embeds": embeds}), loaded({"embeds": embeds}))
 
 
 def test_set_classnames_rescores_with_the_same_prompts(tiny_clip):
     model, tokenizer = tiny_clip
     torch.manual_seed(4)
-    classifier = PromptedClassifier(model, tokenizer, CLASSNAMES, TextPromptConfig(n_ctx=8)).eval()
+    classifier = PromptedClassifier(TextPromptConfig(n_ctx=8), FrozenCLIP(model, tokenizer), CLASSNAMES).eval()
     embeds = torch.randn(2, 4, 64)
     with torch.no_grad():
-        before = classifier(embeds)
+        before = classifier({"embeds": embeds})
         classifier.set_classnames(["cat", "dog"])
-        after = classifier(embeds)
+        after = classifier({"embeds": embeds})
     assert after.shape == (2, 2)
     torch.testing.assert_close(after[:, 1], before[:, 0])  # "dog" scores the same
 
@@ -128,7 +128,8 @@ def test_prompt_count_at_vit_b16_text_width():
         vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=1, head_width=32),
         text_cfg=dict(width=512, heads=8, layers=12),
     )
-    learner = TextPromptLearner(model, open_clip.get_tokenizer("ViT-B-16"), ["dog"], TextPromptConfig(deep_depth=9))
+    learner = TextPromptLearner(FrozenCLIP(model, open_clip.get_tokenizer("ViT-B-16")), ["dog"],
+                                TextPromptConfig(deep_depth=9))
     trainable = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     assert trainable == 16 * 512 * 9 == 73_728
     with torch.no_grad():
@@ -138,8 +139,9 @@ def test_prompt_count_at_vit_b16_text_width():
 def test_bad_prompt_configs_are_refused(tiny_clip):
     model, tokenizer = tiny_clip
     with pytest.raises(ClipreelError, match="4 tokens"):
-        TextPromptLearner(model, tokenizer, CLASSNAMES, TextPromptConfig(n_ctx=3, ctx_init="a photo of a"))
+        TextPromptLearner(FrozenCLIP(model, tokenizer), CLASSNAMES,
+                          TextPromptConfig(n_ctx=3, ctx_init="a photo of a"))
     with pytest.raises(ClipreelError, match="deep_depth"):
-        TextPromptLearner(model, tokenizer, CLASSNAMES, TextPromptConfig(n_ctx=4, deep_depth=3))
+        TextPromptLearner(FrozenCLIP(model, tokenizer), CLASSNAMES, TextPromptConfig(n_ctx=4, deep_depth=3))
     with pytest.raises(ClipreelError, match="class_token_position"):
         TextPromptConfig(class_token_position="middle")

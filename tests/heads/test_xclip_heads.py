@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from clipreel.heads.cache.xclip import (
     XCLIPHead,
     XCLIPHeadConfig,
 )
-from clipreel.heads.cache.zeroshot import encode_texts
+from clipreel.heads.layers import FrozenCLIP, encode_texts, trainable_parameter_count
 
 CLASSNAMES = ["juggling balls", "riding a bike", "swimming"]
 FRAMES = 4
@@ -31,19 +32,18 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-
-
 @pytest.fixture(scope="module")
-def text_embeds(tiny_clip):
-    model, tokenizer = tiny_clip
-    return encode_texts(model, tokenizer, CLASSNAMES)  # (K, E), as X-CLIP: bare names, not normalised
+def frozen_clip(tiny_clip):
+    return FrozenCLIP(*tiny_clip)
 
 
 @pytest.fixture(scope="module")
 def vit_b16_head():
-    """The head at ViT-B/16 dimensions (no CLIP weights needed to count or name parameters)."""
+    """The head at ViT-B/16 dimensions, on a meta-device CLIP (no weights needed to count or name parameters)."""
+    clip = open_clip.create_model("ViT-B-16", device="meta")
     torch.manual_seed(0)
-    return XCLIPHead(XCLIPHeadConfig(embed_dim=512, visual_width=768, frames=8))
+    config = XCLIPHeadConfig(embed_dim=512, visual_width=768, frames=8)
+    return XCLIPHead(config, FrozenCLIP(clip, open_clip.get_tokenizer("ViT-B-16")), ["a", "b"])
 
 
 def tiny_config(tiny_clip) -> XCLIPHeadConfig:
@@ -58,12 +58,13 @@ def tiny_config(tiny_clip) -> XCLIPHeadConfig:
     )
 
 
-def cache_batch(config: XCLIPHeadConfig, batch: int = 2, seed: int = 1):
-    """What the feature cache hands a head: fp16 embeds (B, T, E) and patch tokens (B, T, N, D)."""
+def cache_batch(config: XCLIPHeadConfig, batch: int = 2, seed: int = 1) -> dict:
+    """What the feature cache hands the head: fp16 embeds (B, T, E) and the last block's tokens
+    (B, T, 1, 1 + N, D), CLS first."""
     generator = torch.Generator().manual_seed(seed)
     embeds = torch.randn(batch, config.frames, config.embed_dim, generator=generator).half()
-    patches = torch.randn(batch, config.frames, PATCHES, config.visual_width, generator=generator).half()
-    return embeds, patches
+    tokens = torch.randn(batch, config.frames, 1, 1 + PATCHES, config.visual_width, generator=generator).half()
+    return {"embeds": embeds, "tokens": tokens}
 
 
 def test_mit_parameter_count_vit_b16():
@@ -76,7 +77,7 @@ def test_prompt_generator_parameter_counts_vit_b16(vit_b16_head):
     head = vit_b16_head
     assert count(head.prompts_generator) == 6_303_232
     assert count(head.prompts_visual_ln) + head.prompts_visual_proj.numel() == 394_752
-    assert count(head) == 3_156_480 + 6_303_232 + 394_752
+    assert trainable_parameter_count(head) == 3_156_480 + 6_303_232 + 394_752
     assert head.prompts_generator.config.num_heads == 8
 
 
@@ -133,50 +134,54 @@ def test_cross_attention_equals_torch_multihead_attention():
         torch.testing.assert_close(attention(text, visual), expected)
 
 
-def test_xclip_forward_shapes_and_gradients(tiny_clip, text_embeds):
+def test_xclip_forward_shapes_and_gradients(tiny_clip, frozen_clip):
     torch.manual_seed(2)
-    head = XCLIPHead(tiny_config(tiny_clip))
-    embeds, patches = cache_batch(head.config)
-    logits = head(embeds, patches, text_embeds)
+    head = XCLIPHead(tiny_config(tiny_clip), frozen_clip, CLASSNAMES)
+    model, tokenizer = tiny_clip
+    # The class texts are X-CLIP's: encode_text of the bare class names, not normalised.
+    torch.testing.assert_close(head.class_text_embeds, encode_texts(model, tokenizer, CLASSNAMES))
+    logits = head(cache_batch(head.config))
     assert logits.shape == (2, len(CLASSNAMES))
     assert logits.dtype == torch.float32
 
     F.cross_entropy(logits, torch.tensor([0, 2])).backward()
     for name, param in head.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert "logit_scale" not in dict(head.named_parameters())
     assert not head.logit_scale.requires_grad
-    model, _ = tiny_clip
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_mit_head_forward_and_gradients(tiny_clip, text_embeds):
+def test_mit_head_forward_and_gradients(tiny_clip, frozen_clip):
     model, _ = tiny_clip
     torch.manual_seed(3)
-    head = MITHead(MITHeadConfig(embed_dim=64, frames=FRAMES, logit_scale=float(model.logit_scale)))
-    embeds, _ = cache_batch(tiny_config(tiny_clip), batch=3)
-    logits = head(embeds, text_embeds)
+    head = MITHead(MITHeadConfig(embed_dim=64, frames=FRAMES, logit_scale=float(model.logit_scale)), frozen_clip,
+                   CLASSNAMES)
+    logits = head(cache_batch(tiny_config(tiny_clip), batch=3))
     assert logits.shape == (3, len(CLASSNAMES))
     F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     for name, param in head.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert not head.logit_scale.requires_grad
 
 
-def test_xclip_save_load_round_trip(tiny_clip, text_embeds, tmp_path):
+def test_xclip_save_load_round_trip(tiny_clip, frozen_clip, tmp_path):
     torch.manual_seed(4)
-    head = XCLIPHead(tiny_config(tiny_clip)).eval()
+    head = XCLIPHead(tiny_config(tiny_clip), frozen_clip, CLASSNAMES).eval()
+    assert not [key for key in head.state_dict() if key.startswith("clip.")]  # the frozen CLIP is not saved
     save_file(head.state_dict(), tmp_path / "head.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(head.config.to_dict()))
 
     torch.manual_seed(5)  # a different initialisation, overwritten by the load
     config = XCLIPHeadConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
-    loaded = XCLIPHead(config).eval()
+    loaded = XCLIPHead(config, frozen_clip, CLASSNAMES).eval()
     loaded.load_state_dict(load_file(tmp_path / "head.safetensors"))
 
-    embeds, patches = cache_batch(config)
+    batch = cache_batch(config)
     with torch.no_grad():
-        assert torch.equal(head(embeds, patches, text_embeds), loaded(embeds, patches, text_embeds))
+        assert torch.equal(head(batch), loaded(batch))
 
 
 def test_config_from_json_refuses_unknown_keys(tiny_clip):
@@ -185,16 +190,18 @@ def test_config_from_json_refuses_unknown_keys(tiny_clip):
         XCLIPHeadConfig.from_dict(values)
 
 
-def test_mit_head_save_load_round_trip(text_embeds, tmp_path):
+def test_mit_head_save_load_round_trip(frozen_clip, tmp_path):
     torch.manual_seed(6)
-    head = MITHead(MITHeadConfig(embed_dim=64, frames=FRAMES, layers=2)).eval()
+    head = MITHead(MITHeadConfig(embed_dim=64, frames=FRAMES, layers=2), frozen_clip, CLASSNAMES).eval()
     save_file(head.state_dict(), tmp_path / "mit.safetensors")
     torch.manual_seed(7)
-    loaded = MITHead(MITHeadConfig.from_dict(head.config.to_dict())).eval()
+    loaded = MITHead(MITHeadConfig.from_dict(head.config.to_dict()), frozen_clip, CLASSNAMES).eval()
     loaded.load_state_dict(load_file(tmp_path / "mit.safetensors"))
-    embeds = torch.randn(2, FRAMES, 64)
+    batch = {"embeds": torch.randn(2, FRAMES, 64)}
     with torch.no_grad():
-        assert torch.equal(head(embeds, text_embeds), loaded(embeds, text_embeds))
+        assert torch.equal(head(batch), loaded(batch))
+        loaded.set_classnames(["swimming", "riding a bike"])  # other classes: the same texts score the same
+        torch.testing.assert_close(loaded(batch), head(batch)[:, [2, 1]])
 
 
 def test_mit_is_frame_order_sensitive_through_its_positional_embedding():
@@ -223,29 +230,29 @@ def test_mit_adds_the_input_back_and_averages_frames():
         torch.testing.assert_close(mit(embeds), expected)
 
 
-def test_xclip_without_prompt_offset_equals_mit_head(tiny_clip, text_embeds):
+def test_xclip_without_prompt_offset_equals_mit_head(tiny_clip, frozen_clip):
     """alpha = 0 switches the prompt generator off: X-CLIP then scores like the MIT-only head."""
     torch.manual_seed(10)
     config = tiny_config(tiny_clip)
-    xclip = XCLIPHead(config).eval()
+    xclip = XCLIPHead(config, frozen_clip, CLASSNAMES).eval()
     mit_config = MITHeadConfig(config.embed_dim, config.frames, heads=config.mit_heads, logit_scale=config.logit_scale)
-    mit_head = MITHead(mit_config).eval()
+    mit_head = MITHead(mit_config, frozen_clip, CLASSNAMES).eval()
     mit_head.mit.load_state_dict(xclip.mit.state_dict())
-    embeds, patches = cache_batch(config)
+    batch = cache_batch(config)
     with torch.no_grad():
-        prompted = xclip(embeds, patches, text_embeds)
+        prompted = xclip(batch)
         xclip.prompts_generator.alpha.zero_()
-        unprompted = xclip(embeds, patches, text_embeds)
-        torch.testing.assert_close(unprompted, mit_head(embeds, text_embeds))
+        unprompted = xclip(batch)
+        torch.testing.assert_close(unprompted, mit_head(batch))
     assert not torch.allclose(prompted, unprompted)
 
 
-def test_prompted_text_depends_on_the_video_patches(tiny_clip, text_embeds):
+def test_prompted_text_depends_on_the_video_patches(tiny_clip, frozen_clip):
     torch.manual_seed(11)
-    head = XCLIPHead(tiny_config(tiny_clip)).eval()
-    embeds, patches = cache_batch(head.config, seed=1)
-    _, other_patches = cache_batch(head.config, seed=2)
+    head = XCLIPHead(tiny_config(tiny_clip), frozen_clip, CLASSNAMES).eval()
+    batch = cache_batch(head.config, seed=1)
+    other_patches = {**batch, "tokens": cache_batch(head.config, seed=2)["tokens"]}
     with torch.no_grad():
-        logits = head(embeds, patches, text_embeds)
-        logits_other = head(embeds, other_patches, text_embeds)
+        logits = head(batch)
+        logits_other = head(other_patches)
     assert not torch.allclose(logits, logits_other)

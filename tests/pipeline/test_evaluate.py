@@ -1,5 +1,6 @@
 """Evaluation: metrics on hand-checkable cases, multi-view aggregation, report files, and the
-end-to-end `evaluate_run` / `zero_shot` paths on a real store extracted from the synthetic world."""
+end-to-end `evaluate` (store runs) / `zero_shot_store` paths on a real store extracted from the
+synthetic world."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.evaluate import (
-    compute_metrics,
-    evaluate_run,
-    load_head,
-    mean_softmax_over_views,
-    plot_confusion,
-    save_report,
+    EvalConfig,
+    evaluate,
+    evaluate_store_run,
     select_videos,
     store_classnames,
-    zero_shot,
+    zero_shot_store,
 )
+from clipreel.pipeline.models import trained_head
+from clipreel.pipeline.reports import plot_confusion, save_report
+from clipreel.pipeline.scoring import compute_metrics, mean_softmax_over_views
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.runs import load_run
@@ -145,7 +146,8 @@ def linear_run(store, tmp_path_factory) -> Path:
 
 
 def test_evaluate_run_writes_the_report_and_scores_by_mean_softmax_over_views(store, linear_run):
-    report = evaluate_run(linear_run, store.path, "test")
+    report, path = evaluate(EvalConfig(run=str(linear_run), store=str(store.path), split="test"))
+    assert path == linear_run / "eval-test.json"
 
     assert (linear_run / "eval-test.json").is_file()
     assert (linear_run / "eval-test.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -160,9 +162,10 @@ def test_evaluate_run_writes_the_report_and_scores_by_mean_softmax_over_views(st
 
     # The same numbers, computed independently: each view through the head, softmax, mean over views.
     features = FeatureStore.open(store.path).read(test_rows, fields=("embeds",))["embeds"]  # (N, V, T, E)
-    head = load_head(load_run(linear_run))
+    head = trained_head(load_run(linear_run))
     with torch.no_grad():
-        per_view = torch.stack([head(torch.from_numpy(features[:, view])) for view in range(2)], dim=1)  # (N, V, K)
+        per_view = torch.stack([head({"embeds": torch.from_numpy(features[:, view])}) for view in range(2)],
+                               dim=1)  # (N, V, K)
     predicted = torch.softmax(per_view, dim=-1).mean(dim=1).argmax(dim=1).numpy()
     labels = manifest.loc[test_rows, "label"].to_numpy()
     assert report["top1"] == pytest.approx(float((predicted == labels).mean()))
@@ -173,7 +176,7 @@ def test_evaluate_run_of_an_evl_head(store, tmp_path):
     run_training(TrainConfig(kind="evl", store=str(store.path), out=str(run_dir), epochs=1, val_split=None),
                  progress=False)
     report_path = tmp_path / "reports" / "evl-val.json"
-    report = evaluate_run(run_dir, store.path, "val", report_path=report_path)
+    report = evaluate_store_run(run_dir, store.path, "val", report_path)
     assert report["kind"] == "evl" and report["n"] == 2 * store.classes
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
     assert report_path.is_file() and report_path.with_suffix(".png").is_file()
@@ -196,32 +199,32 @@ def test_a_store_with_other_feature_settings_is_refused(store, linear_run, tmp_p
     imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     other = _store_with_other_settings(store.path, tmp_path / "imagenet.zarr", **imagenet)
     with pytest.raises(ClipreelError, match="mean: store has") as refused:
-        evaluate_run(linear_run, other, "test")
+        evaluate_store_run(linear_run, other, "test")
     assert "std:" in str(refused.value)
     # Views and sampling may differ between the training and the evaluation store.
     resampled = _store_with_other_settings(store.path, tmp_path / "views.zarr", views=1, temporal_views=1)
-    assert evaluate_run(linear_run, resampled, "test", report_path=tmp_path / "r.json")["n"] > 0
+    assert evaluate_store_run(linear_run, resampled, "test")["n"] > 0
 
 
 def test_unlabelled_videos_and_unknown_splits_are_refused(store, linear_run, tmp_path):
     with pytest.raises(ClipreelError, match="no video in split 'holdout'"):
-        evaluate_run(linear_run, store.path, "holdout")
+        evaluate_store_run(linear_run, store.path, "holdout")
     unlabelled = _store_with_other_settings(store.path, tmp_path / "unlabelled.zarr")
     opened = FeatureStore.open(unlabelled, mode="r+")
     manifest = opened.manifest()
     manifest.loc[manifest["split"] == "test", ["label", "label_name"]] = [-1, ""]
     opened.write_manifest(manifest)
     with pytest.raises(ClipreelError, match="no label"):
-        evaluate_run(linear_run, unlabelled, "test", report_path=tmp_path / "r.json")
+        evaluate_store_run(linear_run, unlabelled, "test")
 
 
 def test_zero_shot_recognises_appearances_well_above_chance(store, tmp_path):
-    report = zero_shot(store.path, "test", report_path=tmp_path / "zs.json")
+    report = zero_shot_store(store.path, "test", report_path=tmp_path / "zs.json")
     chance = 2 / store.classes  # either class of the right pair, among 16 pairs
     assert report["n"] == 2 * store.classes
     assert pair_accuracy(report["confusion"]) >= 6 * chance, report["confusion"]
     assert (tmp_path / "zs.json").is_file() and (tmp_path / "zs.png").is_file()
-    literal = zero_shot(store.path, "test", template="a video of a {}.")
+    literal = zero_shot_store(store.path, "test", template="a video of a {}.")
     assert pair_accuracy(literal["confusion"]) >= 6 * chance
 
 
@@ -231,7 +234,7 @@ def test_zero_shot_classes_file_restricts_or_renames_the_class_list(store, tmp_p
     subset = names[4:8]  # two whole pairs
     restrict = tmp_path / "subset.txt"
     restrict.write_text("\n".join(subset) + "\n")
-    report = zero_shot(store.path, "test", classes_file=restrict)
+    report = zero_shot_store(store.path, "test", classes_file=restrict)
     assert report["classnames"] == subset
     assert report["n"] == 2 * len(subset)
     assert report["left_out_videos"] == 2 * (store.classes - len(subset))
@@ -240,15 +243,15 @@ def test_zero_shot_classes_file_restricts_or_renames_the_class_list(store, tmp_p
     renamed = [f"class number {index}" for index in range(len(names))]
     rename = tmp_path / "renamed.txt"
     rename.write_text("\n".join(renamed) + "\n")
-    report = zero_shot(store.path, "test", classes_file=rename, template="none")
+    report = zero_shot_store(store.path, "test", classes_file=rename, template="none")
     assert report["classnames"] == renamed and report["n"] == 2 * store.classes
 
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("purple moon\n")
     with pytest.raises(ClipreelError, match="purple moon"):
-        zero_shot(store.path, "test", classes_file=wrong)
+        zero_shot_store(store.path, "test", classes_file=wrong)
     with pytest.raises(ClipreelError, match="one '{}'"):
-        zero_shot(store.path, "test", template="no slot here")
+        zero_shot_store(store.path, "test", template="no slot here")
 
 
 def test_select_videos_leaves_out_or_refuses_other_classes(store):

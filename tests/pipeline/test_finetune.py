@@ -17,15 +17,12 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import load_clip, resolve_model_name
-from clipreel.heads.methods import METHODS, build_method_model
+from clipreel.heads.registry import create_method, list_methods
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
+from clipreel.pipeline.evaluate import evaluate_raw_run, zero_shot_raw
 from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
-from clipreel.pipeline.finetune_eval import (
-    evaluate_finetuned,
-    rebuild_finetuned,
-    zero_shot_raw,
-)
+from clipreel.pipeline.models import trained_method_model
 from clipreel.stores.runs import load_run
 
 FRAMES = 4
@@ -40,7 +37,8 @@ def world(tmp_path_factory):
 
 
 def _config(world, out, method, **changes) -> FinetuneConfig:
-    settings = {"method": method, "videos": world, "out": str(out), "epochs": 1, "frames": FRAMES, "workers": 0, "batch_size": 8}
+    settings = {"method": method, "videos": world, "out": str(out), "model": MODEL, "epochs": 1, "frames": FRAMES,
+                "workers": 0, "batch_size": 8}
     return FinetuneConfig(**{**settings, **changes})
 
 
@@ -48,11 +46,11 @@ def _expected_trainable_count(method: str, classnames) -> int:
     """The count of a freshly built method model, computed from its parameters' requires_grad flags."""
     clip_model, _ = load_clip(MODEL, "default")
     tokenizer = open_clip.get_tokenizer(resolve_model_name(MODEL))
-    model, _ = build_method_model(method, clip_model, tokenizer, classnames, FRAMES, {})
+    model, _ = create_method(method, clip_model, tokenizer, classnames, FRAMES, {})
     return sum(param.numel() for param in model.parameters() if param.requires_grad)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_methods())
 def test_each_method_trains_saves_and_evaluates(world, tmp_path, method, capsys):
     run_dir = tmp_path / "run"
     summary = run_finetune(_config(world, run_dir, method), progress=True)
@@ -68,13 +66,13 @@ def test_each_method_trains_saves_and_evaluates(world, tmp_path, method, capsys)
     assert (run_dir / "curves.png").is_file()
 
     # The saved weights rebuild the trained model exactly.
-    rebuilt = rebuild_finetuned(run_dir)
+    rebuilt = trained_method_model(run_dir)
     trained = summary.model.state_dict()
     for name, tensor in rebuilt.state_dict().items():
         assert torch.equal(tensor, trained[name]), name
 
     report_path = tmp_path / "report.json"
-    report = evaluate_finetuned(run_dir, world, "test", str(report_path), views=2, crops=1)
+    report = evaluate_raw_run(run_dir, world, "test", report_path, views=2, crops=1, workers=0)
     assert report["n"] == 8 and report["views"] == 2
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
     assert json.loads(report_path.read_text())["n"] == 8
@@ -87,10 +85,10 @@ def test_frozen_clip_weights_stay_bit_identical(world, tmp_path, method):
     model = summary.model
     reference = load_clip(MODEL, "default")[0].state_dict()
     if method == "ezclip":
-        towers = {"": model.ezclip.clip}
+        towers = {"": model.ezclip.clip.model}
     else:
-        towers = {"visual.": model.image_encoder.tower.visual,
-                  "transformer.": model.prompt_learner.text_encoder.transformer}
+        towers = {"visual.": model.image_encoder.clip.model.visual,
+                  "transformer.": model.prompt_learner.clip.model.transformer}
     for prefix, tower in towers.items():
         for name, tensor in tower.state_dict().items():
             assert torch.equal(tensor, reference[prefix + name]), prefix + name
@@ -99,7 +97,7 @@ def test_frozen_clip_weights_stay_bit_identical(world, tmp_path, method):
     fresh_clip, _ = load_clip(MODEL, "default")
     tokenizer = open_clip.get_tokenizer(resolve_model_name(MODEL))
     torch.manual_seed(0)
-    fresh, _ = build_method_model(method, fresh_clip, tokenizer, load_run(tmp_path / "run").classnames, FRAMES, {})
+    fresh, _ = create_method(method, fresh_clip, tokenizer, load_run(tmp_path / "run").classnames, FRAMES, {})
     initial = dict(fresh.named_parameters())
     moved = [name for name, param in model.named_parameters()
              if param.requires_grad and not torch.equal(param, initial[name])]
@@ -137,7 +135,7 @@ def test_bad_settings_are_refused(world, tmp_path):
         run_finetune(_config(world, tmp_path / "a", "evl"), progress=False)
     with pytest.raises(ClipreelError, match="mixup"):
         run_finetune(_config(world, tmp_path / "b", "ezclip", mixup=True), progress=False)
-    with pytest.raises(ClipreelError, match="options for vifi"):
+    with pytest.raises(ClipreelError, match="unknown options for method vifi"):
         run_finetune(_config(world, tmp_path / "c", "vifi", options={"n_ctx": 4}), progress=False)
     with pytest.raises(ClipreelError, match="--augment"):
         run_finetune(_config(world, tmp_path / "d", "vifi", augment={"flips": 0}), progress=False)
@@ -146,7 +144,7 @@ def test_bad_settings_are_refused(world, tmp_path):
 
 
 def test_zero_shot_start_scores_the_untrained_model(world):
-    report = zero_shot_raw("xclip", world, "val", MODEL, "default", frames=FRAMES, views=2)
+    report = zero_shot_raw("xclip", world, "val", MODEL, "default", frames=FRAMES, views=2, workers=0)
     assert report["n"] == 8 and report["views"] == 2
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
 
@@ -158,12 +156,13 @@ def test_cli_finetune_then_eval_from_raw_videos(world, tmp_path):
 
     runner = CliRunner()
     run_dir = tmp_path / "cli-run"
-    trained = runner.invoke(app, ["finetune", "vifi", "--videos", world, "--out", str(run_dir), "--epochs", "1",
-                                  "--frames", str(FRAMES), "--workers", "0", "--option", "variant=image"])
+    trained = runner.invoke(app, ["finetune", "vifi", "--videos", world, "--out", str(run_dir), "--model", MODEL,
+                                  "--epochs", "1", "--frames", str(FRAMES), "--workers", "0", "--option", "variant=image"])
     assert trained.exit_code == 0, trained.output
     assert "trainable" in trained.output
     report = tmp_path / "report.json"
-    scored = runner.invoke(app, ["eval", str(run_dir), "--videos", world, "--split", "test", "--report", str(report)])
+    scored = runner.invoke(app, ["eval", str(run_dir), "--videos", world, "--split", "test", "--report", str(report),
+                                 "--workers", "0"])
     assert scored.exit_code == 0, scored.output
     assert json.loads(report.read_text())["n"] == 8
     assert report.with_suffix(".png").is_file()
@@ -176,9 +175,8 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch(world, tmp_pa
                                   accumulate=2), progress=False)
     for name, tensor in whole.model.state_dict().items():
         assert torch.allclose(tensor, halves.model.state_dict()[name], atol=1e-5), name
-    fresh, _ = build_method_model("prompt", load_clip(MODEL, "default")[0],
-                                  open_clip.get_tokenizer(resolve_model_name(MODEL)), whole.model.classnames,
-                                  FRAMES, {})
+    fresh, _ = create_method("prompt", load_clip(MODEL, "default")[0],
+                             open_clip.get_tokenizer(resolve_model_name(MODEL)), whole.model.classnames, FRAMES, {})
     assert not torch.equal(fresh.image_encoder.ctx, whole.model.image_encoder.ctx)  # it did train
 
 
@@ -191,9 +189,9 @@ def test_bridge_and_prompt_starts_from_a_vifi_run(world, tmp_path):
                           progress=False)
     fine_tuned = vifi.model.clip.state_dict()
     assert not torch.equal(fine_tuned["visual.proj"], load_clip(MODEL, "default")[0].state_dict()["visual.proj"])
-    for name, tensor in prompt.model.image_encoder.tower.visual.state_dict().items():
+    for name, tensor in prompt.model.image_encoder.clip.model.visual.state_dict().items():
         assert torch.equal(tensor, fine_tuned["visual." + name]), name  # the frozen tower is ViFi-CLIP's
-    rebuilt = rebuild_finetuned(prompt_dir)  # rebuilt from the vifi run it names
+    rebuilt = trained_method_model(prompt_dir)  # rebuilt from the vifi run it names
     for name, tensor in rebuilt.state_dict().items():
         assert torch.equal(tensor, prompt.model.state_dict()[name]), name
 
@@ -206,7 +204,7 @@ def test_bridge_and_prompt_starts_from_a_vifi_run(world, tmp_path):
                      progress=False)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_methods())
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     """Recomputing each block in the backward pass (GPU memory) changes no number."""
     clip_model, _ = load_clip("clipreel-tiny", "none")
@@ -215,8 +213,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     gradients = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        model, config = build_method_model(method, copy.deepcopy(clip_model), tokenizer, ["a", "b", "c"], FRAMES,
-                                           {"gradient_checkpointing": checkpointed})
+        model, config = create_method(method, copy.deepcopy(clip_model), tokenizer, ["a", "b", "c"], FRAMES,
+                                      {"gradient_checkpointing": checkpointed})
         assert config["gradient_checkpointing"] is checkpointed
         model.eval()  # no dropout or drop path, so both passes draw nothing at random
         model(frames)["logits"].logsumexp(dim=1).sum().backward()
@@ -233,7 +231,7 @@ def test_few_shot_protocol_fine_tunes_on_the_drawn_videos(world, tmp_path):
     from clipreel.pipeline.protocols import SHOTS_SPLIT, few_shot
 
     out = tmp_path / "fewshot"
-    settings = {"frames": FRAMES, "workers": 0, "batch_size": 8}
+    settings = {"model": MODEL, "frames": FRAMES, "workers": 0, "batch_size": 8}
     report = few_shot("prompt", world, out, shots=(1, 2), seeds=(1,), epochs=1, finetune=settings)
     assert report["kind"] == "prompt" and report["source"] == world
     for row in report["by_shots"]:
@@ -255,7 +253,7 @@ def test_base_to_novel_protocol_names_novel_classes_it_never_trained_on(world, t
     from clipreel.pipeline.protocols import base_to_novel
 
     report = base_to_novel("ezclip", world, tmp_path / "b2n", shots=2, seeds=(1,), epochs=1,
-                           finetune={"frames": FRAMES, "workers": 0, "batch_size": 8})
+                           finetune={"model": MODEL, "frames": FRAMES, "workers": 0, "batch_size": 8})
     names = read_sources(world).drop_duplicates("label").sort_values("label")["label_name"].tolist()
     assert report["base_classes"] == names[:2] and report["novel_classes"] == names[2:]
     (run,) = report["runs"]
@@ -264,14 +262,14 @@ def test_base_to_novel_protocol_names_novel_classes_it_never_trained_on(world, t
     novel = json.loads((Path(run["run"]) / "eval-novel-test.json").read_text())
     assert novel["classnames"] == names[2:] and novel["n"] == 4
     with pytest.raises(ClipreelError, match="does not know"):
-        evaluate_finetuned(run["run"], world, "test")  # closed-set scoring needs the run's own classes
+        evaluate_raw_run(run["run"], world, "test", workers=0)  # closed-set scoring needs the run's own classes
 
 
 def test_zero_shot_transfer_scores_a_run_among_another_lists_classes(world, tmp_path):
     run_dir = tmp_path / "run"
     run_finetune(_config(world, run_dir, "xclip"), progress=False)
     names = ["green square moving up", "green square moving down"]
-    report = evaluate_finetuned(run_dir, world, "test", classes=names)
+    report = evaluate_raw_run(run_dir, world, "test", classes=names, workers=0)
     assert report["classnames"] == names and report["n"] == 4  # only the videos of those classes
 
 
@@ -281,19 +279,20 @@ def test_cli_zero_shot_and_few_shot_from_raw_videos(world, tmp_path):
     from clipreel.cli import app
 
     runner = CliRunner()
-    start = runner.invoke(app, ["zeroshot", "--videos", world, "--method", "ezclip", "--frames", str(FRAMES),
-                                "--split", "val", "--report", str(tmp_path / "zs.json")])
+    start = runner.invoke(app, ["zeroshot", "--videos", world, "--method", "ezclip", "--model", MODEL, "--frames",
+                                str(FRAMES), "--split", "val", "--report", str(tmp_path / "zs.json"), "--workers", "0"])
     assert start.exit_code == 0, start.output
     assert "zero-shot ezclip on val" in start.output and json.loads((tmp_path / "zs.json").read_text())["n"] == 8
 
     labels = tmp_path / "two.txt"
     labels.write_text("green square moving up\ngreen square moving down\n")
     fewshot = runner.invoke(app, ["fewshot", "vifi", "--videos", world, "--out", str(tmp_path / "fs"), "--shots", "1",
-                                  "--seeds", "1", "--epochs", "1", "--frames", str(FRAMES), "--workers", "0"])
+                                  "--seeds", "1", "--epochs", "1", "--model", MODEL, "--frames", str(FRAMES),
+                                  "--workers", "0"])
     assert fewshot.exit_code == 0, fewshot.output
     assert json.loads((tmp_path / "fs" / "few_shot.json").read_text())["kind"] == "vifi"
     transfer = runner.invoke(app, ["zeroshot", "--videos", world, "--run", str(tmp_path / "fs" / "runs" / "1shot-seed1"),
-                                   "--classes", str(labels)])
+                                   "--classes", str(labels), "--workers", "0"])
     assert transfer.exit_code == 0, transfer.output
     assert "4 videos" in transfer.output  # the test videos of the two listed classes
 

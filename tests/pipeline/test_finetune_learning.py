@@ -19,7 +19,7 @@ Measured on the 2-core VM (seed 0; seed 1 in brackets), test top-1 from zero-sho
 [0.2 -> 0.35]; bridge-and-prompt 0.19 -> 0.30 [0.19 -> 0.30].
 What EZ-CLIP does with its temporal embedding frozen, as shipped: its only order path, the per-frame
 prompts mixed by the frozen attention, moved a clip's video embedding 0.1% from its reversal's, and
-no run separated twins (heads/ezclip.py). X-CLIP on the motion world: its text tower is frozen and
+no run separated twins (heads/raw/ezclip.py). X-CLIP on the motion world: its text tower is frozen and
 clipreel-synth gives the twins' names nearly the same embedding (cosine 0.995-0.9999), so it cannot
 tell them apart there whatever it learns from the frames.
 """
@@ -36,8 +36,9 @@ from clipreel.pipeline.data.raw_frames import RawFrameDataset
 from clipreel.pipeline.data.sampling import SamplingConfig
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-from clipreel.pipeline.finetune import FinetuneConfig, predict_raw, run_finetune
-from clipreel.pipeline.finetune_eval import eval_rows, evaluate_finetuned, zero_shot_raw
+from clipreel.pipeline.evaluate import eval_rows, evaluate_raw_run, zero_shot_raw
+from clipreel.pipeline.finetune import FinetuneConfig, run_finetune
+from clipreel.pipeline.scoring import predict_raw
 
 pytestmark = pytest.mark.slow
 
@@ -81,9 +82,9 @@ def _pair_accuracy(model, world: str, norm: str) -> float:
     ("ezclip", {"lr": 3e-3, "options": {"train_temporal_embedding": True}}, "clip"),
 ])
 def test_temporal_methods_separate_time_reversed_twins(colour_world, tmp_path, method, settings, norm):
-    start = zero_shot_raw(method, colour_world, "test", MODEL, frames=FRAMES, options=settings["options"])
+    start = zero_shot_raw(method, colour_world, "test", MODEL, frames=FRAMES, options=settings["options"], workers=0)
     trained = _train(colour_world, tmp_path / "run", method, epochs=25, augment=KEEP_COLOUR_AND_SIDES, **settings)
-    scores = evaluate_finetuned(tmp_path / "run", colour_world, "test")
+    scores = evaluate_raw_run(tmp_path / "run", colour_world, "test", workers=0)
     # Measured: zero-shot 0.45-0.6, trained 0.95-1.0 (seeds 0, 1). Appearance alone tops out at 0.5 here.
     assert scores["top1"] >= 0.8 and scores["top1"] >= start["top1"] + 0.3
     assert _pair_accuracy(trained.model, colour_world, norm) >= 0.8
@@ -92,9 +93,9 @@ def test_temporal_methods_separate_time_reversed_twins(colour_world, tmp_path, m
 def test_frame_mean_methods_score_a_clip_and_its_reversal_alike(motion_world, tmp_path):
     """ViFi-CLIP from a random CLIP learns appearance (beats its zero-shot start), but its frame-mean
     pooling cannot see order: a clip and the same clip backwards get the same scores."""
-    start = zero_shot_raw("vifi", motion_world, "test", MODEL, "none", frames=FRAMES)
+    start = zero_shot_raw("vifi", motion_world, "test", MODEL, "none", frames=FRAMES, workers=0)
     trained = _train(motion_world, tmp_path / "run", "vifi", pretrained="none", epochs=15, lr=1e-4, val_split="val")
-    scores = evaluate_finetuned(tmp_path / "run", motion_world, "test")
+    scores = evaluate_raw_run(tmp_path / "run", motion_world, "test", workers=0)
     # Measured: 0.2 -> 0.5 (seed 0) and 0.2 -> 0.35 (seed 1); 0.5 is the ceiling of frame-mean pooling.
     assert scores["top1"] >= start["top1"] + 0.1
 
@@ -112,9 +113,9 @@ def appearance_world(tmp_path_factory):
 
 
 def test_bridge_and_prompt_beats_its_zero_shot_start(appearance_world, tmp_path):
-    start = zero_shot_raw("prompt", appearance_world, "test", MODEL, frames=FRAMES)
+    start = zero_shot_raw("prompt", appearance_world, "test", MODEL, frames=FRAMES, workers=0)
     _train(appearance_world, tmp_path / "run", "prompt", epochs=10, augment={"color_jitter": 0.0, "grayscale": 0.0})
-    scores = evaluate_finetuned(tmp_path / "run", appearance_world, "test")
+    scores = evaluate_raw_run(tmp_path / "run", appearance_world, "test", workers=0)
     # Measured: 0.19 (random context vectors) -> 0.30 after 10 epochs at the few-shot rate 8e-3 (seeds 0
     # and 1). With colour jitter and grayscale on, the colours clipreel-synth knows the classes by are
     # washed out: 0.31 with seed 0 but 0.14 with seed 1.

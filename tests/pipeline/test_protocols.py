@@ -12,10 +12,10 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import load_text_model
-from clipreel.heads.kinds import build_head
+from clipreel.heads.registry import create_head
 from clipreel.pipeline.evaluate import (
-    evaluate_run,
-    score_videos,
+    evaluate_store_run,
+    score_store,
     select_videos,
     store_classnames,
 )
@@ -128,7 +128,7 @@ def test_base_to_novel_end_to_end(store, tmp_path):
 
     # The base-only head cannot be evaluated closed-set on the novel classes.
     with pytest.raises(ClipreelError, match="does not know"):
-        evaluate_run(run["run"], store.path, "test")
+        evaluate_store_run(run["run"], store.path, "test")
 
 
 def test_base_to_novel_takes_base_classes_by_name_or_id(store, tmp_path):
@@ -156,7 +156,7 @@ def test_prompt_learning_beats_its_own_zero_shot_starting_point(store, tmp_path)
     """ViFi-CLIP / CoOp: learned text prompts beat the prompts they start from. Few-shot (4 videos
     per class) on the synthetic world with clipreel-synth, 3 seeds; each run's prompts start as
     the untrained head of its seed (random context, n_ctx 16) and train with ViFi-CLIP's
-    prompting learning rate (4e-2, METHODS.md 3.2). The frame-mean video embedding cannot see
+    prompting learning rate (4e-2, its base-to-novel configs). The frame-mean video embedding cannot see
     motion, so top-1 is bounded near 50% (one class of each time-reversed pair): the prompts can
     only improve how the appearances are named."""
     seeds = (1, 2, 3)
@@ -167,9 +167,9 @@ def test_prompt_learning_beats_its_own_zero_shot_starting_point(store, tmp_path)
     before = []
     for seed in seeds:
         torch.manual_seed(seed)  # as run_training does, after loading the text tower, before building the head
-        start, _ = build_head("text-prompt", store_layout=opened.layout, provenance=opened.provenance,
-                              classnames=names, options={}, text_model=text_model)
-        before.append(score_videos(opened, test_videos, "text-prompt", start)["top1"])
+        start, _ = create_head("text-prompt", store_layout=opened.layout, provenance=opened.provenance,
+                               classnames=names, options={}, text_model=text_model)
+        before.append(score_store(opened, test_videos, "text-prompt", start)["top1"])
 
     report = few_shot("text-prompt", store.path, tmp_path / "fs", shots=(4,), seeds=seeds, epochs=20, lr=4e-2)
     after = [run["top1"] for run in report["by_shots"][0]["runs"]]

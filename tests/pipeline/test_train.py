@@ -17,20 +17,13 @@ from safetensors.torch import save_file
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import file_sha256, load_text_model, register_builtin_models
-from clipreel.heads.kinds import (
-    HEAD_KINDS,
-    TEXT_KINDS,
-    build_head,
-    head_logits,
-    head_spec,
-    rebuild_head,
-)
+from clipreel.heads.registry import create_head, head_entry, list_heads, rebuild_head
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.pipeline.data.decode import PyAVDecoder
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-from clipreel.pipeline.evaluate import view_averaged_probabilities
+from clipreel.pipeline.scoring import view_averaged_probabilities
 from clipreel.pipeline.extract import ExtractConfig, run_extract
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import FeatureStore
@@ -57,26 +50,26 @@ def _config(store_path, out, kind, **settings) -> TrainConfig:
 
 
 def _text_model(kind, provenance):
-    return load_text_model(provenance) if kind in TEXT_KINDS else None
+    return load_text_model(provenance) if head_entry(kind).scores_text else None
 
 
 def _first_batch(store_path, kind, views="random") -> dict:
     store = FeatureStore.open(store_path)
-    spec = head_spec(kind)
+    entry = head_entry(kind)
     rows = np.arange(6)
-    loader = CacheLoader(store, rows, np.zeros(6), spec.fields, spec.layers, 6, shuffle=False, seed=0, views=views)
+    loader = CacheLoader(store, rows, np.zeros(6), entry.reads, entry.blocks, 6, shuffle=False, seed=0, views=views)
     return next(iter(loader.epoch(0)))
 
 
 # --------------------------------------------------------------------------- every kind end to end
 
 
-@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("kind", list_heads())
 def test_every_head_kind_trains_and_its_run_rebuilds_to_identical_logits(store_path, tmp_path, kind):
     out = tmp_path / "run"
     summary = run_training(_config(store_path, out, kind), progress=False)
 
-    trains = kind != "zeroshot"
+    trains = head_entry(kind).trains
     assert summary.epochs == (2 if trains else 0)
     assert summary.train_videos == 72 and summary.val_videos == 24
     assert summary.val_top1 is not None and 0.0 <= summary.val_top1 <= 1.0
@@ -96,16 +89,16 @@ def test_every_head_kind_trains_and_its_run_rebuilds_to_identical_logits(store_p
     batch = _first_batch(store_path, kind)
     trained = summary.head.eval()
     with torch.no_grad():
-        expected = head_logits(kind, trained, batch)
-        got = head_logits(kind, rebuilt.eval(), batch)
+        expected = trained(batch)
+        got = rebuilt.eval()(batch)
     assert expected.shape == (6, 4)
     assert torch.equal(got, expected)
 
     if trains:  # the weights moved away from their seeded initialisation
         store = FeatureStore.open(store_path)
         torch.manual_seed(0)
-        initial, _ = build_head(kind, store_layout=store.layout, provenance=store.provenance,
-                                classnames=run.classnames, text_model=text_model)
+        initial, _ = create_head(kind, store_layout=store.layout, provenance=store.provenance,
+                                 classnames=run.classnames, text_model=text_model)
         changed = [name for name, value in initial.state_dict().items() if not torch.equal(value, run.state_dict[name])]
         assert changed
     else:  # nothing was trained: the same command simply makes the run again
@@ -121,8 +114,8 @@ def test_logits_from_the_cache_equal_logits_from_a_live_backbone(store_path, kin
     store = FeatureStore.open(store_path)
     provenance = store.provenance
     torch.manual_seed(1)
-    head, _ = build_head(kind, store_layout=store.layout, provenance=provenance,
-                         classnames=["a", "b", "c", "d"], text_model=None)
+    head, _ = create_head(kind, store_layout=store.layout, provenance=provenance,
+                          classnames=["a", "b", "c", "d"], text_model=None)
     with torch.no_grad():  # random values everywhere: EVL starts with zero offset tables otherwise
         for parameter in head.parameters():
             parameter.normal_(0.0, 0.2)
@@ -141,9 +134,9 @@ def test_logits_from_the_cache_equal_logits_from_a_live_backbone(store_path, kin
     with torch.no_grad():
         live = backbone.forward_clips(clips)
         live_batch = {"tokens": live.tokens, "embeds": live.embeds, "attention": live.attention}
-        live_logits = head_logits(kind, head, live_batch)
-        cache_logits = head_logits(kind, head, {name: torch.from_numpy(cached[name][:, view])
-                                                for name in ("tokens", "embeds", "attention")})
+        live_logits = head(live_batch)
+        cache_logits = head({name: torch.from_numpy(cached[name][:, view])
+                             for name in ("tokens", "embeds", "attention")})
     scale = live_logits.abs().max().item()
     assert scale > 0.1  # the logits are not trivially equal
     torch.testing.assert_close(cache_logits, live_logits, rtol=0.0, atol=5e-3 * scale)
@@ -162,8 +155,8 @@ def _pair_accuracy(store_path, run_dir) -> float:
     store = FeatureStore.open(store_path)
     manifest = store.manifest()
     rows = np.flatnonzero((manifest["split"] != "train").to_numpy())
-    spec = head_spec(run.kind)
-    loader = CacheLoader(store, rows, manifest["label"].to_numpy()[rows], spec.fields, spec.layers, 16,
+    entry = head_entry(run.kind)
+    loader = CacheLoader(store, rows, manifest["label"].to_numpy()[rows], entry.reads, entry.blocks, 16,
                          shuffle=False, seed=0, views="all")
     right = seen = 0
     with torch.no_grad():
@@ -250,7 +243,7 @@ def test_asking_for_more_epochs_continues_a_finished_run(store_path, tmp_path):
 def test_a_run_dir_made_differently_is_refused(store_path, tmp_path):
     out = tmp_path / "run"
     run_training(_config(store_path, out, "linear", epochs=1), progress=False)
-    with pytest.raises(ClipreelError, match="head kind"):
+    with pytest.raises(ClipreelError, match="kind: the run has 'linear', this command 'mlp'"):
         run_training(_config(store_path, out, "mlp", epochs=1), progress=False)
     with pytest.raises(ClipreelError, match="seed"):
         run_training(_config(store_path, out, "linear", epochs=1, seed=5), progress=False)
@@ -285,7 +278,7 @@ def test_ray_train_with_two_cpu_workers_writes_one_run(store_path, tmp_path):
     ]
     head = rebuild_head("evl", run.head_config, run.classnames)
     head.load_state_dict(run.state_dict)  # plain keys: no DDP "module." prefix
-    assert torch.isfinite(head_logits("evl", head.eval(), _first_batch(store_path, "evl"))).all()
+    assert torch.isfinite(head.eval()(_first_batch(store_path, "evl"))).all()
 
     with pytest.raises(ClipreelError, match="no labelled, extracted video in split 'nosuch'"):
         run_training(_config(store_path, tmp_path / "other", "linear", workers=2, split="nosuch"), progress=False)

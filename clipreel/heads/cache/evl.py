@@ -25,20 +25,23 @@ For each decoder layer i (consuming tapped block i):
     x = decoder_layer_i(x, F.flatten(T, L))            # one learned query, pre-norm
 logits = proj(x)                                       # LayerNorm, Dropout, Linear
 
-Module and parameter names reproduce the official checkpoint keys (METHODS.md 7.1) without the
-DDP `module.` prefix: the head's state dict is exactly the reference keys (`decoder.*`, `proj.*`),
+Module and parameter names reproduce the official checkpoint keys (the reference `model.py`) without
+the DDP `module.` prefix: the head's state dict is exactly the reference keys (`decoder.*`, `proj.*`),
 so `load_reference_state_dict` is a strict load.
 
 Relative-offset sign convention (checked against the reference `TemporalCrossAttention`): the
 table row of a (query patch, key patch) pair is
     (q_row - k_row + g - 1) * (2g - 1) + (q_col - k_col + g - 1)
 i.e. query minus key.
+
+May import: torch, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,8 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.layers import check_class_count
+from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
 
 @dataclass
@@ -82,11 +87,6 @@ class EVLConfig(JsonConfig):
     def tokens(self) -> int:
         """L, tokens per frame: the CLS token plus g*g patches."""
         return 1 + self.patches
-
-
-def trainable_parameter_count(module: nn.Module) -> int:
-    """Number of scalars that an optimizer would update (buffers and frozen parameters excluded)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------------------- temporal modules
@@ -358,14 +358,19 @@ class EVLHead(nn.Module):
                 "from the store's layout, or re-extract with matching settings."
             )
 
-    def forward(self, features: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """features (B, T, K, L, D), attention (B, 2, T-1, K, P, P) -> logits (B, num_classes).
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """A closed set: the head classifies among exactly the classes it was made for."""
+        check_class_count(self.cfg.num_classes, classnames, "an EVL head")
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch["tokens"] (B, T, K, L, D), batch["attention"] (B, 2, T-1, K, P, P) -> logits (B, num_classes).
 
         Any float dtype is accepted (the cache stores fp16); inputs are cast to the head's dtype
-        and never modified. `attention` (see `cross_frame_attention_from_inputs`) is required
-        with the temporal cross-attention and ignored without it.
+        and never modified. The attention maps (see `cross_frame_attention_from_inputs`) are
+        required with the temporal cross-attention and ignored without it.
         """
         cfg = self.cfg
+        features, attention = batch["tokens"], batch.get("attention")
         self._check_shape(
             features, "features", "(B, T, K, L, D)",
             (cfg.frames, cfg.layers, cfg.tokens, cfg.width), "frames, layers, 1 + grid^2, width",
@@ -426,3 +431,43 @@ def load_reference_state_dict(head: EVLHead, state_dict: Mapping) -> None:
             "and the temporal_* flags decide which modules exist."
         )
     head.load_state_dict(reference, strict=True)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def store_sizes(layout, provenance: Mapping, num_classes: int, text_model=None) -> dict:
+    """The config values the store fixes: width, heads, blocks, frames, grid (and the class count)."""
+    grid = math.isqrt(layout.tokens - 1)
+    if grid * grid != layout.tokens - 1:
+        raise ClipreelError(
+            f"the store's frames have {layout.tokens} tokens, not 1 + a square grid of patches: "
+            "EVL needs a square ViT (CLS + g*g patches)."
+        )
+    if layout.frames < 2:
+        raise ClipreelError("EVL models time: extract at least 2 frames per view (--frames 8).")
+    if "num_heads" not in provenance:
+        raise ClipreelError("the store's provenance has no num_heads; re-extract it with `clipreel extract`.")
+    return {
+        "width": layout.width,
+        "heads": int(provenance["num_heads"]),
+        "layers": layout.layers,
+        "frames": layout.frames,
+        "grid": grid,
+        "num_classes": num_classes,
+    }
+
+
+register_head(HeadEntry(
+    name="evl",
+    summary="EVL temporal decoder over the tokens of every feature block",
+    config_class=EVLConfig,
+    head_class=EVLHead,
+    reads=("tokens", "attention"),
+    blocks="all",
+    scores_text=False,
+    trains=True,
+    # EVL's recipe (its configs): AdamW 4e-4, weight decay 0.05 on every parameter, no warmup, cosine.
+    recipe=Recipe(lr=4e-4, weight_decay=0.05, warmup_epochs=0),
+    store_sizes=store_sizes,
+))

@@ -9,16 +9,21 @@ cache holds, so they train here without ever running the backbone:
 - ``embeds`` (B, T, E): the projected per-frame CLIP embeddings, ``ln_post(CLS) @ proj``;
 - ``patch_tokens`` (B, T, N, D): the last block's patch tokens, before ``ln_post``
   (``tokens[:, :, 1:]`` of the cache);
-- ``text_embeds`` (K, E): the class text embeddings of the frozen text tower.
+- the class text embeddings (K, E): ``encode_text`` of the bare class names (X-CLIP's template
+  "{}", `utils/tools.py: generate_text`), computed by the store's CLIP, which the heads hold frozen
+  and outside their state dict, so they classify any class list.
 
-Module and parameter names follow the released X-CLIP checkpoints (``mit.*``,
-``prompts_visual_ln``, ``prompts_visual_proj``, ``prompts_generator.*``), so their weights
-load into these heads without renaming. See METHODS.md sections 2.3, 2.4 and 7.2.
+Module and parameter names follow the released X-CLIP checkpoints (`models/xclip.py`, `models/mit.py`,
+`models/prompt.py`: ``mit.*``, ``prompts_visual_ln``, ``prompts_visual_proj``,
+``prompts_generator.*``), so their weights load into these heads without renaming.
+
+May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +32,12 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from clipreel.config import JsonConfig
+from clipreel.errors import ClipreelError
+from clipreel.heads.layers import FrozenCLIP, cosine_logits, logit_scale_of, readable_classname
+from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
 # CLIP initialises its temperature to 1/0.07; a trained CLIP ends near log(100).
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
@@ -42,20 +49,6 @@ def _init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def exempt_from_weight_decay(name: str, parameter: torch.Tensor) -> bool:
-    """X-CLIP's rule (METHODS.md 2.7): no weight decay on 1-D parameters, biases and positional embeddings."""
-    return parameter.ndim <= 1 or name.endswith(".bias") or "positional_embedding" in name
-
-
-def cosine_logits(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) * cos(video, text); text is (K, E) shared by the batch or (B, K, E) per video."""
-    video = F.normalize(video, dim=-1)  # (B, E)
-    text = F.normalize(text.to(video.dtype), dim=-1)
-    if text.dim() == 2:
-        return logit_scale.exp() * video @ text.t()  # (B, K)
-    return logit_scale.exp() * torch.einsum("be,bke->bk", video, text)  # (B, K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,19 +115,33 @@ class MITHeadConfig(MITConfig):
     logit_scale: float = CLIP_INIT_LOGIT_SCALE  # log temperature, from the CLIP model, frozen
 
 
+def class_name_texts(clip: FrozenCLIP, classnames: Sequence[str]) -> torch.Tensor:
+    """X-CLIP's fixed class embeddings (K, E): ``encode_text`` of the bare class names, not normalised."""
+    if not classnames:
+        raise ClipreelError("X-CLIP: no class names given; pass the label map's class names.")
+    return clip.encode_texts([readable_classname(name) for name in classnames])
+
+
 class MITHead(nn.Module):
     """``clipreel train mit``: MIT video embedding vs fixed class text embeddings."""
 
-    def __init__(self, config: MITHeadConfig):
+    def __init__(self, config: MITHeadConfig, clip: FrozenCLIP, classnames: Sequence[str]):
         super().__init__()
         self.config = config
+        self.clip = clip
         self.mit = MultiFrameIntegration(config)
         self.register_buffer("logit_scale", torch.tensor(float(config.logit_scale)))
+        self.set_classnames(classnames)
 
-    def forward(self, embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, E), text_embeds (K, E) -> logits (B, K)."""
-        video = self.mit(embeds)  # (B, E)
-        return cosine_logits(video, text_embeds.to(video.dtype), self.logit_scale)
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Classify among these classes: their text embeddings (K, E), not saved."""
+        self.classnames = list(classnames)
+        self.register_buffer("class_text_embeds", class_name_texts(self.clip, classnames), persistent=False)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch["embeds"] (B, T, E) -> logits (B, K)."""
+        video = self.mit(batch["embeds"])  # (B, E)
+        return cosine_logits(video, self.class_text_embeds.to(video.dtype), self.logit_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ class VideoSpecificPrompt(nn.Module):
 
 @dataclass
 class XCLIPHeadConfig(JsonConfig):
-    """Everything needed to rebuild an X-CLIP cache head (METHODS.md 2.1 defaults)."""
+    """Everything needed to rebuild an X-CLIP cache head (the defaults of X-CLIP's `models/xclip.py: load`)."""
 
     embed_dim: int  # E, CLIP joint embedding width (512 for ViT-B/16)
     visual_width: int  # D, ViT width of the patch tokens (768 for ViT-B/16)
@@ -273,19 +280,27 @@ class XCLIPHead(nn.Module):
     logits = exp(logit_scale) * cos(MIT(embeds), text + generator(text, visual context)),
     where the visual context is the patch tokens through ``prompts_visual_ln`` and
     ``prompts_visual_proj``, averaged over frames. ``logit_scale`` is a buffer: X-CLIP freezes it.
-    ``text_embeds`` should be what the text tower's ``encode_text`` returns for the bare class
-    names (X-CLIP's template is "{}" and it does not normalise them before the generator).
+    The class texts are the bare class names through the held CLIP's ``encode_text`` (X-CLIP does
+    not normalise them before the generator). The full X-CLIP (`heads.raw.xclip`) scores its
+    cross-frame embeddings through the same head (`score`).
     """
 
-    def __init__(self, config: XCLIPHeadConfig):
+    def __init__(self, config: XCLIPHeadConfig, clip: FrozenCLIP, classnames: Sequence[str]):
         super().__init__()
         self.config = config
+        self.clip = clip
         self.mit = MultiFrameIntegration(config.mit_config())
         self.prompts_visual_ln = nn.LayerNorm(config.visual_width)
         # std-1 init (torch.randn), as X-CLIP: this projection replaces CLIP's visual proj.
         self.prompts_visual_proj = nn.Parameter(torch.randn(config.visual_width, config.embed_dim))
         self.prompts_generator = VideoSpecificPrompt(config.prompt_config())
         self.register_buffer("logit_scale", torch.tensor(float(config.logit_scale)))
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Classify among these classes: their text embeddings (K, E), not saved."""
+        self.classnames = list(classnames)
+        self.register_buffer("class_text_embeds", class_name_texts(self.clip, classnames), persistent=False)
 
     def visual_context(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """patch_tokens (B, T, N, D) -> frame-averaged context (B, N, E) for the prompt generator."""
@@ -293,12 +308,48 @@ class XCLIPHead(nn.Module):
         context = self.prompts_visual_ln(patch_tokens) @ self.prompts_visual_proj  # (B, T, N, E)
         return context.mean(dim=1)  # (B, N, E)
 
-    def forward(
-        self, embeds: torch.Tensor, patch_tokens: torch.Tensor, text_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        """embeds (B, T, E), patch_tokens (B, T, N, D), text_embeds (K, E) -> logits (B, K)."""
-        video = self.mit(embeds)  # (B, E)
+    def score(self, frame_embeds: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frame_embeds (B, T, E), patch_tokens (B, T, N, D) -> (logits (B, K), video embeddings (B, E))."""
+        video = self.mit(frame_embeds)  # (B, E)
         visual = self.visual_context(patch_tokens)  # (B, N, E)
-        text = text_embeds.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, K, E)
-        text = text + self.prompts_generator(text, visual)  # (B, K, E)
-        return cosine_logits(video, text, self.logit_scale)
+        text = self.class_text_embeds.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, K, E)
+        text = text + self.prompts_generator(text, visual)  # (B, K, E): video-specific class texts
+        return cosine_logits(video, text, self.logit_scale), video
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch["embeds"] (B, T, E), batch["tokens"] (B, T, 1, L, D) of the last feature block -> logits (B, K)."""
+        patch_tokens = batch["tokens"][:, :, -1, 1:]  # (B, T, L-1, D): the last block, no CLS
+        return self.score(batch["embeds"], patch_tokens)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+
+def mit_store_sizes(layout, provenance: Mapping, num_classes: int, text_model) -> dict:
+    """The config values the store fixes: embedding width, frames, the CLIP's temperature."""
+    return {"embed_dim": layout.embed_dim, "frames": layout.frames,
+            "logit_scale": float(logit_scale_of(text_model.clip))}
+
+
+def xclip_store_sizes(layout, provenance: Mapping, num_classes: int, text_model) -> dict:
+    """The MIT's sizes and the ViT width of the patch tokens."""
+    return {**mit_store_sizes(layout, provenance, num_classes, text_model), "visual_width": layout.width}
+
+
+# X-CLIP's recipe (`utils/optimizer.py`, `configs/`): its new modules at 10x the base 8e-6, betas
+# (0.9, 0.98), weight decay 0.001 except on 1-D parameters, biases and positional embeddings, 5
+# warmup epochs (1 here: cache runs are short).
+XCLIP_RECIPE = Recipe(lr=8e-5, weight_decay=0.001, warmup_epochs=1, betas=(0.9, 0.98), decay_everything=False)
+
+register_head(HeadEntry(
+    name="mit", summary="X-CLIP's multi-frame integration transformer vs class-name texts",
+    config_class=MITHeadConfig, head_class=MITHead, reads=("embeds",), blocks="last", scores_text=True,
+    trains=True, recipe=XCLIP_RECIPE, store_sizes=mit_store_sizes,
+))
+register_head(HeadEntry(
+    name="xclip-prompt", summary="X-CLIP's MIT and video-specific prompts read from the last block's patch tokens",
+    config_class=XCLIPHeadConfig, head_class=XCLIPHead, reads=("embeds", "tokens"), blocks="last",
+    scores_text=True, trains=True, recipe=XCLIP_RECIPE, store_sizes=xclip_store_sizes,
+))

@@ -1,16 +1,22 @@
 """Zero-shot CLIP video classification: class names through text templates, no training.
 
 A class is represented by the text embedding of its name inside one or more templates; with
-several templates the normalised embeddings are averaged (a template ensemble, as in CLIP).
-A video is the average of its per-frame embeddings. Logits are scaled cosine similarities.
-The same text embeddings serve the MIT / X-CLIP heads as their fixed class embeddings.
+several templates the normalised embeddings are averaged (a template ensemble, as in CLIP's
+`notebooks/Prompt_Engineering_for_ImageNet.ipynb`). A video is the average of its per-frame
+embeddings. Logits are scaled cosine similarities.
+
+The classifier holds the store's CLIP (frozen, left out of its state dict) and recomputes its class
+embeddings from the class names, so a saved zero-shot run is its temperature alone and classifies
+any class list.
+
+May import: torch, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,8 @@ from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
+from clipreel.heads.layers import FrozenCLIP, encode_texts, logit_scale_of, readable_classname
+from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
 TEMPLATES: dict[str, list[str]] = {
     # The bare class name: what X-CLIP, and ViFi-CLIP's vanilla-CLIP baseline, use.
@@ -51,37 +59,17 @@ TEMPLATES: dict[str, list[str]] = {
 }
 
 
-
 def templates_named(name: str) -> list[str]:
-    """The template list called ``name`` in TEMPLATES."""
-    if name not in TEMPLATES:
-        raise ClipreelError(f"unknown template set {name!r}; choose one of {', '.join(TEMPLATES)}.")
-    return TEMPLATES[name]
-
-
-def readable_classname(name: str) -> str:
-    """Class names from label files often use underscores ("playing_guitar"): text wants spaces."""
-    return name.replace("_", " ")
-
-
-@torch.no_grad()
-def encode_texts(
-    clip_model: nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    texts: Sequence[str],
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """``encode_text`` of each text, in batches -> (len(texts), E), not normalised.
-
-    ``device`` is where the model lives (default: the device of its parameters).
-    """
-    device = device if device is not None else next(clip_model.parameters()).device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        token_ids = tokenizer(list(texts[start : start + batch_size])).to(device)  # (b, C)
-        chunks.append(clip_model.encode_text(token_ids).float())  # (b, E)
-    return torch.cat(chunks)
+    """The template set called `name` in TEMPLATES, or `name` itself when it is one template with
+    one "{}" where the class name goes ("a video of {}.")."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    if name.count("{}") == 1:
+        return [name]
+    raise ClipreelError(
+        f"--template {name!r}: neither a template set ({', '.join(TEMPLATES)}) nor a template with one "
+        "'{}' where the class name goes, e.g. 'a video of {}.'"
+    )
 
 
 def class_text_embeddings(
@@ -89,8 +77,6 @@ def class_text_embeddings(
     tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
     templates: Sequence[str],
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
 ) -> torch.Tensor:
     """Template-ensembled class embeddings (K, E), L2-normalised.
 
@@ -102,7 +88,7 @@ def class_text_embeddings(
     per_template = []
     for template in templates:
         texts = [template.format(readable_classname(name)) for name in classnames]
-        embeds = encode_texts(clip_model, tokenizer, texts, device, batch_size)  # (K, E)
+        embeds = encode_texts(clip_model, tokenizer, texts)  # (K, E)
         per_template.append(F.normalize(embeds, dim=-1))
     mean = torch.stack(per_template).mean(dim=0)  # (K, E)
     return F.normalize(mean, dim=-1)
@@ -110,57 +96,56 @@ def class_text_embeddings(
 
 @dataclass
 class ZeroShotConfig(JsonConfig):
-    """Shape of a zero-shot classifier and which templates built its class embeddings."""
+    """Shape of a zero-shot classifier and which templates build its class embeddings."""
 
     embed_dim: int
-    num_classes: int
-    templates: str = "ensemble"  # a key of TEMPLATES
+    num_classes: int  # of the class list it was made for (set_classnames may switch it)
+    templates: str = "ensemble"  # a key of TEMPLATES, or one literal template
     logit_scale: float = math.log(100)  # a trained CLIP's log temperature
 
 
 class ZeroShotClassifier(nn.Module):
     """logits (B, K) = exp(logit_scale) * cos(mean_T(embeds), class_embeds); nothing trainable.
 
-    ``class_embeds`` and ``logit_scale`` are buffers, so a saved classifier evaluates again
-    without the CLIP model.
+    ``class_embeds`` (K, E) is computed from the class names with the held CLIP and is not saved;
+    ``logit_scale`` is a buffer, saved.
     """
 
-    def __init__(self, config: ZeroShotConfig, class_embeds: torch.Tensor | None = None):
+    def __init__(self, config: ZeroShotConfig, clip: FrozenCLIP, classnames: Sequence[str]):
         super().__init__()
         self.config = config
-        if class_embeds is None:
-            class_embeds = torch.zeros(config.num_classes, config.embed_dim)  # filled by load_state_dict
-        if tuple(class_embeds.shape) != (config.num_classes, config.embed_dim):
-            raise ClipreelError(
-                f"class embeddings have shape {tuple(class_embeds.shape)}, the config says "
-                f"({config.num_classes}, {config.embed_dim}); rebuild them for this model and label map."
-            )
-        self.register_buffer("class_embeds", F.normalize(class_embeds.float(), dim=-1))  # (K, E)
+        self.clip = clip
         self.register_buffer("logit_scale", torch.tensor(float(config.logit_scale)))
+        self.set_classnames(classnames)
 
-    @classmethod
-    def from_clip(
-        cls,
-        clip_model: nn.Module,
-        tokenizer: Callable[[list[str]], torch.Tensor],
-        classnames: Sequence[str],
-        templates: str = "ensemble",
-        device: torch.device | str | None = None,
-        batch_size: int = 256,
-    ) -> "ZeroShotClassifier":
-        """Encode the class names with the model's text tower; take its temperature."""
-        class_embeds = class_text_embeddings(
-            clip_model, tokenizer, classnames, templates_named(templates), device, batch_size
-        )
-        config = ZeroShotConfig(
-            embed_dim=class_embeds.shape[1],
-            num_classes=class_embeds.shape[0],
-            templates=templates,
-            logit_scale=float(clip_model.logit_scale.detach().reshape(())),
-        )
-        return cls(config, class_embeds)
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Classify among these classes: their template-ensembled text embeddings (not saved)."""
+        class_embeds = class_text_embeddings(self.clip.model, self.clip.tokenizer, classnames,
+                                             templates_named(self.config.templates))  # (K, E)
+        self.config.num_classes = len(classnames)
+        self.register_buffer("class_embeds", F.normalize(class_embeds.float(), dim=-1), persistent=False)
 
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, E) -> logits (B, K)."""
-        video = F.normalize(embeds.to(self.class_embeds.dtype).mean(dim=1), dim=-1)  # (B, E)
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch["embeds"] (B, T, E) -> logits (B, K)."""
+        video = F.normalize(batch["embeds"].to(self.class_embeds.dtype).mean(dim=1), dim=-1)  # (B, E)
         return self.logit_scale.exp() * video @ self.class_embeds.t()  # (B, K)
+
+
+def store_sizes(layout, provenance: Mapping, num_classes: int, text_model) -> dict:
+    """The config values the store fixes: the embedding width, the class count, the CLIP's temperature."""
+    return {"embed_dim": layout.embed_dim, "num_classes": num_classes,
+            "logit_scale": float(logit_scale_of(text_model.clip))}
+
+
+register_head(HeadEntry(
+    name="zeroshot",
+    summary="zero-shot CLIP: frame-mean embedding vs class names in templates (no training)",
+    config_class=ZeroShotConfig,
+    head_class=ZeroShotClassifier,
+    reads=("embeds",),
+    blocks="last",
+    scores_text=True,
+    trains=False,
+    recipe=Recipe(lr=0.0, weight_decay=0.0, warmup_epochs=0),  # nothing to train
+    store_sizes=store_sizes,
+))

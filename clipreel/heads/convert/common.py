@@ -236,7 +236,7 @@ class Imported:
 
     method: "evl" (`heads.cache.evl.EVLHead` over the frozen CLIP's taps), "xclip"
     (`heads.raw.xclip.XCLIP`), "vifi" (`heads.raw.vifi.ViFiCLIP`), "prompt"
-    (`heads.raw.vifi.BridgePrompt`) or "ezclip" (`heads.raw.ezclip.EZCLIPClassifier`).
+    (`heads.raw.bridge_prompt.BridgePrompt`) or "ezclip" (`heads.raw.ezclip.EZCLIPClassifier`).
     clip_config / clip_state_dict: the open_clip CLIP the model is built around (an open_clip
     model config, and weights that load into it strictly). method_config: the model class's
     config as a dict. state_dict: what the model loads strictly. facts: what the tensors fixed

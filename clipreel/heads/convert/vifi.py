@@ -56,7 +56,8 @@ from clipreel.heads.convert.common import (
     tensor_shape,
     unwrap_checkpoint,
 )
-from clipreel.heads.raw.vifi import BridgePromptConfig, ViFiConfig
+from clipreel.heads.raw.bridge_prompt import BridgePromptConfig
+from clipreel.heads.raw.vifi import ViFiConfig
 
 # Class-dependent buffers of ViFi-CLIP's prompt learner: recomputed from the class names.
 CLASS_BUFFERS = (
@@ -181,7 +182,7 @@ def _vifi_clip(tensors: Mapping, token_table) -> Tensors:
 
 
 def _bridge_prompts(tensors: Mapping, depth_vision: int, depth_text: int) -> Tensors:
-    """ViFi-CLIP's prompts under `BridgePrompt`'s names (see `heads/raw/vifi.py`), rounded as its forward uses them."""
+    """ViFi-CLIP's prompts under `BridgePrompt`'s names (see `heads/raw/bridge_prompt.py`), rounded as its forward uses them."""
     prompts = {
         "image_encoder.ctx": round_to_fp16(tensors["image_encoder.VPT"]),
         "prompt_learner.ctx": tensors["prompt_learner.ctx"],

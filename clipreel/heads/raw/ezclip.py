@@ -1,6 +1,6 @@
 """EZ-CLIP: temporal visual prompts and adapters inside a frozen CLIP, trained on raw frames.
 
-EZ-CLIP (arXiv 2312.08010, METHODS.md section 4) keeps every CLIP weight frozen and learns:
+EZ-CLIP (arXiv 2312.08010; its `clip/model.py`) keeps every CLIP weight frozen and learns:
 
 - **temporal visual prompts** ``T_prompt_embeddings`` (layers, T, D): in vision block i, frame t
   gets one extra token, ``P_i[t] + mean of frame t's tokens``. The T extra tokens of a video first
@@ -26,12 +26,12 @@ reference code, which runs sequence-first, drops per token position across the b
 The video embedding is the mean over frames of ``ln_post(CLS) @ proj``; classes are scored by
 ``exp(logit_scale) * cos`` against class texts (EZ-CLIP uses one LLM-written description per
 class) encoded by the adapted text tower. Training adds ``motion_loss`` to
-``contrastive_kl_loss`` with no weighting. `EZCLIPClassifier` pairs `EZCLIP` with the texts of a
-class list, so that it answers like the other methods (logits over the classes).
+``contrastive_kl_loss`` with no weighting (EZ-CLIP's `train.py`). `EZCLIPClassifier` pairs `EZCLIP`
+with the texts of a class list, so that it answers like the other methods (logits over the classes).
 
-Saving: ``state_dict()`` leaves out the frozen CLIP (it belongs to the model the head is rebuilt
-from), so a run stores only what EZ-CLIP learns. Its keys map one to one onto the keys of
-EZ-CLIP's released checkpoints (METHODS.md 7.4) through ``reference_key``:
+Saving: ``state_dict()`` leaves out the frozen CLIP (`heads.layers.FrozenCLIP`: it belongs to the
+model the head is rebuilt from), so a run stores only what EZ-CLIP learns. Its keys map one to one
+onto the keys of EZ-CLIP's released checkpoints (its `clip/model.py` names) through ``reference_key``:
 
     T_prompt_embeddings            <-> visual.transformer.T_prompt_embeddings
     temporal_embedding             <-> visual.temporal_embedding (frozen zeros; kept for loading)
@@ -39,30 +39,39 @@ EZ-CLIP's released checkpoints (METHODS.md 7.4) through ``reference_key``:
     text_adapters.{i}.D_fc*.*      <-> transformer.resblocks.{i}.Adapter.D_fc*.*
 
 ``load_reference_state_dict`` loads a whole EZ-CLIP checkpoint (CLIP weights + these additions).
+
+May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import (
-    ResidualAttentionBlock,
-    VisionTransformer,
-    text_global_pool,
-)
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipreel.config import JsonConfig
 from clipreel.errors import ClipreelError
-from clipreel.heads.cache.zeroshot import readable_classname
-from clipreel.heads.layers import call_block
+from clipreel.heads.layers import (
+    FrozenCLIP,
+    call_block,
+    patch_stem,
+    check_clips,
+    check_standard_text_tower,
+    check_standard_vit,
+    cosine_logits,
+    drop_path,
+    drop_path_rates,
+    readable_classname,
+)
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
-# Key renames between this module's state_dict and EZ-CLIP's checkpoints (METHODS.md 7.4).
+# Key renames between this module's state_dict and EZ-CLIP's checkpoints (its `clip/model.py` names).
 _REFERENCE_RENAMES = (
     (r"^T_prompt_embeddings$", "visual.transformer.T_prompt_embeddings"),
     (r"^temporal_embedding$", "visual.temporal_embedding"),
@@ -75,7 +84,7 @@ KL_TARGET_SCALE = 10.0
 
 @dataclass
 class EZCLIPConfig(JsonConfig):
-    """EZ-CLIP's settings (defaults: `configs/K-400/k400_train.yaml`, METHODS.md 4.1)."""
+    """EZ-CLIP's settings (defaults: its `configs/K-400/k400_train.yaml`)."""
 
     frames: int = 8  # T, fixed by the prompt tensor
     adapter_ratio: float = 0.25  # adapter bottleneck = ratio * tower width
@@ -87,6 +96,8 @@ class EZCLIPConfig(JsonConfig):
     # EZ-CLIP's per-frame embedding added to every token of frame t: zeros and frozen in the shipped configs
     # (its freezing rule trains only names with "prompt" or "Adapter"); True trains it, a temporal position.
     train_temporal_embedding: bool = False
+    # How a class name becomes its text; EZ-CLIP's own texts are LLM-written class descriptions, tokenized as "{}".
+    template: str = "{}"
 
     def __post_init__(self):
         if self.frames < 1:
@@ -115,20 +126,6 @@ class Adapter(nn.Module):
         return x + self.D_fc2(self.act(self.D_fc1(x)))
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole rows of x (dim 0) with probability `rate`, rescale the rest."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) < keep
-    return x * mask / keep
-
-
-def drop_path_rates(max_rate: float, layers: int) -> list[float]:
-    """Linear stochastic-depth rates, 0 for the first block to `max_rate` for the last."""
-    return [float(rate) for rate in torch.linspace(0.0, max_rate, layers)]
-
-
 def reference_key(name: str) -> str:
     """A key of ``EZCLIP.state_dict()`` -> the same tensor's key in an EZ-CLIP checkpoint."""
     for pattern, replacement in _REFERENCE_RENAMES:
@@ -138,47 +135,27 @@ def reference_key(name: str) -> str:
     raise KeyError(f"{name} is not an EZ-CLIP parameter")
 
 
-def _check_supported_clip(clip_model: nn.Module) -> None:
-    """Refuse models whose blocks cannot be re-run the way EZCLIP does."""
-    visual = getattr(clip_model, "visual", None)
-    why = None
-    if not isinstance(visual, VisionTransformer) or not hasattr(clip_model, "text_pool_type"):
-        why = "it is not an open_clip CLIP with a ViT image tower and a built-in text tower"
-    elif visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        why = "its image tower does not pool the class token after ln_post"
-    else:
-        blocks = list(visual.transformer.resblocks) + list(clip_model.transformer.resblocks)
-        if not all(isinstance(block, ResidualAttentionBlock) for block in blocks):
-            why = "its blocks are not standard open_clip ResidualAttentionBlocks"
-        elif not (visual.transformer.batch_first and clip_model.transformer.batch_first):
-            why = "its transformers are not batch-first"
-    if why is not None:
-        raise ClipreelError(
-            f"EZ-CLIP cannot wrap {type(clip_model).__name__}: {why}. Use a standard ViT CLIP (e.g. ViT-B-16)."
-        )
-
-
 class EZCLIP(nn.Module):
     """A frozen open_clip CLIP with EZ-CLIP's temporal prompts and adapters.
 
     ``forward(frames (B, T, 3, S, S))`` -> ``{"frame_embeds": (B, T, E), "video_embeds": (B, E)}``,
     both unnormalised. ``encode_text(token_ids (K, C))`` -> (K, E). ``logits(video, text)`` -> (B, K).
-    Only ``trainable_parameters()`` train; the CLIP stays frozen and in eval mode.
+    Only the prompts and adapters train (and the temporal embedding, when asked); the CLIP stays
+    frozen and in eval mode.
     """
 
-    def __init__(self, clip_model: nn.Module, config: EZCLIPConfig):
+    def __init__(self, clip: FrozenCLIP, config: EZCLIPConfig):
         super().__init__()
-        _check_supported_clip(clip_model)
+        check_standard_vit(clip.model.visual, "EZ-CLIP")
+        check_standard_text_tower(clip.model, "EZ-CLIP")
         self.config = config
-        self.clip = clip_model
-        self.clip.requires_grad_(False)
-        self.clip.eval()
+        self.clip = clip
 
-        visual = clip_model.visual
+        visual = clip.model.visual
         width = visual.transformer.width
         visual_layers = len(visual.transformer.resblocks)
-        text_width = clip_model.transformer.width
-        text_layers = len(clip_model.transformer.resblocks)
+        text_width = clip.model.transformer.width
+        text_layers = len(clip.model.transformer.resblocks)
         self.image_size = int(visual.image_size[0])
 
         if config.use_prompts:
@@ -202,34 +179,12 @@ class EZCLIP(nn.Module):
         self.visual_drop_path = drop_path_rates(config.drop_path, visual_layers)
         self.text_drop_path = drop_path_rates(config.drop_path, text_layers)
 
-        self.register_state_dict_post_hook(_leave_out_clip)
-        self.register_load_state_dict_pre_hook(_supply_clip)
-
-    # -- what trains ------------------------------------------------------------------------
-
-    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of what EZ-CLIP learns: the temporal prompts and the adapters."""
-        for name, param in self.named_parameters():
-            if not name.startswith("clip."):
-                yield name, param
-
-    def trainable_parameter_count(self) -> int:
-        return sum(param.numel() for _, param in self.trainable_parameters())
-
-    def train(self, mode: bool = True):
-        """The frozen CLIP stays in eval mode; prompt dropout and drop path follow `mode`."""
-        super().train(mode)
-        self.clip.eval()
-        return self
-
     # -- vision tower -----------------------------------------------------------------------
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised frames (B, T, 3, S, S) -> frame_embeds (B, T, E) and video_embeds (B, E)."""
-        expected = (self.config.frames, 3, self.image_size, self.image_size)
-        if frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
-            raise ValueError(f"expected frames (B, {', '.join(map(str, expected))}), got {tuple(frames.shape)}")
-        visual = self.clip.visual
+        check_clips(frames, self.image_size, "EZ-CLIP", self.config.frames)
+        visual = self.clip.model.visual
         batch = frames.shape[0]
         x = self._embed_frames(frames)  # (B*T, L, D)
         for index, block in enumerate(visual.transformer.resblocks):
@@ -241,12 +196,9 @@ class EZCLIP(nn.Module):
 
     def _embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, S, S) -> tokens (B*T, L, D): patches, CLS, positions, frame embedding, ln_pre."""
-        visual = self.clip.visual
+        visual = self.clip.model.visual
         batch, steps = frames.shape[:2]
-        x = visual.conv1(frames.flatten(0, 1))  # (B*T, D, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B*T, N, D)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B*T, 1, D)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B*T, L, D)
+        x = patch_stem(visual, frames.flatten(0, 1))  # (B*T, L, D)
         x = x.unflatten(0, (batch, steps)) + self.temporal_embedding.to(x.dtype)[:, :, None]  # (B, T, L, D)
         x = visual.patch_dropout(x.flatten(0, 1))  # (B*T, L, D)
         return visual.ln_pre(x)
@@ -277,35 +229,28 @@ class EZCLIP(nn.Module):
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (K, C) -> text embeddings (K, E) through the adapted text tower, unnormalised."""
-        clip = self.clip
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(token_ids).to(cast_dtype)  # (K, C, W)
-        x = x + clip.positional_embedding.to(cast_dtype)
-        for index, block in enumerate(clip.transformer.resblocks):
+        model = self.clip.model
+        x = self.clip.text_inputs(token_ids)  # (K, C, W)
+        for index, block in enumerate(model.transformer.resblocks):
             rate = self.text_drop_path[index]
-            x = x + drop_path(block.ls_1(block.attention(block.ln_1(x), attn_mask=clip.attn_mask)), rate, self.training)
+            attended = block.attention(block.ln_1(x), attn_mask=model.attn_mask)
+            x = x + drop_path(block.ls_1(attended), rate, self.training)
             x = self.text_adapters[index](x)
             x = x + drop_path(block.ls_2(block.mlp(block.ln_2(x))), rate, self.training)
-        x = clip.ln_final(x)  # (K, C, W)
-        pooled = text_global_pool(x, token_ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)  # (K, W)
-        if isinstance(clip.text_projection, nn.Linear):
-            return clip.text_projection(pooled)
-        return pooled @ clip.text_projection  # (K, E)
+        return self.clip.text_features(x, token_ids)  # (K, E)
 
     def logits(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cos(video (B, E), text (K, E)) -> (B, K); logit_scale is CLIP's, frozen."""
-        video = F.normalize(video_embeds, dim=-1)
-        text = F.normalize(text_embeds.to(video.dtype), dim=-1)
-        return self.clip.logit_scale.exp() * video @ text.t()
+        return cosine_logits(video_embeds, text_embeds, self.clip.model.logit_scale)
 
     # -- EZ-CLIP checkpoints ----------------------------------------------------------------
 
     def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load an EZ-CLIP checkpoint's ``model_state_dict`` (CLIP keys + EZ-CLIP additions).
 
-        The CLIP keys go into the wrapped CLIP (strict), the additions into this module (strict).
-        The wrapped CLIP must already have the right architecture, including QuickGELU for
-        OpenAI-based weights (open_clip's "ViT-B-16-quickgelu").
+        The CLIP keys go into the held CLIP (strict), the additions into this module (strict).
+        The CLIP must already have the right architecture, including QuickGELU for OpenAI-based
+        weights (open_clip's "ViT-B-16-quickgelu").
         """
         own = {name: reference_key(name) for name in self.state_dict()}
         addition_keys = set(own.values())
@@ -317,28 +262,28 @@ class EZCLIP(nn.Module):
                 f"check that frames ({self.config.frames}), deep_prompts and use_prompts match the checkpoint."
             )
         try:
-            self.clip.load_state_dict(clip_state, strict=True)
+            self.clip.model.load_state_dict(clip_state, strict=True)
         except RuntimeError as exc:
             details = "\n".join(str(exc).splitlines()[:6])
             raise ClipreelError(f"the EZ-CLIP checkpoint's CLIP weights do not fit this model:\n{details}") from exc
         self.load_state_dict({name: state_dict[key] for name, key in own.items()})
 
 
-class EZCLIPClassifier(nn.Module):
+class EZCLIPClassifier(MethodModel):
     """EZ-CLIP plus its class texts, so that it answers like the other methods.
 
     EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}"; without such
-    descriptions the class name stands in (``template`` may dress it). forward(frames) ->
-    frame_embeds (B, T, E), video_embeds (B, E), text_embeds (K, E), logits (B, K).
-    ``state_dict()`` is EZ-CLIP's under ``ezclip.`` (the frozen CLIP left out).
+    descriptions the class name stands in (``config.template`` may dress it). forward(frames) ->
+    logits (B, K), frame_embeds (B, T, E), video_embeds (B, E). ``state_dict()`` is EZ-CLIP's under
+    ``ezclip.`` (the frozen CLIP left out). Its prompts and adapters train in one AdamW group (EZ-CLIP's
+    `utils/solver.py`: `MethodModel`'s parameter_groups), with its own loss.
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer, classnames: Sequence[str], config: EZCLIPConfig,
-                 template: str = "{}"):
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
+                 classnames: Sequence[str], config: EZCLIPConfig):
         super().__init__()
-        self.ezclip = EZCLIP(clip_model, config)
-        self.template = template
-        self.tokenizer = tokenizer
+        self.ezclip = EZCLIP(FrozenCLIP(clip_model, tokenizer), config)
+        self.config = config
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -346,30 +291,28 @@ class EZCLIPClassifier(nn.Module):
         if not classnames:
             raise ClipreelError("EZ-CLIP: no class names given; pass the label map's class names.")
         self.classnames = list(classnames)
-        texts = [self.template.format(readable_classname(name)) for name in classnames]
-        device = self.ezclip.clip.logit_scale.device
-        self.register_buffer("token_ids", self.tokenizer(texts).to(device), persistent=False)  # (K, C)
-
-    def trainable_parameter_count(self) -> int:
-        return self.ezclip.trainable_parameter_count()
+        texts = [self.config.template.format(readable_classname(name)) for name in classnames]
+        self.register_buffer("token_ids", self.ezclip.clip.tokenize(texts), persistent=False)  # (K, C)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames (B, T, 3, S, S) -> logits (B, K), frame_embeds (B, T, E), video_embeds (B, E)."""
         outputs = self.ezclip(frames)  # frame_embeds (B, T, E), video_embeds (B, E)
         text_embeds = self.ezclip.encode_text(self.token_ids)  # (K, E)
-        logits = self.ezclip.logits(outputs["video_embeds"], text_embeds)  # (B, K)
-        return {**outputs, "text_embeds": text_embeds, "logits": logits}
+        return {"logits": self.ezclip.logits(outputs["video_embeds"], text_embeds), **outputs}
 
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """EZ-CLIP's training loss (its `train.py`): the in-batch KL contrastive loss of the videos
+        against their class texts, plus the motion loss. Needs class ids (no mixup); label smoothing
+        does not apply.
 
-def _leave_out_clip(module: EZCLIP, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook: drop the frozen CLIP's tensors (they are rebuilt, not saved)."""
-    for key in [key for key in state_dict if key.startswith(prefix + "clip.")]:
-        del state_dict[key]
-
-
-def _supply_clip(module: EZCLIP, state_dict, prefix, *unused) -> None:
-    """load_state_dict pre-hook: a saved EZCLIP has no CLIP tensors; hand back the current ones."""
-    for key, value in module.clip.state_dict().items():
-        state_dict.setdefault(prefix + "clip." + key, value)
+        Video i against the text of video j's class is column targets[j] of the logits.
+        """
+        if targets.dtype.is_floating_point:
+            raise ClipreelError("EZ-CLIP trains with its contrastive loss on class ids: turn mixup off.")
+        logits_per_video = outputs["logits"][:, targets]  # (B, B)
+        contrastive = contrastive_kl_loss(logits_per_video, logits_per_video.t(), same_label_matrix(targets))
+        return contrastive + motion_loss(outputs["frame_embeds"])
 
 
 # -- losses ---------------------------------------------------------------------------------
@@ -423,3 +366,15 @@ def contrastive_kl_loss(
     video_loss = _kl_to_targets(logits_per_video, same_label)
     text_loss = _kl_to_targets(logits_per_text, same_label.t())
     return (video_loss + text_loss) / 2
+
+
+register_method(MethodEntry(
+    name="ezclip",
+    summary="EZ-CLIP: temporal visual prompts and adapters in a frozen CLIP, motion loss",
+    config_class=EZCLIPConfig,
+    model_class=EZCLIPClassifier,
+    # EZ-CLIP's `configs/K-400/k400_train.yaml` and `utils/solver.py`: AdamW 1e-4, betas (0.9, 0.98),
+    # weight decay 0.2, 5 warmup epochs (1 here: short runs); CLIP mean/std.
+    recipe=MethodRecipe(lr=1e-4, weight_decay=0.2, warmup_epochs=1, betas=(0.9, 0.98), norm="clip"),
+    soft_targets=False,
+))

@@ -1,7 +1,7 @@
 """Full X-CLIP on raw frames: the cross-frame communication vision tower (CCT) + MIT + prompts.
 
 X-CLIP (Ni et al., ECCV 2022) fine-tunes CLIP's whole image tower and inserts, in every vision
-block, a **message token** per frame (METHODS.md 2.2):
+block, a **message token** per frame (X-CLIP's `models/cct.py`):
 
 1. each frame's CLS token goes through ``message_fc`` (Linear D->D): one message per frame;
 2. the T messages of a video attend to each other (``message_ln`` + ``message_attn``, residual);
@@ -9,68 +9,51 @@ block, a **message token** per frame (METHODS.md 2.2):
    patches can read what the other frames carry;
 4. the message token is dropped and the block's MLP runs on the L original tokens.
 
-On top of the per-frame embeddings sit the pieces the cache head already has
-(``clipreel.heads.cache.xclip``): the Multi-frame Integration Transformer (video embedding) and the
-video-specific prompt generator (class texts shifted by the video's patch tokens). Class texts
-are ``encode_text`` of the bare class names (template "{}"), computed once by the frozen text
-tower. The text tower and ``logit_scale`` stay frozen; everything else trains, the new modules
-at 10x the learning rate (``XCLIP.parameter_groups``, METHODS.md 2.7).
+On top of the per-frame embeddings sits the cache head (`clipreel.heads.cache.xclip.XCLIPHead`):
+the Multi-frame Integration Transformer (video embedding) and the video-specific prompt generator
+(class texts shifted by the video's patch tokens). Class texts are ``encode_text`` of the bare class
+names (template "{}"), computed by the frozen CLIP the head holds. The text tower and
+``logit_scale`` stay frozen; everything else trains, the new modules at 10x the learning rate
+(``XCLIP.parameter_groups``, X-CLIP's `utils/optimizer.py`).
 
 State dict layout: ``visual.*`` follows the released X-CLIP checkpoints key for key
 (``visual.transformer.resblocks.j.message_fc.weight``, ...); the MIT and the prompt generator
-sit under ``head.`` (``head.mit.*``, ``head.prompts_*``, ``head.logit_scale``). The frozen text
-tower is not saved: it belongs to the CLIP model the module is rebuilt from, and the class text
-embeddings are recomputed from the class names.
+sit under ``head.`` (``head.mit.*``, ``head.prompts_*``, ``head.logit_scale``). The frozen CLIP is
+not saved: it belongs to the CLIP model the module is rebuilt from, and the class text embeddings
+are recomputed from the class names.
+
+May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.heads (layers, registry, cache).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
-from open_clip.transformer import (
-    ResidualAttentionBlock,
-    VisionTransformer,
-    text_global_pool,
-)
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipreel.config import JsonConfig
-from clipreel.errors import ClipreelError
-from clipreel.heads.cache.text_prompt import FrozenTextEncoder
-from clipreel.heads.cache.xclip import (
-    XCLIPHead,
-    XCLIPHeadConfig,
-    cosine_logits,
-    exempt_from_weight_decay,
+from clipreel.heads.cache.xclip import XCLIPHead, XCLIPHeadConfig
+from clipreel.heads.layers import (
+    DropPath,
+    FrozenCLIP,
+    call_block,
+    check_clips,
+    check_standard_block,
+    check_standard_vit,
+    drop_path_rates,
+    logit_scale_of,
+    patch_stem,
+    trainable_parameters,
 )
-from clipreel.heads.cache.zeroshot import readable_classname
-from clipreel.heads.layers import call_block
+from clipreel.heads.registry import MethodEntry, MethodModel, MethodRecipe, register_method
 
 # Parameters whose names contain one of these are X-CLIP's new modules: they train at 10x the
 # CLIP learning rate (X-CLIP's utils/optimizer.py; XCLIPConfig.new_module_lr_scale).
 NEW_MODULE_KEYWORDS = ("message_", "mit", "prompts")
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a residual branch for a random subset of samples.
-
-    Kept samples are scaled by 1 / (1 - rate) so the expected output is unchanged.
-    """
-
-    def __init__(self, rate: float = 0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)  # one draw per sample
-        mask = x.new_empty(mask_shape).bernoulli_(keep)
-        return x * mask / keep
 
 
 class CrossFrameBlock(nn.Module):
@@ -83,13 +66,7 @@ class CrossFrameBlock(nn.Module):
 
     def __init__(self, block: ResidualAttentionBlock, drop_path: float = 0.0):
         super().__init__()
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
-            raise ClipreelError(
-                f"X-CLIP wraps open_clip ResidualAttentionBlocks with nn.MultiheadAttention; got a "
-                f"{type(block).__name__}. Use a standard open_clip ViT (e.g. ViT-B-16)."
-            )
-        if not block.attn.batch_first:
-            raise ClipreelError("X-CLIP needs a batch-first open_clip vision transformer (open_clip >= 2.23).")
+        check_standard_block(block, "X-CLIP")
         width = block.ln_1.normalized_shape[0]
         reference = block.mlp.c_fc.weight
         factory = {"device": reference.device, "dtype": reference.dtype}
@@ -125,8 +102,7 @@ class CrossFrameTransformer(nn.Module):
 
     def __init__(self, blocks: Sequence[ResidualAttentionBlock], drop_path_rate: float, gradient_checkpointing: bool):
         super().__init__()
-        # Linear drop-path schedule from 0 at the first block to drop_path_rate at the last.
-        rates = torch.linspace(0, drop_path_rate, len(blocks)).tolist()
+        rates = drop_path_rates(drop_path_rate, len(blocks))
         self.resblocks = nn.ModuleList([CrossFrameBlock(block, rate) for block, rate in zip(blocks, rates)])
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -149,7 +125,7 @@ class XCLIPVideoEncoder(nn.Module):
 
     def __init__(self, visual: nn.Module, drop_path_rate: float = 0.0, gradient_checkpointing: bool = False):
         super().__init__()
-        _check_vision_tower(visual)
+        check_standard_vit(visual, "X-CLIP")
         visual = copy.deepcopy(visual)
         self.image_size = tuple(visual.image_size)  # (H, W)
         self.conv1 = visual.conv1
@@ -170,24 +146,11 @@ class XCLIPVideoEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.proj.shape[1]
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) -> stem tokens (N, L, D): CLS + patches, positions added, ln_pre."""
-        x = self.conv1(images)  # (N, D, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, D), patches row-major
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, L, D)
-        return self.ln_pre(x)
-
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B, T, 3, H, W), normalised -> (frame_embeds (B, T, E), patch_tokens (B, T, L-1, D))."""
-        if frames.dim() != 5 or tuple(frames.shape[-3:]) != (3, *self.image_size):
-            raise ClipreelError(
-                f"X-CLIP expects frames shaped (B, T, 3, {self.image_size[0]}, {self.image_size[1]}); "
-                f"got {tuple(frames.shape)}. Resize/crop the frames to the model's image size."
-            )
         batch, num_frames = frames.shape[:2]
         images = frames.flatten(0, 1).to(self.conv1.weight.dtype)  # (B*T, 3, H, W)
-        x = self._tokens(images)  # (B*T, L, D)
+        x = self.ln_pre(patch_stem(self, images))  # (B*T, L, D)
         x = self.transformer(x, num_frames)  # (B*T, L, D)
         frame_embeds = self.ln_post(x[:, 0]) @ self.proj  # (B*T, E)
         patch_tokens = x[:, 1:]  # (B*T, L-1, D)
@@ -197,19 +160,6 @@ class XCLIPVideoEncoder(nn.Module):
         )
 
 
-def _check_vision_tower(visual: nn.Module) -> None:
-    """Refuse image towers the cross-frame blocks cannot be built from."""
-    why = None
-    if not isinstance(visual, VisionTransformer):
-        why = f"its image tower is a {type(visual).__name__}, not an open_clip VisionTransformer"
-    elif visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        why = "it does not pool by its class token (X-CLIP's messages come from the CLS token)"
-    elif visual.proj is None:
-        why = "its image tower has no output projection"
-    if why is not None:
-        raise ClipreelError(f"X-CLIP cannot be built on this model: {why}. Use a standard open_clip ViT (e.g. ViT-B-16).")
-
-
 # ---------------------------------------------------------------------------------------------
 # The full model
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +167,8 @@ def _check_vision_tower(visual: nn.Module) -> None:
 
 @dataclass
 class XCLIPConfig(JsonConfig):
-    """Everything besides the CLIP model and the class names needed to rebuild a full X-CLIP
-    (METHODS.md 2.1 defaults). The widths come from the CLIP model."""
+    """Everything besides the CLIP model and the class names needed to rebuild a full X-CLIP (the
+    defaults of X-CLIP's `models/xclip.py: load`). The widths come from the CLIP model."""
 
     frames: int  # T, fixed by the MIT positional embedding
     mit_layers: int = 1
@@ -231,13 +181,14 @@ class XCLIPConfig(JsonConfig):
     new_module_lr_scale: float = 10.0  # learning rate of the new modules / that of the CLIP weights (X-CLIP: 10)
 
 
-class XCLIP(nn.Module):
+class XCLIP(MethodModel):
     """X-CLIP on raw frames: ``forward(frames (B, T, 3, S, S))`` -> logits against the class names.
 
     Trainable: the whole vision tower (CLIP weights fine-tuned, plus the message modules), the
-    MIT and the prompt generator. Frozen: the text tower (shared with ``clip_model``, not
-    copied, not saved) and ``logit_scale``. ``set_classnames`` switches the classes (zero-shot,
-    base-to-novel) without touching the trained weights.
+    MIT and the prompt generator. Frozen: the CLIP the head holds (its text tower encodes the
+    class names; not copied, not saved) and ``logit_scale``. ``set_classnames`` switches the
+    classes (zero-shot, base-to-novel) without touching the trained weights. It trains with
+    cross-entropy on the class logits (X-CLIP's `main.py`: `MethodModel`'s loss).
     """
 
     def __init__(
@@ -249,94 +200,65 @@ class XCLIP(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer
         self.visual = XCLIPVideoEncoder(clip_model.visual, config.drop_path_rate, config.gradient_checkpointing)
         self.visual.requires_grad_(True)
         reference = self.visual.proj
-        self.head = XCLIPHead(
-            XCLIPHeadConfig(
-                embed_dim=self.visual.embed_dim,
-                visual_width=self.visual.width,
-                frames=config.frames,
-                mit_layers=config.mit_layers,
-                mit_heads=config.mit_heads,
-                prompt_layers=config.prompt_layers,
-                prompt_heads=config.prompt_heads,
-                prompt_alpha=config.prompt_alpha,
-            )
-        ).to(device=reference.device, dtype=reference.dtype)
+        head_config = XCLIPHeadConfig(
+            embed_dim=self.visual.embed_dim,
+            visual_width=self.visual.width,
+            frames=config.frames,
+            mit_layers=config.mit_layers,
+            mit_heads=config.mit_heads,
+            prompt_layers=config.prompt_layers,
+            prompt_heads=config.prompt_heads,
+            prompt_alpha=config.prompt_alpha,
+        )
+        self.head = XCLIPHead(head_config, FrozenCLIP(clip_model, tokenizer), classnames).to(
+            device=reference.device, dtype=reference.dtype)
         # The CLIP model's temperature, frozen (a buffer of the head, saved with it). Copied as a
         # tensor rather than through XCLIPHeadConfig.logit_scale so a meta-device model builds too.
         with torch.no_grad():
-            self.head.logit_scale.copy_(clip_model.logit_scale.detach().reshape(()))
-        self.text_encoder = FrozenTextEncoder(clip_model)
-        self.set_classnames(classnames)
+            self.head.logit_scale.copy_(logit_scale_of(clip_model))
 
-    # -- classes -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_class_names(self, classnames: Sequence[str]) -> torch.Tensor:
-        """``encode_text`` of the bare class names (X-CLIP's template "{}") -> (K, E), not normalised."""
-        encoder = self.text_encoder
-        texts = [readable_classname(name) for name in classnames]
-        token_ids = self.tokenizer(texts).to(encoder.token_embedding.weight.device)  # (K, C)
-        x = encoder.token_embedding(token_ids) + encoder.positional_embedding  # (K, C, width)
-        x = encoder.transformer(x, attn_mask=encoder.attn_mask)  # (K, C, width)
-        x = encoder.ln_final(x)
-        pooled = text_global_pool(x, token_ids, encoder.pool_type, eos_token_id=encoder.eos_id)  # (K, width)
-        return encoder.project(pooled).float()  # (K, E)
+    @property
+    def classnames(self) -> list[str]:
+        return self.head.classnames
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Classify among these classes: cache their text embeddings (not saved; recomputed on load)."""
-        if len(classnames) == 0:
-            raise ClipreelError("X-CLIP: no class names given; pass the label map's class names.")
-        self.classnames = list(classnames)
-        embeds = self.encode_class_names(self.classnames).to(self.visual.proj.device)
-        self.register_buffer("class_text_embeds", embeds, persistent=False)  # (K, E)
-
-    # -- forward -------------------------------------------------------------------------------
+        """Classify among these classes: their text embeddings (not saved; recomputed on load)."""
+        self.head.set_classnames(classnames)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames (B, T, 3, S, S), normalised (ImageNet mean/std for X-CLIP) ->
-        ``logits`` (B, K), ``video_embeds`` (B, E) from the MIT, ``frame_embeds`` (B, T, E)."""
-        if frames.dim() == 5 and frames.shape[1] != self.config.frames:
-            raise ClipreelError(
-                f"X-CLIP was built for {self.config.frames} frames per clip (the MIT positional "
-                f"embedding fixes T) but got {frames.shape[1]}; sample {self.config.frames} frames."
-            )
+        ``logits`` (B, K), ``frame_embeds`` (B, T, E), ``video_embeds`` (B, E) from the MIT."""
+        check_clips(frames, self.visual.image_size[0], "X-CLIP", self.config.frames)
         frame_embeds, patch_tokens = self.visual(frames)  # (B, T, E), (B, T, L-1, D)
-        video_embeds = self.head.mit(frame_embeds)  # (B, E)
-        context = self.head.visual_context(patch_tokens)  # (B, L-1, E)
-        text = self.class_text_embeds.to(video_embeds.dtype)
-        text = text.expand(video_embeds.shape[0], -1, -1)  # (B, K, E)
-        text = text + self.head.prompts_generator(text, context)  # (B, K, E): video-specific classes
-        logits = cosine_logits(video_embeds, text, self.head.logit_scale)  # (B, K)
-        return {"logits": logits, "video_embeds": video_embeds, "frame_embeds": frame_embeds}
+        logits, video_embeds = self.head.score(frame_embeds, patch_tokens)  # (B, K), (B, E)
+        return {"logits": logits, "frame_embeds": frame_embeds, "video_embeds": video_embeds}
 
-    # -- what trains ---------------------------------------------------------------------------
+    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups, as X-CLIP's `utils/optimizer.py`: the CLIP weights at ``lr``, the new
+        modules (names with ``message_``, ``mit`` or ``prompts``) at ``new_module_lr_scale`` (10) x
+        ``lr``. X-CLIP's no-decay rule (1-D parameters, biases, positional embeddings) is the
+        recipe's (`MethodRecipe.decay_everything`), applied by the trainer."""
+        clip_weights, new_modules = [], []
+        for name, param in trainable_parameters(self).items():
+            (new_modules if any(keyword in name for keyword in NEW_MODULE_KEYWORDS) else clip_weights).append(param)
+        return [
+            {"name": "clip", "params": clip_weights, "lr": lr, "weight_decay": weight_decay},
+            {"name": "new", "params": new_modules, "lr": lr * self.config.new_module_lr_scale,
+             "weight_decay": weight_decay},
+        ]
 
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of everything that trains: the vision tower, the MIT, the prompts."""
-        return [(name, param) for name, param in self.named_parameters() if param.requires_grad]
 
-    def trainable_parameter_count(self) -> int:
-        return sum(param.numel() for _, param in self.trainable_named_parameters())
-
-    def parameter_groups(self, lr: float, weight_decay: float = 0.001) -> list[dict]:
-        """AdamW parameter groups, as X-CLIP: CLIP weights at ``lr``, the new modules (names with
-        ``message_``, ``mit`` or ``prompts``) at ``new_module_lr_scale`` (10) x ``lr``; no weight decay on 1-D parameters,
-        biases and positional embeddings. Each group carries a ``name`` for logging."""
-        groups: dict[str, dict] = {}
-        for name, param in self.trainable_named_parameters():
-            is_new = any(keyword in name for keyword in NEW_MODULE_KEYWORDS)
-            no_decay = exempt_from_weight_decay(name, param)
-            group_name = ("new" if is_new else "clip") + ("_no_decay" if no_decay else "")
-            if group_name not in groups:
-                groups[group_name] = {
-                    "name": group_name,
-                    "params": [],
-                    "lr": lr * self.config.new_module_lr_scale if is_new else lr,
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                }
-            groups[group_name]["params"].append(param)
-        return list(groups.values())
+register_method(MethodEntry(
+    name="xclip",
+    summary="X-CLIP: cross-frame message tokens, MIT and video-specific prompts",
+    config_class=XCLIPConfig,
+    model_class=XCLIP,
+    # X-CLIP's configs: AdamW 8e-6 for the CLIP weights (8e-5 for the new modules), betas (0.9, 0.98),
+    # weight decay 0.001 except on 1-D parameters, biases and positional embeddings, 5 warmup epochs
+    # (1 here: short runs); ImageNet mean/std.
+    recipe=MethodRecipe(lr=8e-6, weight_decay=0.001, warmup_epochs=1, betas=(0.9, 0.98), decay_everything=False,
+                        norm="imagenet"),
+))

@@ -24,6 +24,8 @@ Only the requested fields and feature blocks are read, and with views="random" o
 view's bytes: when the store's chunk files can be read directly, the loader copies just that
 view's byte ranges out of each file (the store's own `read` has no view selection; with zarr
 fallbacks the whole row is read and the view picked afterwards).
+
+May import: torch, numpy, clipreel.errors, clipreel.stores, clipreel.pipeline.data.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class CacheLoader:
     """Batches of `fields` for `rows` of `store`, with `labels` (one per row), epoch by epoch.
 
     layers: which feature blocks of tokens/attention to read: None or "all", "last", or a list
-    of positions along K (see HeadSpec.layers). batch_size is per rank.
+    of positions along K (see HeadEntry.blocks). batch_size is per rank.
     """
 
     def __init__(

@@ -15,6 +15,9 @@ yields batches {"frames" (B, ...), "label" (B,), "row" (B,)} in that order:
 
 Each prepares at most a few batches ahead of the trainer. Call `dataset.set_epoch(epoch)` before
 iterating each epoch, whatever the loader.
+
+May import: torch, numpy, ray, clipreel.errors, clipreel.config, clipreel.pipeline.data,
+clipreel.pipeline.raycluster.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+from clipreel.config import DECODE_WORKERS
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.data.augment import stable_generator
 from clipreel.pipeline.data.decode import choose_decoder
@@ -56,11 +60,11 @@ class FrameLoading:
     decoder: str  # "pyav" or "dali"
     loader: str  # "workers", "ray" or "device"
     device: str  # where the dataset puts its clips: the model's device for "device", else "cpu"
-    workers: int = 2  # decode processes ("workers") or concurrent Ray tasks ("ray")
+    workers: int = DECODE_WORKERS  # decode processes ("workers") or concurrent Ray tasks ("ray")
     address: str | None = None  # the Ray cluster of "ray" (None: this process's Ray, or a local one)
 
 
-def resolve_loading(decoder: str, loader: str, model_device: torch.device | str, workers: int = 2,
+def resolve_loading(decoder: str, loader: str, model_device: torch.device | str, workers: int = DECODE_WORKERS,
                     address: str | None = None) -> FrameLoading:
     """Pick the decoder and loader for a model on `model_device` ("auto" choices resolved, checked).
 

@@ -18,6 +18,8 @@ with any number of workers, in any order (`frame_loaders`).
             batch["frames"]  # (B, T, 3, S, S) float32, normalised
             batch["label"], batch["row"]  # (B,) int64
 
+`labelled_rows` and `augment_config` are what the fine-tuning stages build their datasets from.
+
 May import: torch, pandas, clipreel.errors, clipreel.pipeline.data.
 """
 
@@ -134,3 +136,22 @@ class RawFrameDataset(Dataset):
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The sampling seed of an epoch: frame offsets differ between epochs, and are replayable."""
     return stable_seed("frames", seed, epoch) >> 1
+
+
+def labelled_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    """The labelled videos of `split` that are not known to be broken (rows keep their manifest index)."""
+    if split is None:
+        return manifest.iloc[0:0]
+    status_ok = manifest["status"] != "failed" if "status" in manifest else True
+    return manifest[(manifest["split"] == split) & (manifest["label"] >= 0) & status_ok]
+
+
+def augment_config(image_size: int, norm: str, settings: dict | None = None) -> AugmentConfig:
+    """The training augmentation of a run (and, through its preprocess_config, its evaluation transform),
+    with the user's `--augment` settings."""
+    try:
+        return AugmentConfig(**{**(settings or {}), "image_size": image_size, "norm": norm})
+    except TypeError as error:  # a setting AugmentConfig does not have
+        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.data.augment."
+                            "AugmentConfig (crop, scales, flip, color_jitter, grayscale, ...)") from None
+
