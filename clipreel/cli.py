@@ -21,6 +21,14 @@ app = typer.Typer(
 )
 console = Console()
 
+TRUST_CODE = typer.Option(
+    False, "--trust-checkpoint-code",
+    help="Let a --pretrained TorchScript archive that is not an OpenAI CLIP archive run the code it carries "
+         "(it runs while the file loads). Only for files from a source you trust.",
+)
+ADDRESS_HELP = ("Ray cluster to join: auto (the cluster `ray start` runs on this machine) or HOST:PORT "
+                "(default: a private local Ray; RAY_ADDRESS, when set, is joined instead).")
+
 
 @app.command()
 def synth(
@@ -49,8 +57,9 @@ def synth(
 def extract(
     videos: str = typer.Option(..., help="Video list: CSV (path,label[,label_name][,split]), 'path label' list, Kinetics CSV, or a folder per class."),
     out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
-    model: str = typer.Option("ViT-B-16", help="open_clip ViT name; clipreel-tiny is the smallest (tests, quick checks)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip ViT name or config file (NAME.json); clipreel-tiny is the smallest (tests, quick checks)."),
     pretrained: str = typer.Option("default", help="Weights: default (the model's built-in file, else its openai tag), an open_clip tag, a local checkpoint file, or none (random init)."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     frames: int = typer.Option(8, help="Frames per clip (T)."),
     views: int = typer.Option(1, help="Temporal views per video (V)."),
     sampling: str = typer.Option("tsn", help="tsn (segment centres), dense (T frames at --stride, EVL), or uniform."),
@@ -62,7 +71,7 @@ def extract(
     decoder: str = typer.Option("auto", help="auto (DALI on GPU, else PyAV), pyav, or dali (DALI-CPU: VP8/VP9/MJPEG only)."),
     batch_size: int = typer.Option(4, help="Videos per backbone batch."),
     workers: Optional[int] = typer.Option(None, help="Backbone actors (default: one per GPU, else one per CPU)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local Ray)."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths in the list are under (default: the list's folder)."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
@@ -75,7 +84,7 @@ def extract(
         videos=videos, out=str(out), model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
-        skip_missing=skip_missing,
+        skip_missing=skip_missing, trust_checkpoint_code=trust_checkpoint_code,
     )
     summary = run_extract(cfg, progress=progress)
     startup = f" ({summary.startup_seconds:.1f} to the first stored video)" if summary.startup_seconds else ""
@@ -192,10 +201,11 @@ def train(
     seed: int = typer.Option(0, help="Seeds initialisation, order, views and dropout (same seed, same weights on CPU)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable (e.g. n_ctx=4)."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     classes: Optional[Path] = typer.Option(None, help="Label map naming the label ids (default: the manifest's names)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
+    address: Optional[str] = typer.Option(None, help="With --workers > 1: " + ADDRESS_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
@@ -206,6 +216,7 @@ def train(
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, seed=seed, options=_parse_options(option), pretrained=pretrained,
         classes=str(classes) if classes else None, device=device, workers=workers, address=address,
+        trust_checkpoint_code=trust_checkpoint_code,
     )
     summary = run_training(cfg, progress=progress)
     console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
@@ -228,6 +239,7 @@ def eval_(
     crops: int = typer.Option(1, help="Spatial crops per view for `finetune` runs (1 or 3)."),
     report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file (text heads, file-extracted stores)."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     classes: Optional[Path] = typer.Option(None, help="Label map naming the store's label ids."),
     batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
     workers: int = typer.Option(0, help="Decode worker processes for `finetune` runs (0: decode in this process)."),
@@ -247,14 +259,15 @@ def eval_(
 
         report_data = evaluate_finetuned(run_dir, videos, split, str(report) if report else None, views=views,
                                          crops=crops, batch_size=batch_size, workers=workers, decoder=decoder,
-                                         loader=loader, device=device)
+                                         loader=loader, device=device, trust_checkpoint_code=trust_checkpoint_code)
         console.print(f"{run_dir} on {split}: top-1 {report_data['top1']:.3f}, top-5 {report_data['top5']:.3f}, "
                       f"mean class acc {report_data['mean_class_acc']:.3f}, {report_data['n']} videos", highlight=False)
         return
     from clipreel.pipeline.evaluate import evaluate_run
 
     evaluate_run(run_dir, store, split, report_path=report, pretrained=pretrained,
-                 classes=str(classes) if classes else None, batch_size=batch_size, device=device, console=console)
+                 classes=str(classes) if classes else None, batch_size=batch_size, device=device, console=console,
+                 trust_checkpoint_code=trust_checkpoint_code)
 
 
 @app.command()
@@ -268,7 +281,8 @@ def zeroshot(
     template: str = typer.Option("ensemble", help="--store: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
     pretrained: Optional[str] = typer.Option(None, help="--store: the store's CLIP checkpoint file; --method: the CLIP's weights (default: the model's)."),
-    model: str = typer.Option("clipreel-synth", help="--method: the open_clip model."),
+    trust_checkpoint_code: bool = TRUST_CODE,
+    model: str = typer.Option("clipreel-synth", help="--method: the open_clip model (name or NAME.json)."),
     frames: int = typer.Option(8, help="--method: frames per clip."),
     views: int = typer.Option(1, help="--videos: temporal views per video (mean softmax over views)."),
     option: list[str] = typer.Option([], help="--method: method option key=value, repeatable."),
@@ -286,7 +300,7 @@ def zeroshot(
         from clipreel.pipeline.evaluate import zero_shot
 
         zero_shot(store, split, classes_file=classes, template=template, report_path=report, pretrained=pretrained,
-                  device=device, console=console)
+                  device=device, console=console, trust_checkpoint_code=trust_checkpoint_code)
         return
     if (method is None) == (run is None):
         raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run (a finetune run)")
@@ -300,17 +314,18 @@ def zeroshot(
     if method is not None:
         scores = zero_shot_raw(method, videos, split, model, pretrained or "default", frames=frames,
                                options=_parse_options(option), views=views, device=device, classes=names,
-                               report_path=str(report) if report else None)
+                               report_path=str(report) if report else None,
+                               trust_checkpoint_code=trust_checkpoint_code)
     else:
         scores = evaluate_finetuned(run, videos, split, str(report) if report else None, classes=names, views=views,
-                                    device=device)
+                                    device=device, trust_checkpoint_code=trust_checkpoint_code)
     console.print(f"zero-shot {method or run} on {split}: top-1 {scores['top1']:.3f}, top-5 {scores['top5']:.3f}, "
                   f"mean class acc {scores['mean_class_acc']:.3f}, {scores['n']} videos", highlight=False)
 
 
 RAW_ONLY = "(fine-tuning methods, with --videos)"
 # The options of the protocols' fine-tuning runs (fewshot and base2novel with --videos).
-RAW_MODEL = typer.Option("clipreel-synth", help=f"open_clip model {RAW_ONLY}.")
+RAW_MODEL = typer.Option("clipreel-synth", help=f"open_clip model, name or NAME.json {RAW_ONLY}.")
 RAW_FRAMES = typer.Option(8, help=f"Frames per clip {RAW_ONLY}.")
 PROTOCOL_BATCH_SIZE = typer.Option(None, help="Videos per step (default: 16 from a store, 8 from raw videos).")
 RAW_AUGMENT = typer.Option([], help=f"Training augmentation key=value, repeatable, e.g. flip=0 {RAW_ONLY}.")
@@ -341,6 +356,7 @@ def fewshot(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     model: str = RAW_MODEL,
     frames: int = RAW_FRAMES,
     batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
@@ -354,7 +370,7 @@ def fewshot(
     few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
              lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
              pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers),
-             console=console)
+             console=console, trust_checkpoint_code=trust_checkpoint_code)
 
 
 @app.command()
@@ -370,6 +386,7 @@ def base2novel(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the head's recipe)."),
     option: list[str] = typer.Option([], help="Head hyper-parameter key=value, repeatable."),
     pretrained: Optional[str] = typer.Option(None, help="The store's CLIP checkpoint file, if needed; with --videos, the CLIP to fine-tune."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     model: str = RAW_MODEL,
     frames: int = RAW_FRAMES,
     batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
@@ -385,7 +402,8 @@ def base2novel(
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]
     base_to_novel(head, source, out, shots=shots, seeds=_numbers(seeds, "--seeds"), base_classes=base,
                   epochs=epochs, lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
-                  pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers), console=console)
+                  pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers), console=console,
+                  trust_checkpoint_code=trust_checkpoint_code)
 
 
 @app.command()
@@ -393,8 +411,9 @@ def finetune(
     method: str = typer.Argument(..., help="vifi (ViFi-CLIP), prompt (bridge-and-prompt), xclip (X-CLIP) or ezclip (EZ-CLIP)."),
     videos: str = typer.Option(..., help="Video list (same formats as extract --videos); its train/val splits are used."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
-    model: str = typer.Option("clipreel-synth", help="open_clip model (ViT-B-16 for the papers' setting)."),
+    model: str = typer.Option("clipreel-synth", help="open_clip model, name or NAME.json (ViT-B-16 for the papers' setting)."),
     pretrained: str = typer.Option("default", help="Weights: default, an open_clip tag, a local checkpoint file, none, or a `finetune vifi` run directory (ViFi-CLIP's bridge to prompt)."),
+    trust_checkpoint_code: bool = TRUST_CODE,
     epochs: int = typer.Option(10, help="Passes over the training videos."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the method's reference recipe)."),
     batch_size: int = typer.Option(8, help="Clips per micro-batch."),
@@ -405,7 +424,7 @@ def finetune(
     workers: int = typer.Option(2, help="Decode worker processes (or concurrent Ray tasks with --loader ray); 0 decodes in this process."),
     decoder: str = typer.Option("auto", help=DECODER_HELP),
     loader: str = typer.Option("auto", help=LOADER_HELP),
-    address: Optional[str] = typer.Option(None, help="Ray cluster for --loader ray (default: a local Ray)."),
+    address: Optional[str] = typer.Option(None, help="With --loader ray: " + ADDRESS_HELP),
     seed: int = typer.Option(0, help="Seeds initialisation, order, sampling and augmentation."),
     option: list[str] = typer.Option([], help="Method option key=value, repeatable (e.g. variant=image for vifi)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -418,6 +437,7 @@ def finetune(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
         batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup, augment=_parse_options(augment, "--augment"), workers=workers, decoder=decoder,
         loader=loader, address=address, seed=seed, options=_parse_options(option), device=device,
+        trust_checkpoint_code=trust_checkpoint_code,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
     console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)

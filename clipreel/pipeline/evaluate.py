@@ -394,6 +394,7 @@ def evaluate_run(
     batch_size: int = EVAL_BATCH_SIZE,
     device: str = "auto",
     console=None,
+    trust_checkpoint_code: bool = False,
 ) -> dict:
     """`clipreel eval RUN_DIR --store STORE --split SPLIT`: score a trained head on a split.
 
@@ -402,7 +403,8 @@ def evaluate_run(
     views and sampling may differ), else refused. split: the manifest split to score; every video
     must belong to one of the run's classes (closed set). report_path: the JSON report (default
     RUN_DIR/eval-SPLIT.json); the confusion matrix PNG goes next to it. pretrained: the store's
-    CLIP checkpoint file, needed by text kinds when the store was extracted from a local file.
+    CLIP checkpoint file, needed by text kinds when the store was extracted from a local file
+    (trust_checkpoint_code: let it run its code, if it is a TorchScript archive other than OpenAI's).
     classes: a label map naming the store's label ids, when they are not the manifest's names.
     Returns the report (metrics plus what was evaluated).
     """
@@ -417,7 +419,10 @@ def evaluate_run(
         )
     label_map = read_label_map(classes) if classes is not None else None
     videos = select_videos(store, split, run.classnames, label_map=label_map, others="refuse")
-    text_model = load_text_model(store.provenance, pretrained) if run.kind in TEXT_KINDS else None
+    text_model = (
+        load_text_model(store.provenance, pretrained, trust_code=trust_checkpoint_code)
+        if run.kind in TEXT_KINDS else None
+    )
     head = load_head(run, text_model=text_model)
     report = {
         "kind": run.kind,
@@ -443,6 +448,7 @@ def zero_shot(
     batch_size: int = EVAL_BATCH_SIZE,
     device: str = "auto",
     console=None,
+    trust_checkpoint_code: bool = False,
 ) -> dict:
     """`clipreel zeroshot --store STORE --split SPLIT`: CLIP zero-shot recognition, no training.
 
@@ -455,13 +461,13 @@ def zero_shot(
     store's classes: only those are candidates and the split's videos of other classes are left
     out) or renames it (as many names as the store has labels: line i names label i). Default:
     the store's class names by label id. pretrained: the store's CLIP checkpoint file, when it was
-    extracted from a local file. report_path: write the JSON report and its confusion PNG there
+    extracted from a local file (trust_checkpoint_code: as for `evaluate_run`). report_path: write the JSON report and its confusion PNG there
     (default: nothing is written). Returns the report.
     """
     store = FeatureStore.open(store_path)
     classnames, label_map = _zero_shot_classes(store, classes_file)
     videos = select_videos(store, split, classnames, label_map=label_map, others="leave out")
-    text_model = load_text_model(store.provenance, pretrained)
+    text_model = load_text_model(store.provenance, pretrained, trust_code=trust_checkpoint_code)
     classifier = _zero_shot_classifier(text_model, classnames, template)
     report = {
         "kind": "zeroshot",

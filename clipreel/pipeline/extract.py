@@ -40,8 +40,9 @@ class ExtractConfig:
 
     videos: str
     out: str
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16"  # an open_clip model name or config file (NAME.json)
     pretrained: str = "default"
+    trust_checkpoint_code: bool = False  # let a --pretrained TorchScript file that is not OpenAI's run its code
     layers: str = "4"
     norm: str | None = None
     frames: int = 8
@@ -103,7 +104,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         # The driver builds the backbone once on the CPU: it fails fast on bad model/weights,
         # and gives the shapes and provenance the store records.
         backbone = Backbone(
-            BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm)
+            BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
+                           trust_checkpoint_code=cfg.trust_checkpoint_code)
         )
         preprocess = PreprocessConfig(
             image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops

@@ -42,7 +42,13 @@ from torch import nn
 
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import file_sha256, load_clip, resolve_model_name
+from clipreel.heads.clip import (
+    file_sha256,
+    load_clip,
+    register_model_config,
+    resolve_model_name,
+    user_model_config,
+)
 from clipreel.heads.methods import METHODS, build_method_model, image_size_of
 from clipreel.heads.raw.ezclip import (
     EZCLIPClassifier,
@@ -109,8 +115,9 @@ class FinetuneConfig:
     method: str  # vifi, prompt, xclip or ezclip
     videos: str  # the video list (anything read_sources reads: CSV, "path label" list, class folders)
     out: str  # the run directory; re-running the same command resumes it
-    model: str = "clipreel-synth"  # open_clip model name
+    model: str = "clipreel-synth"  # open_clip model name or config file (NAME.json)
     pretrained: str = "default"  # open_clip tag, local checkpoint file, "none", "default", or a vifi run directory
+    trust_checkpoint_code: bool = False  # let a --pretrained TorchScript file that is not OpenAI's run its code
     split: str = "train"
     val_split: str | None = "val"  # validated after every epoch (skipped when the split is empty)
     epochs: int = 10
@@ -160,26 +167,30 @@ class FinetuneSummary:
 
 
 def fresh_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
-                       options: dict, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
+                       options: dict, seed: int, device: torch.device, trust_code: bool = False
+                       ) -> tuple[nn.Module, dict, str | None]:
     """A fresh CLIP (a new copy every call) wrapped by the method -> (model, config, weights sha256)."""
-    clip_model, sha256 = load_method_clip(model_name, pretrained, device)
+    clip_model, sha256 = load_method_clip(model_name, pretrained, device, trust_code)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     torch.manual_seed(seed)  # the new modules' initialisation
     model, method_config = build_method_model(method, clip_model, tokenizer, classnames, frames, options)
     return model.to(device), method_config, sha256
 
 
-def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu"
+def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu", trust_code: bool = False
                      ) -> tuple[nn.Module, str | None]:
     """`load_clip`, and one more source of weights: the run directory of a `clipreel finetune vifi`.
 
     That is ViFi-CLIP's "bridge": its fine-tuned CLIP is where bridge-and-prompt starts (``finetune
     prompt --pretrained RUN_DIR``), or any other method. The sha256 is that of the run's weights file.
+    trust_code: see `load_clip`.
     """
     run_dir = Path(pretrained).expanduser()
     if not run_dir.is_dir():
-        return load_clip(model_name, pretrained, device=device)
+        return load_clip(model_name, pretrained, device=device, trust_code=trust_code)
     run = load_run(run_dir)
+    if run.head_config.get("model_config") is not None:  # a model from a config file
+        register_model_config(run.head_config["model"], run.head_config["model_config"])
     if run.kind != RUN_KIND_PREFIX + "vifi":
         raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
                             "of a `clipreel finetune vifi`, or a checkpoint file")
@@ -240,7 +251,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
             f"{sorted(manifest['split'].unique())}. Choose one with --split."
         )
     model, method_config, sha256 = fresh_method_model(cfg.method, cfg.model, cfg.pretrained, classnames, cfg.frames,
-                                                      cfg.options, cfg.seed, device)
+                                                      cfg.options, cfg.seed, device, cfg.trust_checkpoint_code)
     trainable = model.trainable_parameter_count()
     if progress:
         print(f"{cfg.method}: {trainable:,} trainable parameters")
@@ -294,9 +305,12 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_log(run_dir / LOG_FILE, history)
     plot_curves(run_dir / CURVES_FILE, history)
+    model_name = resolve_model_name(cfg.model)
     head_config = {
-        "method": cfg.method, "model": cfg.model, "pretrained": cfg.pretrained, "checkpoint_sha256": sha256,
+        "method": cfg.method, "model": model_name, "pretrained": cfg.pretrained, "checkpoint_sha256": sha256,
         "frames": cfg.frames, "image_size": image_size, "norm": norm, "method_config": method_config,
+        # a model from a config file: its config, which rebuilds the run's model without the file
+        "model_config": user_model_config(model_name),
     }
     save_run(
         run_dir, kind=RUN_KIND_PREFIX + cfg.method, head=model, head_config=head_config, classnames=classnames,
@@ -406,7 +420,7 @@ def _optimizer_and_schedule(model, method, recipe, steps_per_epoch, epochs, chec
 
 
 # FinetuneConfig fields that may change when a run is resumed.
-_RESUMABLE_CHANGES = ("out", "epochs", "val_split", "workers", "loader", "address", "device")
+_RESUMABLE_CHANGES = ("out", "epochs", "val_split", "workers", "loader", "address", "device", "trust_checkpoint_code")
 
 
 def _run_identity(cfg: FinetuneConfig, recipe: MethodRecipe, classnames, sha256) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
+from clipreel.heads.clip import register_model_config
 from clipreel.heads.methods import image_size_of
 from clipreel.pipeline.data.frame_loaders import (
     FrameLoading,
@@ -83,7 +84,8 @@ def eval_rows(manifest: pd.DataFrame, where: str, split: str, classnames: Sequen
 
 def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, report_path: str | None = None, *,
                        classes: Sequence[str] | None = None, views: int = 1, crops: int = 1, batch_size: int = 8,
-                       workers: int = 0, decoder: str = "auto", loader: str = "auto", device: str = "auto") -> dict:
+                       workers: int = 0, decoder: str = "auto", loader: str = "auto", device: str = "auto",
+                       trust_checkpoint_code: bool = False) -> dict:
     """Score a `clipreel finetune` run on the raw videos of `split`: top-1/top-5, per class, confusion.
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
@@ -91,7 +93,8 @@ def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, repo
     `crops` spatial crops. classes None: among the run's classes (every video's class must be one of
     them); else among `classes`, which the run need not have seen (zero-shot transfer, novel classes),
     leaving out the videos of other classes. With `report_path`, the JSON report and its confusion
-    PNG are written.
+    PNG are written. trust_checkpoint_code: let the run's CLIP checkpoint run its code, if it is a
+    TorchScript archive other than OpenAI's.
     """
     run = load_run(run_dir)
     if not run.kind.startswith(RUN_KIND_PREFIX):
@@ -99,7 +102,7 @@ def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, repo
                             "`clipreel eval` on a feature store.")
     config = run.head_config
     torch_device = resolve_device(device)
-    model = rebuild_finetuned(run.path, torch_device)
+    model = rebuild_finetuned(run.path, torch_device, trust_checkpoint_code)
     if classes is not None:
         model.set_classnames(list(classes))
     classnames = list(classes) if classes is not None else run.classnames
@@ -114,16 +117,19 @@ def evaluate_finetuned(run_dir: str | os.PathLike, videos: str, split: str, repo
     return report
 
 
-def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+def rebuild_finetuned(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                      trust_checkpoint_code: bool = False) -> nn.Module:
     """The trained model of a `clipreel finetune` run, in eval mode."""
     run = load_run(run_dir)
     config = run.head_config
+    if config.get("model_config") is not None:  # a model from a config file
+        register_model_config(config["model"], config["model_config"])
     method = run.kind.removeprefix(RUN_KIND_PREFIX)
     options = dict(config["method_config"])
     if method in ("xclip", "ezclip"):
         options.pop("frames")
     model, _, sha256 = fresh_method_model(method, config["model"], config["pretrained"], run.classnames,
-                                          config["frames"], options, 0, torch.device(device))
+                                          config["frames"], options, 0, torch.device(device), trust_checkpoint_code)
     if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
         raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
                             f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
@@ -135,7 +141,7 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-s
                   *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
                   classes: Sequence[str] | None = None, views: int = 1, crops: int = 1, batch_size: int = 8,
                   workers: int = 0, decoder: str = "auto", loader: str = "auto", device: str = "auto",
-                  report_path: str | None = None) -> dict:
+                  report_path: str | None = None, trust_checkpoint_code: bool = False) -> dict:
     """The untrained method model's metrics on `split`: where fine-tuning starts from.
 
     classes None: among the list's classes; else among `classes`, leaving out videos of other classes.
@@ -143,7 +149,8 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = "clipreel-s
     torch_device = resolve_device(device)
     manifest = read_sources(videos)
     classnames = list(classes) if classes is not None else classnames_from_manifest(manifest, videos)
-    network, _, _ = fresh_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
+    network, _, _ = fresh_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device,
+                                       trust_checkpoint_code)
     rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
     report = {"method": method, "model": model, "pretrained": pretrained, "split": split,
               **score_rows(network, rows, classnames, frames=frames, image_size=image_size_of(network),

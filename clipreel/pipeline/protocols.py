@@ -153,14 +153,18 @@ class StoreVideos:
     """A protocol's videos in a feature store: cache heads train on protocol stores (links + a manifest)."""
 
     def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int = 16,
-                 options: dict | None = None, pretrained: str | None = None):
+                 options: dict | None = None, pretrained: str | None = None, trust_checkpoint_code: bool = False):
         head_spec(kind)  # an unknown kind fails here, before any work
         self.kind, self.source = kind, str(store_path)
         self.store = FeatureStore.open(store_path)
         self.manifest, self.done = self.store.manifest(), self.store.done_mask()
         self.classnames = store_classnames(self.store)
         self.lr, self.batch_size, self.options, self.pretrained = lr, batch_size, dict(options or {}), pretrained
-        self.text_model = load_text_model(self.store.provenance, pretrained) if kind in TEXT_KINDS else None
+        self.trust_checkpoint_code = trust_checkpoint_code
+        self.text_model = (
+            load_text_model(self.store.provenance, pretrained, trust_code=trust_checkpoint_code)
+            if kind in TEXT_KINDS else None
+        )
 
     def check_split(self, split: str) -> None:
         """Fail early on a split that cannot be scored."""
@@ -175,7 +179,7 @@ class StoreVideos:
             TrainConfig(
                 kind=self.kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
                 epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, options=self.options,
-                pretrained=self.pretrained,
+                pretrained=self.pretrained, trust_checkpoint_code=self.trust_checkpoint_code,
             ),
             progress=progress,
         )
@@ -226,7 +230,8 @@ class RawVideos:
         return run_dir
 
     def score(self, run_dir: Path, split: str, classnames: Sequence[str], report_name: str) -> dict:
-        settings = {key: self.finetune[key] for key in ("batch_size", "workers", "device") if key in self.finetune}
+        settings = {key: self.finetune[key] for key in ("batch_size", "workers", "device", "trust_checkpoint_code")
+                    if key in self.finetune}
         return evaluate_finetuned(run_dir, self.source, split, run_dir / f"{report_name}.json", classes=classnames,
                                   **settings)
 
@@ -244,15 +249,17 @@ def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: 
 
 def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int = 16,
                     options: dict | None = None, pretrained: str | None = None,
-                    finetune: dict | None = None) -> StoreVideos | RawVideos:
+                    finetune: dict | None = None, trust_checkpoint_code: bool = False) -> StoreVideos | RawVideos:
     """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store."""
     if kind in METHODS:
         settings = dict(finetune or {})
         if pretrained is not None:
             settings["pretrained"] = pretrained
         settings.setdefault("batch_size", batch_size)
+        settings["trust_checkpoint_code"] = trust_checkpoint_code
         return RawVideos(kind, source, lr=lr, options=options, finetune=settings)
-    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained)
+    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
+                       trust_checkpoint_code=trust_checkpoint_code)
 
 
 def _run_numbers(seed: int, run_dir: Path, train_videos: int, report: dict) -> dict:
@@ -296,6 +303,7 @@ def few_shot(
     finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
+    trust_checkpoint_code: bool = False,
 ) -> dict:
     """`clipreel fewshot KIND --store STORE --out OUT_DIR`: the K-shot protocol over all classes.
 
@@ -304,13 +312,14 @@ def few_shot(
     per class from `train_split`, train `kind` for `epochs` (lr: the kind's default when None;
     options: head or method hyper-parameters), score on the whole `test_split`. pretrained: the
     store's CLIP checkpoint file (text heads of stores extracted from a local file), or the CLIP a
-    method fine-tunes. Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png);
+    method fine-tunes (trust_checkpoint_code: let it run its code, if it is a TorchScript archive
+    other than OpenAI's). Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png);
     returns the report.
     """
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
     videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-                             finetune=finetune)
+                             finetune=finetune, trust_checkpoint_code=trust_checkpoint_code)
     classnames = videos.classnames
     class_ids = list(range(len(classnames)))
     videos.check_split(test_split)  # fail early on a bad test split
@@ -392,10 +401,11 @@ def base_to_novel(
     finetune: dict | None = None,
     allow_fewer: bool = False,
     console=None,
+    trust_checkpoint_code: bool = False,
 ) -> dict:
     """`clipreel base2novel KIND --store STORE --out OUT_DIR`: generalisation to unseen classes.
 
-    source, pretrained, finetune: as for `few_shot`. base_classes: class ids or names (default: the
+    source, pretrained, finetune, trust_checkpoint_code: as for `few_shot`. base_classes: class ids or names (default: the
     first half of the class ids, rounded up); the other classes are novel. For each seed: train on
     `shots` videos per base class of `train_split`, then score the `test_split` videos of the base
     classes among the base names and those of the novel classes among the novel names. Only heads
@@ -411,7 +421,7 @@ def base_to_novel(
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
     videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options, pretrained=pretrained,
-                             finetune=finetune)
+                             finetune=finetune, trust_checkpoint_code=trust_checkpoint_code)
     classnames = videos.classnames
     base_ids = _base_class_ids(base_classes, classnames)
     novel_ids = [class_id for class_id in range(len(classnames)) if class_id not in base_ids]

@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = 0  # seeds the head's initialisation, the batch order, the views and dropout
     options: dict = field(default_factory=dict)  # head hyper-parameters, e.g. {"n_ctx": 4} or {"mlp_dropout": 0.1}
     pretrained: str | None = None  # the store's CLIP checkpoint file, for text kinds of file-extracted stores
+    trust_checkpoint_code: bool = False  # let a --pretrained TorchScript file that is not OpenAI's run its code
     classes: str | None = None  # label map (one class name per line); default: the manifest's label names
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N (one process)
     workers: int = 1  # data-parallel workers; > 1 trains through Ray Train
@@ -221,7 +222,10 @@ def _train(
     recipe = _resolved_recipe(cfg)
     data = _training_data(cfg)
     store, spec = data.store, head_spec(cfg.kind)
-    text_model = load_text_model(store.provenance, cfg.pretrained) if cfg.kind in TEXT_KINDS else None
+    text_model = (
+        load_text_model(store.provenance, cfg.pretrained, trust_code=cfg.trust_checkpoint_code)
+        if cfg.kind in TEXT_KINDS else None
+    )
     torch.manual_seed(cfg.seed)
     head, head_config = build_head(
         cfg.kind, store_layout=store.layout, provenance=store.provenance, classnames=data.classnames,
