@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import socket
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -21,6 +24,7 @@ from clipreel.cli import main
 from clipreel.errors import ClipreelError
 from clipreel.heads.checkpoints import read_state_dict
 from clipreel.heads.clip import (
+    MODEL_CONFIG_DIR,
     NORMS,
     load_clip,
     register_builtin_models,
@@ -36,8 +40,6 @@ TINY_TOKENS = (112 // 16) ** 2 + 1  # 49 patches + CLS
 
 def run_cli(argv: list[str]) -> int:
     """Run the `clipreel` entry point in this process; returns its exit code."""
-    import sys
-
     old_argv = sys.argv
     sys.argv = ["clipreel", *argv]
     try:
@@ -506,11 +508,6 @@ def test_missing_built_in_file_says_how_to_rebuild_it(monkeypatch):
 
 
 # --- Models defined by an open_clip config file (--model path/to/NAME.json) ---
-import re
-import subprocess
-import sys
-
-from clipreel.heads.clip import MODEL_CONFIG_DIR
 
 
 def small_config(layers: int = 3) -> dict:
