@@ -42,6 +42,7 @@ from torch import nn
 
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpoints import read_checkpoint
 from clipreel.heads.clip import (
     file_sha256,
     load_clip,
@@ -440,7 +441,7 @@ def _checkpoint_to_resume(run_dir: Path, cfg: FinetuneConfig, identity: dict) ->
     if not path.is_file():
         raise ClipreelError(f"{run_dir} exists and holds no {CHECKPOINT_FILE} of an earlier `clipreel finetune`: "
                             "choose a new --out (or delete the folder).")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     old, new = checkpoint["identity"], identity
     differences = [f"{key}: the run has {old['config'].get(key)!r}, this command {value!r}"
                    for key, value in new["config"].items() if old["config"].get(key) != value]

@@ -45,6 +45,7 @@ from torch import nn
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.xclip import exempt_from_weight_decay
+from clipreel.heads.checkpoints import read_checkpoint
 from clipreel.heads.clip import load_text_model
 from clipreel.heads.kinds import (
     TEXT_KINDS,
@@ -488,7 +489,7 @@ def _checkpoint_to_resume(run_dir: Path, cfg, recipe, provenance, classnames, he
             f"{run_dir} exists and holds no {CHECKPOINT_FILE} of an earlier `clipreel train`: choose a new --out "
             "(or delete the folder)."
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     differences = []
     if checkpoint["kind"] != cfg.kind:
         differences.append(f"head kind: the run is {checkpoint['kind']!r}, this command asks for {cfg.kind!r}")
