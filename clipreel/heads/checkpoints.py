@@ -55,7 +55,9 @@ def read_checkpoint(path: str | Path, *, trust_code: bool = False, drop_foreign:
     """Whatever a checkpoint file holds, as tensors (on the CPU) inside plain containers.
 
     `drop_foreign`: objects of classes other than tensors and plain containers are dropped (a
-    dict entry holding one is left out, a list item becomes None) instead of refusing the file.
+    dict entry holding one is left out, a list item becomes None) instead of refusing the file;
+    this reads zip archives (torch.save since PyTorch 1.6), while a file in torch's older format
+    must hold tensors and plain containers only.
     TorchScript archives give their state dict (see the module docstring for `trust_code`).
     Raises ClipreelError for a file it cannot or may not read.
     """
