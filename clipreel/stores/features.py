@@ -26,8 +26,9 @@ One process at a time holds the store's writer lease (lease.py) and alone adds r
 the manifest. Even so, every manifest write reads the manifest and the arrays' extent again from
 storage and refuses to drop, move or miscount a row, so no stale view can shrink the manifest.
 
-Reading goes straight to the chunk files when the store is a local folder (see fastread.py),
-and through zarr otherwise (fsspec URLs, or any array whose encoding is not raw bytes).
+Reading goes straight to the chunk files when the store is a local folder (fastread.py), and
+straight to the chunk objects with concurrent ranged GETs behind a URL (objectread.py); through
+zarr only for an array whose encoding is not raw bytes, or when asked (fast_read=False).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ import zarr.errors
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
-from clipreel.stores import fastread
+from clipreel.stores import fastread, objectread
 from clipreel.stores.audit import provenance_diff, summarize, verify
 from clipreel.stores.lease import LEASE_FOLDER
+from clipreel.stores.location import StoreAccess, is_remote, store_location
 from clipreel.stores.manifest import (
     manifest_from_parquet,
     manifest_to_parquet,
@@ -170,6 +172,7 @@ class FeatureStore:
         self._group = group
         self._fast_read = fast_read
         self._objects = StoreObjects(path)
+        self._ranges = objectread.RangeClient(path) if is_remote(path) else None
         attributes = group.attrs.asdict()
         self.provenance: dict = dict(attributes.get("provenance", {}))
         self.schema_version: int = attributes["schema_version"]
@@ -192,9 +195,15 @@ class FeatureStore:
             if (obstacle := fastread.direct_read_obstacle(array)) is not None
         }
         self._files = {
-            name: None if name in self.direct_read_obstacles else fastread.RowChunkFiles(array)
+            name: None if name in self.direct_read_obstacles else self._chunk_files(array)
             for name, array in self._arrays.items()
         }
+
+    def _chunk_files(self, array):
+        """The reader of one raw-chunk array: local files, or objects behind the store's URL."""
+        if self._ranges is not None:
+            return objectread.RowChunkObjects(array, self._ranges)
+        return fastread.RowChunkFiles(array)
 
     # ------------------------------------------------------------------ create / open
 
@@ -207,7 +216,7 @@ class FeatureStore:
         manifest: pd.DataFrame,
     ) -> "FeatureStore":
         """Create a new store at `path` (which must not exist, or be an empty folder but for its writer lease)."""
-        location = _location(path)
+        location = store_location(path)
         if isinstance(location, Path) and location.exists() and any(
             entry.name != LEASE_FOLDER for entry in location.iterdir()
         ):
@@ -258,7 +267,7 @@ class FeatureStore:
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
         """Whether `path` holds a store (its root zarr.json), complete or not."""
-        return StoreObjects(_location(path)).exists("zarr.json")
+        return StoreObjects(store_location(path)).exists("zarr.json")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", fast_read: bool = True) -> "FeatureStore":
@@ -268,7 +277,7 @@ class FeatureStore:
         """
         if mode not in ("r", "r+"):
             raise ClipreelError(f"FeatureStore.open: mode {mode!r} must be 'r' or 'r+'")
-        location = _location(path)
+        location = store_location(path)
         if isinstance(location, Path) and not location.is_dir():
             raise ClipreelError(
                 f"{location} is not a feature store: no such folder. Create one with `clipreel extract`."
@@ -305,8 +314,10 @@ class FeatureStore:
         return cls(location, group, mode, fast_read)
 
     def __reduce__(self):
-        """Pickle as "open the same path again" (e.g. to hand a store to Ray workers)."""
-        return (FeatureStore.open, (self.path, self.mode, self._fast_read))
+        """Pickle as "open the same path again" (e.g. to hand a store to Ray workers), carrying the
+        storage options and variables that reach it (StoreAccess), since a worker on another node
+        has neither this process's configuration nor its environment."""
+        return (_reopen, (StoreAccess.of(self.path), self.mode, self._fast_read))
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, videos={self.layout.videos}, mode={self.mode!r})"
@@ -447,7 +458,7 @@ class FeatureStore:
     def done_mask(self) -> np.ndarray:
         """(N,) bool: True where the video's done flag is set.
 
-        Locally this is one listing of the done/ chunk folder (a done chunk exists exactly when
+        This is one listing of the done/ chunk folder or prefix (a done chunk exists exactly when
         the flag is 1), not N chunk reads.
         """
         files = self._files["done"] if self._fast_read else None
@@ -509,13 +520,32 @@ class FeatureStore:
 
     @property
     def uses_direct_read(self) -> bool:
-        """True when read() and done_mask() go straight to the chunk files, not through zarr."""
+        """True when read() and done_mask() go straight to the chunk files or objects, not through zarr."""
         return self._fast_read and not self.direct_read_obstacles
+
+    def read_path(self) -> str:
+        """How read() reaches the data, for `clipreel info` and benchmarks."""
+        if not self._fast_read:
+            return "zarr (fast_read=False)"
+        if self.direct_read_obstacles:
+            return "zarr for " + "; ".join(f"{name}: {why}" for name, why in self.direct_read_obstacles.items())
+        return self._ranges.describe() if self._ranges is not None else "direct local file reads"
+
+    def chunk_reader(self, name: str):
+        """The raw-chunk reader of array `name` (fastread.RowChunkFiles or objectread.RowChunkObjects),
+        or None when it is read through zarr."""
+        return self._files[name] if self._fast_read else None
 
     def chunk_file(self, name: str, row: int) -> str | None:
         """The local file holding row `row` of array `name`, or None if it is not a raw local file."""
         files = self._files[name]
-        return files.path(row) if files is not None else None
+        return files.path(row) if isinstance(files, fastread.RowChunkFiles) else None
+
+    def chunk_object_sizes(self, name: str) -> dict[int, int] | None:
+        """{row: size} of the chunk objects of array `name` behind a URL (one listing), or None for
+        a local store or an array read through zarr."""
+        files = self._files[name]
+        return files.object_sizes() if isinstance(files, objectread.RowChunkObjects) else None
 
     # ------------------------------------------------------------------ helpers
 
@@ -575,6 +605,8 @@ class FeatureStore:
             return np.zeros(0, dtype=bool)
         if files is None:
             return self._arrays["done"].get_orthogonal_selection(rows) == 1
+        if isinstance(files, objectread.RowChunkObjects):
+            return files.exist(rows)
         return np.array([os.path.exists(files.path(int(row))) for row in rows], dtype=bool)
 
     def _checked_rows(self, rows) -> np.ndarray:
@@ -619,14 +651,10 @@ class FeatureStore:
 # ---------------------------------------------------------------------- module helpers
 
 
-def _location(path: str | os.PathLike) -> Path | str:
-    """A local Path, or the URL string for any other fsspec protocol ("file://" becomes local)."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        return Path(text[len("file://") :])
-    if "://" in text:
-        return text.rstrip("/")
-    return Path(text)
+def _reopen(access: StoreAccess, mode: str, fast_read: bool) -> FeatureStore:
+    """Open a pickled store again in this process, with the access it was pickled with."""
+    access.apply()
+    return FeatureStore.open(access.location, mode, fast_read)
 
 
 def _has_member(group: zarr.Group, name: str) -> bool:
