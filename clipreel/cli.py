@@ -20,6 +20,11 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+STORAGE_OPTION = typer.Option(
+    [], "--storage-option",
+    help="fsspec storage option key=value for object-store URLs, repeatable (endpoint_url=…, anon=true, "
+         "client_kwargs.region_name=…); also read: AWS_* variables and config files, fsspec config. Never recorded.",
+)
 
 
 @app.command()
@@ -48,7 +53,7 @@ def synth(
 @app.command()
 def extract(
     videos: str = typer.Option(..., help="Video list: CSV (path,label[,label_name][,split]), 'path label' list, Kinetics CSV, or a folder per class."),
-    out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
+    out: str = typer.Option(..., help="The feature store to create or complete: a folder (NAME.zarr) or a URL (s3://bucket/NAME.zarr, gs://…)."),
     model: str = typer.Option("ViT-B-16", help="open_clip ViT name; clipreel-tiny is the smallest (tests, quick checks)."),
     pretrained: str = typer.Option("default", help="Weights: default (the model's built-in file, else its openai tag), an open_clip tag, a local checkpoint file, or none (random init)."),
     frames: int = typer.Option(8, help="Frames per clip (T)."),
@@ -71,12 +76,15 @@ def extract(
     force: bool = typer.Option(False, help="Take over the store's writer lease if it has expired (its holder stopped renewing it)."),
     recheck: bool = typer.Option(False, help="Verify every done video first and compute again those that fail (missing or damaged chunks, NaN/inf)."),
     repair: bool = typer.Option(False, help="Repair the store first, as `clipreel verify --repair` does (includes --recheck)."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Extract multi-layer CLIP features of every video into a Zarr store (resumable; bad files are recorded, not fatal)."""
     from clipreel.pipeline.extract import ExtractConfig, run_extract
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, out)
     cfg = ExtractConfig(
-        videos=videos, out=str(out), model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
+        videos=videos, out=out, model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
         skip_missing=skip_missing, wait=wait, force=force, recheck=recheck, repair=repair,
@@ -100,11 +108,14 @@ def extract(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+def info(store: str = typer.Argument(..., help="A feature store (NAME.zarr, or a URL)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+         storage_option: list[str] = STORAGE_OPTION) -> None:
     """Summarise a feature store: videos done/failed/pending, shapes, bytes, provenance."""
     from clipreel.stores.features import FeatureStore, summarize
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     summary = summarize(FeatureStore.open(store))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -127,15 +138,18 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
+    store: str = typer.Argument(..., help="A feature store (NAME.zarr, or a URL)."),
     repair: bool = typer.Option(False, help="Make the store consistent (holding its writer lease): restore lost manifest rows, and mark every video that fails the checks not done, for extract to compute again."),
     force: bool = typer.Option(False, help="With --repair: take over the store's writer lease if it has expired."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Check every done video's data: present, finite, consistent with the manifest. Exits 1 naming each problem."""
     from clipreel.stores.features import FeatureStore
     from clipreel.stores.features import verify as verify_store
+    from clipreel.stores.location import apply_storage_option_items
     from clipreel.stores.repair import repair_store_at
 
+    apply_storage_option_items(storage_option, store)
     if force and not repair:
         raise ClipreelError("clipreel verify: --force takes over the writer lease for --repair; give both, or neither")
     if repair:
@@ -153,17 +167,49 @@ def verify(
 
 
 @app.command()
+def copy(
+    source: str = typer.Argument(..., help="The store to copy: a folder (NAME.zarr) or a URL (s3://bucket/NAME.zarr, …)."),
+    destination: str = typer.Argument(..., help="Where the copy goes: a folder or a URL. Run again to resume or update it."),
+    check_values: bool = typer.Option(False, help="Also read every done video of the copy and check its values (as verify does)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    storage_option: list[str] = STORAGE_OPTION,
+) -> None:
+    """Copy a feature store between any two locations (local ↔ object store), resumably, then check the copy."""
+    from clipreel.pipeline.progress import progress_to
+    from clipreel.stores.copy import copy_store
+    from clipreel.stores.location import apply_storage_option_items
+
+    apply_storage_option_items(storage_option, source, destination)
+    with progress_to("copy", progress) as update:
+        report = copy_store(source, destination, check_values=check_values,
+                            progress=lambda done, total, size: update(done, total, f"{size / 1e6:,.0f} MB copied"))
+    console.print(f"copy {report.source} → {report.destination}", highlight=False)
+    console.print(f"  objects  {report.objects} ({report.copied} copied, {report.skipped} already there, "
+                  f"{len(report.deleted)} deleted)", highlight=False)
+    console.print(f"  copied   {report.copied_bytes / 1e6:,.1f} MB", highlight=False)
+    if report.problems:
+        for problem in report.problems:
+            console.print(f"[red]✗[/] {problem}")
+        console.print(f"[red]{len(report.problems)} problem(s) in the copy[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] the copy has every object of the source and verifies", highlight=False)
+
+
+@app.command()
 def manifest(
     videos: str = typer.Argument(..., help="Video list or folder (same formats as extract --videos)."),
-    out: Path = typer.Argument(..., help="Parquet file to write."),
+    out: str = typer.Argument(..., help="Parquet file to write (a path or a URL)."),
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths are under."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Read a video list and write its Parquet manifest (what extract does first), to check a list."""
     from clipreel.pipeline.data.sources import read_sources
+    from clipreel.stores.location import apply_storage_option_items
     from clipreel.stores.manifest import status_counts, write_manifest
 
+    apply_storage_option_items(storage_option, out)
     table = read_sources(videos, root=root, label_map=labels, skip_missing=skip_missing)
     write_manifest(table, out)
     console.print(f"{len(table)} videos → {out}  {status_counts(table)}")
@@ -200,7 +246,7 @@ HEAD_HELP = "Head kind: evl, mit, xclip-prompt, text-prompt, linear, mlp or zero
 @app.command()
 def train(
     head: str = typer.Argument(..., help=HEAD_HELP),
-    store: Path = typer.Option(..., help="Feature store to train from (written by clipreel extract)."),
+    store: str = typer.Option(..., help="Feature store to train from (written by clipreel extract): a folder or a URL."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     split: str = typer.Option("train", help="Manifest split to train on."),
     val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' to skip)."),
@@ -219,12 +265,15 @@ def train(
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
     from clipreel.pipeline.train import TrainConfig, run_training
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     cfg = TrainConfig(
-        kind=head, store=str(store), out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
+        kind=head, store=store, out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, seed=seed, options=_parse_options(option), pretrained=pretrained,
         classes=str(classes) if classes else None, device=device, workers=workers, address=address,
@@ -243,7 +292,7 @@ def train(
 @app.command(name="eval")
 def eval_(
     run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train or clipreel finetune."),
-    store: Optional[Path] = typer.Option(None, help="Feature store to evaluate a `train` run on (same model/frames/blocks/norm)."),
+    store: Optional[str] = typer.Option(None, help="Feature store (folder or URL) to evaluate a `train` run on (same model/frames/blocks/norm)."),
     videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
     split: str = typer.Option("test", help="Manifest split to score."),
     views: int = typer.Option(1, help="Temporal views per video for `finetune` runs (scores: mean softmax over views)."),
@@ -256,14 +305,18 @@ def eval_(
     decoder: str = typer.Option("auto", help=DECODER_HELP),
     loader: str = typer.Option("auto", help=LOADER_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Score a trained head on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
 
     Heads trained from the cache (`clipreel train`) are scored on a feature store (--store);
     fine-tuned models (`clipreel finetune`) on raw videos (--videos).
     """
+    from clipreel.stores.location import apply_storage_option_items
+
     if (store is None) == (videos is None):
         raise ClipreelError("clipreel eval: give either --store (a `train` run) or --videos (a `finetune` run)")
+    apply_storage_option_items(storage_option, store)
     if videos is not None:
         from clipreel.pipeline.finetune_eval import evaluate_finetuned
 
@@ -281,7 +334,7 @@ def eval_(
 
 @app.command()
 def zeroshot(
-    store: Optional[Path] = typer.Option(None, help="Feature store whose projected frame embeddings are scored."),
+    store: Optional[str] = typer.Option(None, help="Feature store (folder or URL) whose projected frame embeddings are scored."),
     videos: Optional[str] = typer.Option(None, help="Video list scored from raw frames, by --method (untrained) or --run."),
     method: Optional[str] = typer.Option(None, help="With --videos: an untrained method model (where `finetune` starts)."),
     run: Optional[Path] = typer.Option(None, help="With --videos: a `finetune` run, scored among the list's classes (zero-shot transfer)."),
@@ -295,6 +348,7 @@ def zeroshot(
     views: int = typer.Option(1, help="--videos: temporal views per video (mean softmax over views)."),
     option: list[str] = typer.Option([], help="--method: method option key=value, repeatable."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Zero-shot: class names as text, no training on these classes.
 
@@ -304,6 +358,9 @@ def zeroshot(
     """
     if (store is None) == (videos is None):
         raise ClipreelError("clipreel zeroshot: give either --store (a feature store) or --videos (raw videos)")
+    from clipreel.stores.location import apply_storage_option_items
+
+    apply_storage_option_items(storage_option, store)
     if store is not None:
         from clipreel.pipeline.evaluate import zero_shot
 
@@ -344,17 +401,20 @@ def _raw_settings(model: str, frames: int, augment: list[str], workers: int) -> 
     return {"model": model, "frames": frames, "augment": _parse_options(augment, "--augment"), "workers": workers}
 
 
-def _protocol_source(store: Optional[Path], videos: Optional[str]) -> str:
+def _protocol_source(store: Optional[str], videos: Optional[str], storage_option: list[str]) -> str:
     """The protocol's videos: a store (cache heads) or a video list (fine-tuning methods)."""
+    from clipreel.stores.location import apply_storage_option_items
+
     if (store is None) == (videos is None):
         raise ClipreelError("give either --store (a cache head) or --videos (a fine-tuning method: vifi, prompt, xclip, ezclip)")
-    return str(store) if store is not None else videos
+    apply_storage_option_items(storage_option, store)
+    return store if store is not None else videos
 
 
 @app.command()
 def fewshot(
     head: str = typer.Argument(..., help=HEAD_HELP + " Or a fine-tuning method (vifi, prompt, xclip, ezclip) with --videos."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
+    store: Optional[str] = typer.Option(None, help="Feature store, a folder or a URL (its train and test splits are used)."),
     videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
     out: Path = typer.Option(..., help="Folder for the runs, few_shot.json and few_shot.png."),
     shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
@@ -368,11 +428,12 @@ def fewshot(
     batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
     augment: list[str] = RAW_AUGMENT,
     workers: int = RAW_WORKERS,
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
     from clipreel.pipeline.protocols import few_shot
 
-    source = _protocol_source(store, videos)
+    source = _protocol_source(store, videos, storage_option)
     few_shot(head, source, out, shots=_numbers(shots, "--shots"), seeds=_numbers(seeds, "--seeds"), epochs=epochs,
              lr=lr, batch_size=batch_size or (8 if videos else 16), options=_parse_options(option),
              pretrained=pretrained, finetune=_raw_settings(model, frames, augment, workers),
@@ -382,7 +443,7 @@ def fewshot(
 @app.command()
 def base2novel(
     head: str = typer.Argument(..., help="A text head (mit, xclip-prompt, text-prompt, zeroshot) or, with --videos, a fine-tuning method."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (its train and test splits are used)."),
+    store: Optional[str] = typer.Option(None, help="Feature store, a folder or a URL (its train and test splits are used)."),
     videos: Optional[str] = typer.Option(None, help="Video list, for a fine-tuning method (its train and test splits are used)."),
     out: Path = typer.Option(..., help="Folder for the runs and base_to_novel.json."),
     shots: int = typer.Option(16, help="Training videos per base class."),
@@ -397,11 +458,12 @@ def base2novel(
     batch_size: Optional[int] = PROTOCOL_BATCH_SIZE,
     augment: list[str] = RAW_AUGMENT,
     workers: int = RAW_WORKERS,
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
     from clipreel.pipeline.protocols import base_to_novel
 
-    source = _protocol_source(store, videos)
+    source = _protocol_source(store, videos, storage_option)
     base = None
     if base_classes:
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]

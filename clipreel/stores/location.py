@@ -96,6 +96,22 @@ def use_storage_options(location: Path | str, options: dict) -> None:
     _merge(fsspec.config.conf.setdefault(protocol_of(location), {}), options)
 
 
+def apply_storage_option_items(items: list[str], *locations: str | os.PathLike | None) -> None:
+    """The CLI's `--storage-option key=value` items: parsed, and added for every URL among `locations`
+    (None entries are skipped). Refused when there are items but no URL to apply them to."""
+    if not items:
+        return
+    options = parse_storage_options(items)
+    remote = [store_location(location) for location in locations if location is not None]
+    remote = [location for location in remote if is_remote(location)]
+    if not remote:
+        raise ClipreelError(
+            "--storage-option is for object-store URLs (s3://, gs://, az://, …), and no store here is one"
+        )
+    for location in remote:
+        use_storage_options(location, options)
+
+
 def storage_options(location: Path | str) -> dict:
     """The fsspec options this process uses for the location's protocol (a copy; {} when local)."""
     if not is_remote(location):
