@@ -19,6 +19,9 @@ import pandas as pd
 from clipreel.errors import ClipreelError
 from clipreel.stores.lease import lease_status
 from clipreel.stores.manifest import orphan_mask
+from clipreel.stores.objects import StoreObjects
+
+EXTRACT_LOG_FOLDER = "extract_log"  # written by clipreel extract: who stored which rows, per run
 
 if TYPE_CHECKING:
     from clipreel.stores.features import FeatureStore
@@ -103,8 +106,26 @@ def summarize(store: "FeatureStore") -> dict:
         "arrays": arrays,
         "bytes_on_disk": _bytes_on_disk(store.path),
         "bytes_per_video": store.layout.bytes_per_video(),
+        "extract_runs": _extract_runs(store.path),
         "provenance": store.provenance,
     }
+
+
+def _extract_runs(location: Path | str) -> list[dict]:
+    """Per extract run recorded in the store's extract_log/: its record name and, per writer node,
+    the host, processes and number of videos it stored."""
+    objects = StoreObjects(location)
+    runs = []
+    for name in objects.list(EXTRACT_LOG_FOLDER):
+        data = objects.read(f"{EXTRACT_LOG_FOLDER}/{name}")
+        try:
+            writers = json.loads(data)["writers"] if data is not None else {}
+        except (ValueError, KeyError, TypeError):
+            continue  # a record damaged by hand says nothing
+        runs.append({"record": name, "writers": {node: {"host": writer["host"], "pids": writer["pids"],
+                                                        "videos": len(writer["rows"])}
+                                                 for node, writer in writers.items()}})
+    return runs
 
 
 def _bytes_on_disk(location: Path | str) -> int:
