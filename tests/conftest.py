@@ -4,6 +4,7 @@ synthetic world extracted once into a feature store, and a real S3 endpoint on 1
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def synth_store(ray_local, tmp_path_factory) -> SynthStore:
 def moto_endpoint() -> str:
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's server, in a thread of this process): its URL."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra has it)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,15 @@ class TwoNodeCluster:
         """Each node's session: its `ray start`, GCS, raylet and workers."""
         return [starter.pid for starter in self.starters]
 
+    temp_dir: Path | None = None  # the nodes' Ray folders (short: Ray's socket paths must fit 107 bytes)
+
     def stop(self) -> None:
         for session in self.sessions:
             kill_session(session)
         for starter in self.starters:
             starter.wait(timeout=60)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _start(command: list[str], root: Path, name: str, environment: dict[str, str]) -> subprocess.Popen:
@@ -97,7 +102,8 @@ def _start(command: list[str], root: Path, name: str, environment: dict[str, str
 
 
 def _node_args(temp_dir: Path, cpus: int, resource: str, ip: str) -> list[str]:
-    low = 20000 + (os.getpid() * 7 + time.time_ns()) % 30000
+    # Workers' ports below the kernel's ephemeral range (32768 up), where free_port() finds the others.
+    low = 20000 + (os.getpid() * 7 + time.time_ns()) % 12000
     return [
         "--num-cpus", str(cpus), "--resources", json.dumps({resource: 1}), "--object-store-memory", str(300 * 2**20),
         "--node-ip-address", ip, "--temp-dir", str(temp_dir), "--disable-usage-stats",
@@ -113,14 +119,15 @@ def start_two_node_cluster(root: Path, hide: Path | None = None, cpus: int = 2) 
     """Head (resource node_a) and a second node (node_b), `cpus` logical CPUs each; the second
     node cannot see `hide` when given and the machine allows mount namespaces."""
     root.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="clipreel-ray-"))
     port = free_port()
     address = f"{HEAD_IP}:{port}"
     head = _start([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                   *_node_args(root / "head-tmp", cpus, "node_a", HEAD_IP)], root, "head", node_environment())
-    cluster = TwoNodeCluster(address, "", "", None, [head])
+                   *_node_args(temp_dir / "head", cpus, "node_a", HEAD_IP)], root, "head", node_environment())
+    cluster = TwoNodeCluster(address, "", "", None, [head], temp_dir)
     try:
         _wait_for_nodes(address, 1, head)
-        second_args = [RAY, "start", "--address", address, *_node_args(root / "second-tmp", cpus, "node_b", SECOND_IP)]
+        second_args = [RAY, "start", "--address", address, *_node_args(temp_dir / "second", cpus, "node_b", SECOND_IP)]
         if hide is not None and can_hide_folders():
             hide.mkdir(parents=True, exist_ok=True)
             script = 'mount -t tmpfs clipreel-hidden "$1" && shift && exec "$@"'
