@@ -192,7 +192,7 @@ def copy(
             console.print(f"[red]✗[/] {problem}")
         console.print(f"[red]{len(report.problems)} problem(s) in the copy[/]")
         raise typer.Exit(1)
-    console.print(f"[green]✓[/] the copy has every object of the source and verifies", highlight=False)
+    console.print("[green]✓[/] the copy has every object of the source and verifies", highlight=False)
 
 
 @app.command()

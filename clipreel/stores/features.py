@@ -22,6 +22,11 @@ chunk files, and writers in different processes never touch the same file (zarr'
 read-modify-write of a shared chunk loses updates). A video's `done` chunk is written last, so
 a crash can leave a half-written video but never one that reads as done.
 
+A linked store is a local folder holding only its own manifest.parquet and linked_arrays.json,
+which names another store whose root metadata and arrays it reads (the few-shot and base-to-novel
+protocols give a remote store's videos other splits and labels this way; for a local store they
+use symbolic links). It is read-only.
+
 One process at a time holds the store's writer lease (lease.py) and alone adds rows or rewrites
 the manifest. Even so, every manifest write reads the manifest and the arrays' extent again from
 storage and refuses to drop, move or miscount a row, so no stale view can shrink the manifest.
@@ -71,6 +76,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
+LINK_FILE = "linked_arrays.json"  # a linked store: {"arrays": location of the store whose arrays it reads}
 READABLE_FIELDS = ("tokens", "embeds", "attention", "frame_indices")
 # Where the layer axis K sits within one video's slice of each array that has one.
 LAYER_AXIS = {"tokens": 2, "attention": 3}
@@ -166,13 +172,15 @@ ARRAYS = {
 class FeatureStore:
     """A feature store on disk (a local folder) or behind an fsspec URL. Use create() or open()."""
 
-    def __init__(self, path: Path | str, group: zarr.Group, mode: str, fast_read: bool):
+    def __init__(self, path: Path | str, group: zarr.Group, mode: str, fast_read: bool,
+                 arrays_location: Path | str | None = None):
         self.path = path  # Path for a local folder, str for a URL
+        self.arrays_location = arrays_location if arrays_location is not None else path  # other for a linked store
         self.mode = mode
         self._group = group
         self._fast_read = fast_read
         self._objects = StoreObjects(path)
-        self._ranges = objectread.RangeClient(path) if is_remote(path) else None
+        self._ranges = objectread.RangeClient(self.arrays_location) if is_remote(self.arrays_location) else None
         attributes = group.attrs.asdict()
         self.provenance: dict = dict(attributes.get("provenance", {}))
         self.schema_version: int = attributes["schema_version"]
@@ -266,8 +274,23 @@ class FeatureStore:
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
-        """Whether `path` holds a store (its root zarr.json), complete or not."""
-        return StoreObjects(store_location(path)).exists("zarr.json")
+        """Whether `path` holds a store (its root zarr.json, or a link to another store's), complete or not."""
+        objects = StoreObjects(store_location(path))
+        return objects.exists("zarr.json") or objects.exists(LINK_FILE)
+
+    @staticmethod
+    def link(path: Path, arrays: str | os.PathLike, manifest: pd.DataFrame) -> None:
+        """Make (or refresh) at the local folder `path` a linked store: `manifest` over the arrays of
+        the store at `arrays` (a folder or URL), which must have one row per manifest row."""
+        source = FeatureStore.open(arrays)
+        if len(manifest) != source.layout.videos:
+            raise ClipreelError(
+                f"{path}: a linked store's manifest needs one row per row of {arrays} ({source.layout.videos}), "
+                f"got {len(manifest)}"
+            )
+        objects = StoreObjects(path)
+        objects.replace(LINK_FILE, json.dumps({"arrays": str(source.path)}).encode())
+        objects.replace(MANIFEST_FILE, manifest_to_parquet(new_manifest(manifest)))
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", fast_read: bool = True) -> "FeatureStore":
@@ -282,8 +305,14 @@ class FeatureStore:
             raise ClipreelError(
                 f"{location} is not a feature store: no such folder. Create one with `clipreel extract`."
             )
+        arrays_location = location
+        link = StoreObjects(location).read(LINK_FILE)
+        if link is not None:
+            if mode != "r":
+                raise ClipreelError(f"{location} is a linked store (it reads another store's arrays): open it read-only")
+            arrays_location = store_location(json.loads(link)["arrays"])
         try:
-            group = zarr.open_group(str(location), mode=mode, zarr_format=3)
+            group = zarr.open_group(str(arrays_location), mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError) as exc:
             raise ClipreelError(
                 f"{location} is not a clipreel feature store: it holds no Zarr v3 group (zarr.json) ({exc})"
@@ -311,13 +340,13 @@ class FeatureStore:
                 f"{location} is an incomplete clipreel feature store: {', '.join(missing)} missing "
                 "(an interrupted create?). Delete it and extract again."
             )
-        return cls(location, group, mode, fast_read)
+        return cls(location, group, mode, fast_read, arrays_location)
 
     def __reduce__(self):
         """Pickle as "open the same path again" (e.g. to hand a store to Ray workers), carrying the
-        storage options and variables that reach it (StoreAccess), since a worker on another node
-        has neither this process's configuration nor its environment."""
-        return (_reopen, (StoreAccess.of(self.path), self.mode, self._fast_read))
+        storage options and variables that reach its arrays (StoreAccess), since a worker on another
+        node has neither this process's configuration nor its environment."""
+        return (_reopen, (StoreAccess.of(self.arrays_location), str(self.path), self.mode, self._fast_read))
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, videos={self.layout.videos}, mode={self.mode!r})"
@@ -651,10 +680,10 @@ class FeatureStore:
 # ---------------------------------------------------------------------- module helpers
 
 
-def _reopen(access: StoreAccess, mode: str, fast_read: bool) -> FeatureStore:
+def _reopen(access: StoreAccess, path: str, mode: str, fast_read: bool) -> FeatureStore:
     """Open a pickled store again in this process, with the access it was pickled with."""
     access.apply()
-    return FeatureStore.open(access.location, mode, fast_read)
+    return FeatureStore.open(path, mode, fast_read)
 
 
 def _has_member(group: zarr.Group, name: str) -> bool:

@@ -10,7 +10,8 @@ Two clients send the GETs:
 
 - obstore (Rust, for s3://, gs://, az://): measured on the 2-core dev VM against moto's server on
   127.0.0.1, 8 random 12 MB rows per batch: 50 rows/s and 10 ms of client CPU per row, against
-  27 rows/s and 27 ms for s3fs's `cat_ranges`; with 0.3 MB rows 328 against 208 rows/s. It reads
+  27 rows/s and 27 ms for s3fs's `cat_ranges`; with 0.3 MB rows 328 against 208 rows/s
+  (bench/store_read.py --url moto compares the two through FeatureStore's own read path). It reads
   the AWS_*/GOOGLE_*/AZURE_* variables itself; the common s3fs options (endpoint_url, key,
   secret, token, anon, region) are translated. It is used when it is installed and its first
   request (a HEAD of the store's zarr.json) succeeds; otherwise, and for other protocols,
@@ -46,11 +47,11 @@ _S3_OPTION_NAMES = {"key": "access_key_id", "secret": "secret_access_key", "toke
 class RangeClient:
     """Concurrent ranged GETs of objects named relative to one store root."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, use_obstore: bool = True):
         self.location = location
         self._fs, root = filesystem(location)
         self._root = root.rstrip("/")
-        self._obstore, self._why_not_obstore = _obstore_for(location)
+        self._obstore, self._why_not_obstore = _obstore_for(location) if use_obstore else (None, "obstore not asked for")
 
     def describe(self) -> str:
         if self._obstore is not None:
@@ -65,9 +66,12 @@ class RangeClient:
             return _run(_obstore_gets(self._obstore, keys, starts, ends))
         paths = [f"{self._root}/{key}" for key in keys]
         if self._fs.async_impl:  # one gather of coroutines
-            results = self._fs.cat_ranges(paths, list(starts), list(ends), on_error="return", batch_size=MAX_CONCURRENT_GETS)
+            results = self._fs.cat_ranges(
+                paths, list(starts), list(ends), on_error="return", batch_size=MAX_CONCURRENT_GETS
+            )
         else:  # a blocking filesystem: its reads on the reader threads
-            results = map_threads(_cat_or_error, [(self._fs, path, start, end) for path, start, end in zip(paths, starts, ends, strict=True)])
+            requests = [(self._fs, path, start, end) for path, start, end in zip(paths, starts, ends, strict=True)]
+            results = map_threads(_cat_or_error, requests)
         out = []
         for path, result in zip(paths, results, strict=True):
             if isinstance(result, FileNotFoundError):
@@ -183,23 +187,9 @@ def _obstore_for(location: str):
         from obstore.store import from_url
     except ImportError:
         return None, "obstore is not installed"
-    options = storage_options(location)
-    config, client_options = {}, {}
-    if protocol in ("s3", "s3a"):
-        region = options.pop("client_kwargs", {}).get("region_name") if isinstance(options.get("client_kwargs"), dict) else None
-        if region:
-            options["region"] = region
-        if options.pop("anon", False):
-            config["skip_signature"] = True
-        for name, value in list(options.items()):
-            if name in _S3_OPTION_NAMES:
-                config[_S3_OPTION_NAMES[name]] = value
-                options.pop(name)
-        endpoint = config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
-        if endpoint.startswith("http://"):
-            client_options["allow_http"] = True
-    if options:
-        return None, f"storage options {sorted(options)} have no obstore equivalent here"
+    config, client_options, untranslated = _obstore_options(protocol, storage_options(location))
+    if untranslated:
+        return None, f"storage options {untranslated} have no obstore equivalent here"
     try:
         store = from_url(location.replace("s3a://", "s3://", 1), config=config or None,
                          client_options=client_options or None)
@@ -207,6 +197,30 @@ def _obstore_for(location: str):
     except Exception as error:  # credentials only botocore finds (profiles, config files), a refused request
         return None, f"obstore could not read the store ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
     return store, ""
+
+
+def _obstore_options(protocol: str, options: dict) -> tuple[dict, dict, list[str]]:
+    """fsspec options -> (obstore config, obstore client options, names of options it cannot take).
+
+    Only s3fs's common options translate; obstore reads the AWS_*/GOOGLE_*/AZURE_* variables itself.
+    """
+    config, client_options = {}, {}
+    if protocol in ("s3", "s3a"):
+        client_kwargs = options.pop("client_kwargs", {})
+        if isinstance(client_kwargs, dict) and set(client_kwargs) <= {"region_name"}:
+            if "region_name" in client_kwargs:
+                config["region"] = client_kwargs["region_name"]
+        else:
+            options["client_kwargs"] = client_kwargs
+        if options.pop("anon", False):
+            config["skip_signature"] = True
+        for name in [name for name in options if name in _S3_OPTION_NAMES]:
+            config[_S3_OPTION_NAMES[name]] = options.pop(name)
+        endpoint = (config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL", ""))
+        if endpoint.startswith("http://"):
+            client_options["allow_http"] = True
+    return config, client_options, sorted(options)
 
 
 async def _obstore_gets(store, keys, starts, ends) -> list:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raynodes import node_environment, session_pids, start_two_node_cluster
 
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-
-from raynodes import node_environment, session_pids, start_two_node_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -146,3 +146,28 @@ def test_storage_options_reach_the_store_travel_with_a_pickled_store_and_are_rec
     expected = float(np.abs(video_data(LAYOUT, 2)["tokens"].astype(np.float64)).sum())
     path_used, total = child.stdout.decode().split()[:-1], float(child.stdout.decode().split()[-1])
     assert " ".join(path_used) == "obstore ranged GETs" and total == expected
+
+
+def test_a_linked_store_reads_the_arrays_of_an_s3_store_with_a_manifest_of_its_own(s3_endpoint, tmp_path):
+    url = f"{s3_endpoint}/feats.zarr"
+    store = make_store(url)
+    for row in (1, 4):
+        store.write_video(row, **video_data(LAYOUT, row))
+    relabelled = store.manifest()
+    relabelled["split"] = ["shots" if row in (1, 4) else "rest" for row in range(LAYOUT.videos)]
+    linked_path = tmp_path / "protocol" / "shots.zarr"
+    FeatureStore.link(linked_path, url, relabelled)
+
+    assert FeatureStore.exists(linked_path) and sorted(p.name for p in linked_path.iterdir()) == [
+        "linked_arrays.json", "manifest.parquet"]
+    linked = FeatureStore.open(linked_path)
+    assert linked.manifest()["split"].tolist() == relabelled["split"].tolist()
+    assert linked.read_path() == "obstore ranged GETs" and linked.done_mask().tolist() == [
+        False, True, False, False, True, False]
+    np.testing.assert_array_equal(linked.read([4], fields=("embeds",))["embeds"][0], video_data(LAYOUT, 4)["embeds"])
+    reopened = pickle.loads(pickle.dumps(linked))
+    assert reopened.path == linked_path and reopened.manifest()["split"].tolist() == relabelled["split"].tolist()
+    with pytest.raises(ClipreelError, match="is a linked store .* open it read-only"):
+        FeatureStore.open(linked_path, mode="r+")
+    with pytest.raises(ClipreelError, match="needs one row per row"):
+        FeatureStore.link(tmp_path / "bad.zarr", url, relabelled.iloc[:3])
