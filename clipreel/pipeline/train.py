@@ -58,6 +58,7 @@ from clipreel.pipeline.evaluate import view_averaged_probabilities
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray
 from clipreel.stores.features import FeatureStore, provenance_diff
+from clipreel.stores.location import StoreAccess, store_location
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import CONFIG_FILE, METRICS_FILE, save_run
 
@@ -619,7 +620,8 @@ def _train_with_ray(cfg: TrainConfig) -> TrainSummary:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"cfg": asdict(cfg)},
+            # The workers may run on other nodes: hand them the store's storage options and variables.
+            train_loop_config={"cfg": asdict(cfg), "store_access": StoreAccess.of(store_location(cfg.store))},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
             run_config=RunConfig(name="clipreel-train", storage_path=ray_storage),
         )
@@ -640,6 +642,7 @@ def _ray_worker(config: dict) -> None:
     import ray.train.torch
 
     context = ray.train.get_context()
+    config["store_access"].apply()
     _train(
         TrainConfig(**config["cfg"]), rank=context.get_world_rank(), world_size=context.get_world_size(),
         device=ray.train.torch.get_device(), progress=False, wrap_model=ray.train.torch.prepare_model,

@@ -237,3 +237,13 @@ def test_train_and_eval_straight_from_s3_equal_a_local_copy_and_copy_goes_both_w
         np.testing.assert_array_equal(weights_s3[key], weights_local[key])
     for metric in ("top1", "top5", "mean_class_acc", "n", "confusion"):
         assert report_s3[metric] == report_local[metric]
+
+
+def test_data_parallel_training_on_the_cluster_reads_the_s3_store_in_every_worker(extracted, cluster, s3, tmp_path):
+    assert extracted["returncode"] == 0, extracted["output"]
+    run = tmp_path / "run-ddp"  # one machine: the run directory is on a folder every node sees
+    trained = clipreel("train", "linear", "--store", extracted["url"], "--out", str(run), "--epochs", "1",
+                       "--batch-size", "4", "--workers", "2", "--address", cluster.address, "--no-progress",
+                       *s3["options"])
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert (run / "weights.safetensors").is_file()
