@@ -175,3 +175,18 @@ def test_a_linked_store_reads_the_arrays_of_an_s3_store_with_a_manifest_of_its_o
         FeatureStore.open(linked_path, mode="r+")
     with pytest.raises(ClipreelError, match="needs one row per row"):
         FeatureStore.link(tmp_path / "bad.zarr", url, relabelled.iloc[:3])
+
+
+def test_clipreel_manifest_writes_its_parquet_to_a_url(s3_endpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from clipreel.cli import app
+    from clipreel.stores.manifest import read_manifest
+
+    videos = tmp_path / "videos.csv"
+    videos.write_text("path,label\nclips/a.mp4,0\nclips/b.mp4,1\n")
+    url = f"{s3_endpoint}/lists/videos.parquet"
+    result = CliRunner().invoke(app, ["manifest", str(videos), url, "--skip-missing"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(url)
+    assert manifest["label"].tolist() == [0, 1] and (manifest["status"] == "failed").all()
