@@ -14,7 +14,7 @@ they hold secrets, and the store, run directories and logs never record them.
 
 A process on another machine (a Ray worker) does not share this process's configuration or
 environment, so `StoreAccess` carries what it needs explicitly: the protocol's fsspec options and
-the storage variables of this process's environment. Imports fsspec only.
+the storage variables of this process's environment. Imports fsspec and clipreel.errors.
 """
 
 from __future__ import annotations
