@@ -2,8 +2,8 @@
 
 Why this exists: the feature store keeps one uncompressed chunk per video, so a chunk file is
 nothing but the row's bytes in C order. Stock zarr reads a random mini-batch several times
-slower than a numpy memmap of the same bytes (DESIGN.md: ~7 videos/s with `oindex`, 25-58 with
-a per-video loop, 232 for the memmap), because of per-chunk decode machinery and copies. Here
+slower than a numpy memmap of the same bytes (measured on a 2-core VM: ~7 videos/s with `oindex`,
+25-58 with a per-video loop, 232 for the memmap; docs/store.md, "The read path"), because of per-chunk decode machinery and copies. Here
 each chunk file is read with `os.preadv` directly into its slot of a preallocated output
 array, on a small thread pool (file reads release the GIL).
 

@@ -262,7 +262,7 @@ class FeatureStore:
                 shape=(layout.videos, *row_shape),
                 chunks=(1, *row_shape),  # one chunk per video: a writer owns its video's files
                 dtype=spec.dtype,
-                compressors=None,  # fp16 activations compress by < 10% (DESIGN.md)
+                compressors=None,  # fp16 activations compress by < 10% (docs/store.md, "Arrays")
                 filters=None,
                 fill_value=spec.fill_value,
                 dimension_names=spec.dimension_names,
