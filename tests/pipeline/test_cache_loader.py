@@ -1,4 +1,5 @@
-"""CacheLoader on real Zarr stores on disk: order, views, layers, sharding, bounded prefetch, errors."""
+"""CacheLoader on real Zarr stores on disk: order, views, layers, sharding, bounded prefetch, errors;
+float16 and 8-bit stores alike (8-bit fields decoded in the loader, or on the device)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import os
 import threading
 import time
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.data.cache_loader import CacheLoader
+from clipreel.pipeline.data.store_codes import batch_to_device
 from clipreel.stores.features import FeatureStore, StoreLayout
 from clipreel.stores.manifest import new_manifest
 
@@ -19,14 +24,16 @@ FIELDS = ("tokens", "embeds", "attention", "frame_indices")
 
 
 def _code(row: int, view: int, layer: int = 0) -> float:
-    """The value every element of (row, view, layer) holds, exact in float16."""
+    """The value every element of (row, view, layer) holds, exact in float16 (and through 8-bit
+    codes: a group of equal values is its scale times the top code)."""
     return row * 100 + view * 10 + layer
 
 
-def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None) -> FeatureStore:
+def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None, dtype: str = "float16") -> FeatureStore:
     """A store whose every value says which row, view and feature block it belongs to."""
     manifest = new_manifest([{"video_id": f"v{row}", "path": f"v{row}.mp4"} for row in range(layout.videos)])
-    store = FeatureStore.create(path, layout, {"test": "loader"}, manifest)
+    layout = replace(layout, dtype=dtype)
+    store = FeatureStore.create(path, layout, {"test": "loader", "dtype": dtype}, manifest)
     for row in done_rows if done_rows is not None else range(layout.videos):
         tokens = np.empty(layout.row_shape("tokens"), dtype=np.float16)  # (V, T, K, L, D)
         attention = np.empty(layout.row_shape("attention"), dtype=np.float16)  # (V, 2, T-1, K, P, P)
@@ -41,9 +48,9 @@ def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None) -> FeatureSt
     return FeatureStore.open(path)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> FeatureStore:
-    return _make_store(tmp_path_factory.mktemp("loader") / "s.zarr")
+@pytest.fixture(scope="module", params=["float16", "int8", "float8"])
+def store(tmp_path_factory, request) -> FeatureStore:
+    return _make_store(tmp_path_factory.mktemp("loader") / "s.zarr", dtype=request.param)
 
 
 def _loader(store, **overrides) -> CacheLoader:
@@ -66,8 +73,8 @@ def test_batches_hold_one_consistent_view_and_the_requested_layers(store, fast_r
     seen = []
     for batch in loader.epoch(0):
         size = len(batch["rows"])
-        assert batch["tokens"].shape == (size, 4, len(kept), 5, 8)
-        assert batch["attention"].shape == (size, 2, 3, len(kept), 4, 4)
+        assert batch["tokens"].shape == (size, 4, len(kept), 5, 8) and batch["tokens"].dtype == torch.float16
+        assert batch["attention"].shape == (size, 2, 3, len(kept), 4, 4) and batch["attention"].dtype == torch.float16
         assert batch["embeds"].shape == (size, 4, 4)
         np.testing.assert_array_equal(batch["labels"].numpy(), batch["rows"].numpy() % 3)
         for i, row in enumerate(batch["rows"].tolist()):
@@ -170,3 +177,22 @@ def test_rows_that_are_not_done_are_refused(tmp_path):
     store = _make_store(tmp_path / "partial.zarr", done_rows=[0, 1, 2])
     with pytest.raises(ClipreelError, match=r"\[3, 4\].*not done"):
         CacheLoader(store, [0, 3, 4], [0, 0, 0], ("embeds",), "all", 2, shuffle=False, seed=0, views="all")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8"])
+@pytest.mark.parametrize("views", ["random", "all"])
+def test_for_a_gpu_batches_keep_their_8bit_codes_until_batch_to_device(tmp_path, dtype, views):
+    store = _make_store(tmp_path / "s.zarr", dtype=dtype)
+    decoded_here = _loader(store, views=views, layers="last")
+    for_gpu = _loader(store, views=views, layers="last", device="cuda")  # its type only: nothing runs on a GPU
+    assert decoded_here.decode_in_loader and not for_gpu.decode_in_loader
+    codes = {"int8": (torch.int8, torch.uint8), "float8": (torch.float8_e4m3fn, torch.float8_e4m3fn)}[dtype]
+    for decoded, encoded in zip(decoded_here.epoch(2), for_gpu.epoch(2), strict=True):
+        assert (encoded["tokens"].dtype, encoded["attention"].dtype) == codes
+        assert encoded["tokens_scale"].shape == (*decoded["tokens"].shape[:-1], 1)  # width 8: one scale per token
+        assert encoded["attention_scale"].shape == decoded["attention"].shape[:-1]
+        moved = batch_to_device(encoded, "cpu")
+        assert set(moved) == set(decoded) == {*FIELDS, "labels", "rows"}
+        for name, values in decoded.items():
+            assert moved[name].dtype == values.dtype
+            np.testing.assert_array_equal(moved[name].numpy(), values.numpy())
