@@ -256,7 +256,7 @@ def score_store(store: FeatureStore, videos: EvalVideos, name: str, head: nn.Mod
     torch_device = resolve_device(device)
     entry = head_entry(name)
     loader = CacheLoader(store, videos.rows, videos.targets, entry.reads, entry.blocks, batch_size,
-                         shuffle=False, seed=0, views="all", device=torch_device)
+                         shuffle=False, seed=0, views="all")
     probabilities, _ = predict_store(name, head.to(torch_device), loader.epoch(0), torch_device)  # (N, K)
     context = {
         "store": str(store.path),

@@ -39,7 +39,6 @@ from clipreel.errors import ClipreelError
 from clipreel.heads.layers import classification_loss, one_parameter_group
 from clipreel.heads.registry import create_head, head_entry
 from clipreel.pipeline.data.cache_loader import CacheLoader
-from clipreel.pipeline.data.store_codes import batch_to_device
 from clipreel.pipeline.models import text_model_for
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.scoring import predict_store, top1_and_loss
@@ -237,13 +236,12 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     train_loader = CacheLoader(
         store, data.train_rows, data.train_labels, entry.reads, entry.blocks, cfg.batch_size // world_size,
         shuffle=True, seed=cfg.seed, views="random", prefetch=cfg.prefetch, rank=rank, world_size=world_size,
-        device=device,
     )
     val_loader = None
     if len(data.val_rows) and rank == 0:
         val_loader = CacheLoader(
             store, data.val_rows, data.val_labels, entry.reads, entry.blocks, cfg.batch_size,
-            shuffle=False, seed=cfg.seed, views="all", prefetch=cfg.prefetch, device=device,
+            shuffle=False, seed=cfg.seed, views="all", prefetch=cfg.prefetch,
         )
 
     def validate() -> tuple[float | None, float | None]:
@@ -262,7 +260,7 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     optimizer, scheduler = adamw_with_schedule(groups, recipe, steps_per_epoch, cfg.epochs, checkpoint)
 
     def step(batch: dict, index: int):
-        batch = batch_to_device(batch, device)  # 8-bit fields still encoded (for a GPU) are decoded there
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}  # 8-bit: codes
         logits = model(batch)  # (B, K)
         return classification_loss(logits, batch["labels"], cfg.label_smoothing), logits, batch["labels"]
 

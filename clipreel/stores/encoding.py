@@ -15,9 +15,10 @@ Scales are float16 arrays of their own (`tokens_scale` (V, T, K, L, D / block),
 `attention_scale` (V, 2, T-1, K, P)): the largest magnitude of their block or row, rounded to
 float16, and 1 for a block of zeros, so every scale is finite and positive. Decoding is one float32
 multiply, code * (scale / top), then a round to float16: readers return float16 values, as a
-float16 store holds them. `encode` and `decode` here are the numpy definition; the training loader
-and the extraction actors use a torch twin (`pipeline/data/store_codes.py`) that gives the same
-bits.
+float16 store holds them. `encode` and `decode` here are the numpy definition; their torch twins
+give the same bits: the extraction writers encode on the model's device
+(`pipeline/data/store_codes.py`), and the heads decode the codes the training loader hands them,
+on their device (`heads/cache/inputs.py`).
 
 Why these choices (measured on clipreel-synth's activations of the synthetic world, see
 docs/store.md "8-bit storage"): int8 with a scale per 32 channels kept the relative error of the
@@ -33,7 +34,6 @@ Imports numpy only.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,7 +147,7 @@ def encode(field: str, values: np.ndarray, code: FieldCode) -> tuple[np.ndarray,
     values = np.asarray(values, dtype=np.float32)
     if not np.isfinite(values).all():
         raise ClipreelError(f"{field} contains NaN or inf")
-    if code is UINT8 and values.size and values.min() < 0:
+    if code == UINT8 and values.size and values.min() < 0:
         raise ClipreelError(f"{field} has negative values ({values.min():.3g}); its 8-bit codes are unsigned")
     groups = _groups(field, values)  # (..., groups, group size)
     largest = np.abs(groups).max(axis=-1) if groups.size else np.zeros(groups.shape[:-1], np.float32)
@@ -158,10 +158,10 @@ def encode(field: str, values: np.ndarray, code: FieldCode) -> tuple[np.ndarray,
     scales[scales == 0] = 1  # a block of zeros (or of values too small for float16): any positive scale
     steps = scales.astype(np.float32) / np.float32(code.top)  # (..., groups)
     scaled = groups / steps[..., None]  # in [-top, top], up to float16's rounding of the scale
-    if code is FLOAT8:
+    if code == FLOAT8:
         codes = to_e4m3(np.clip(scaled, -E4M3_MAX, E4M3_MAX))
     else:
-        low = 0 if code is UINT8 else -code.top
+        low = 0 if code == UINT8 else -code.top
         codes = np.clip(np.rint(scaled), low, code.top).astype(code.storage_dtype)
     return codes.reshape(values.shape), scales
 
@@ -182,7 +182,7 @@ def to_e4m3(values: np.ndarray) -> np.ndarray:
 
 def decode(field: str, codes: np.ndarray, scales: np.ndarray, code: FieldCode) -> np.ndarray:
     """(codes, scales) of one field -> float16 values, code * (scale / top) computed in float32."""
-    if code is FLOAT8:
+    if code == FLOAT8:
         numbers = E4M3_VALUES[codes]
     else:
         numbers = codes.astype(np.float32)
@@ -211,17 +211,8 @@ def code_problems(field: str, codes: np.ndarray, scales: np.ndarray | None, code
         not_positive = int((scales <= 0).sum())
         if not_positive:
             problems.append(f"{field}{SCALE_SUFFIX} has {not_positive} values <= 0 (scales are positive)")
-    if code is FLOAT8:
+    if code == FLOAT8:
         nan_codes = int(np.isin(codes, E4M3_NAN_CODES).sum())
         if nan_codes:
             problems.append(f"{field} has {nan_codes} float8 NaN codes")
     return problems
-
-
-def bytes_per_value(code: FieldCode) -> int:
-    return int(np.dtype(code.storage_dtype).itemsize)
-
-
-def scale_bytes(field: str, row_shape: tuple[int, ...]) -> int:
-    """Bytes of one video's scales of `field` (float16)."""
-    return math.prod(scale_shape(field, row_shape)) * 2

@@ -1,12 +1,11 @@
 """CacheLoader on real Zarr stores on disk: order, views, layers, sharding, bounded prefetch, errors;
-float16 and 8-bit stores alike (8-bit fields decoded in the loader, or on the device)."""
+float16 and 8-bit stores alike (8-bit fields handed on as codes with their scales)."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-
 from dataclasses import replace
 
 import numpy as np
@@ -14,8 +13,8 @@ import pytest
 import torch
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.cache.inputs import decode_field
 from clipreel.pipeline.data.cache_loader import CacheLoader
-from clipreel.pipeline.data.store_codes import batch_to_device
 from clipreel.stores.features import FeatureStore, StoreLayout
 from clipreel.stores.manifest import new_manifest
 
@@ -60,6 +59,16 @@ def _loader(store, **overrides) -> CacheLoader:
     return CacheLoader(store, rows, labels=rows % 3, **arguments)
 
 
+def _values(batch: dict) -> dict:
+    """The batch with 8-bit fields decoded to float16 (what a float16 store's batch holds)."""
+    values = {name: tensor for name, tensor in batch.items() if not name.endswith("_scale")}
+    for name in batch:
+        if name.endswith("_scale"):
+            field = name.removesuffix("_scale")
+            values[field] = decode_field(field, batch[field], batch[name])
+    return values
+
+
 def _rows_of_epoch(loader: CacheLoader, epoch: int) -> list[int]:
     return [int(row) for batch in loader.epoch(epoch) for row in batch["rows"]]
 
@@ -71,7 +80,7 @@ def test_batches_hold_one_consistent_view_and_the_requested_layers(store, fast_r
     loader = _loader(store, layers=layers)
     kept = [0, 1] if layers == "all" else [1]
     seen = []
-    for batch in loader.epoch(0):
+    for batch in map(_values, loader.epoch(0)):
         size = len(batch["rows"])
         assert batch["tokens"].shape == (size, 4, len(kept), 5, 8) and batch["tokens"].dtype == torch.float16
         assert batch["attention"].shape == (size, 2, 3, len(kept), 4, 4) and batch["attention"].dtype == torch.float16
@@ -92,9 +101,12 @@ def test_both_read_paths_give_identical_batches(store):
     direct = _loader(FeatureStore.open(store.path, fast_read=True), layers="last")
     through_zarr = _loader(FeatureStore.open(store.path, fast_read=False), layers="last")
     for a, b in zip(direct.epoch(5), through_zarr.epoch(5), strict=True):
-        for field in (*FIELDS, "labels", "rows"):
+        assert set(a) == set(b)
+        for field in a:  # float8 codes compared by their bits (numpy has no float8)
             assert a[field].dtype == b[field].dtype
-            np.testing.assert_array_equal(a[field].numpy(), b[field].numpy())
+            bits = [batch[field].view(torch.uint8) if batch[field].dtype == torch.float8_e4m3fn else batch[field]
+                    for batch in (a, b)]
+            assert torch.equal(*bits), field
 
 
 def test_order_is_a_seeded_permutation_that_changes_every_epoch(store):
@@ -117,7 +129,7 @@ def test_random_views_change_across_epochs_and_all_views_keep_the_view_axis(stor
     assert sum(len(views) > 1 for views in views_by_row.values()) >= 8
 
     every_view = _loader(store, views="all", shuffle=False, layers="last")
-    batch = next(iter(every_view.epoch(0)))
+    batch = _values(next(iter(every_view.epoch(0))))
     assert batch["tokens"].shape == (4, 3, 4, 1, 5, 8)  # (B, V, T, K, L, D)
     assert batch["embeds"].shape == (4, 3, 4, 4)
     for view in range(3):
@@ -181,18 +193,16 @@ def test_rows_that_are_not_done_are_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["int8", "float8"])
 @pytest.mark.parametrize("views", ["random", "all"])
-def test_for_a_gpu_batches_keep_their_8bit_codes_until_batch_to_device(tmp_path, dtype, views):
-    store = _make_store(tmp_path / "s.zarr", dtype=dtype)
-    decoded_here = _loader(store, views=views, layers="last")
-    for_gpu = _loader(store, views=views, layers="last", device="cuda")  # its type only: nothing runs on a GPU
-    assert decoded_here.decode_in_loader and not for_gpu.decode_in_loader
+def test_8bit_batches_hold_codes_and_scales_that_decode_to_the_float16_batches(tmp_path, dtype, views):
+    float16 = _loader(_make_store(tmp_path / "f16.zarr"), views=views, layers="last")
+    eight_bit = _loader(_make_store(tmp_path / "8bit.zarr", dtype=dtype), views=views, layers="last")
     codes = {"int8": (torch.int8, torch.uint8), "float8": (torch.float8_e4m3fn, torch.float8_e4m3fn)}[dtype]
-    for decoded, encoded in zip(decoded_here.epoch(2), for_gpu.epoch(2), strict=True):
+    for expected, encoded in zip(float16.epoch(2), eight_bit.epoch(2), strict=True):
         assert (encoded["tokens"].dtype, encoded["attention"].dtype) == codes
-        assert encoded["tokens_scale"].shape == (*decoded["tokens"].shape[:-1], 1)  # width 8: one scale per token
-        assert encoded["attention_scale"].shape == decoded["attention"].shape[:-1]
-        moved = batch_to_device(encoded, "cpu")
-        assert set(moved) == set(decoded) == {*FIELDS, "labels", "rows"}
-        for name, values in decoded.items():
-            assert moved[name].dtype == values.dtype
-            np.testing.assert_array_equal(moved[name].numpy(), values.numpy())
+        assert encoded["tokens_scale"].shape == (*expected["tokens"].shape[:-1], 1)  # width 8: one scale per token
+        assert encoded["attention_scale"].shape == expected["attention"].shape[:-1]
+        decoded = _values(encoded)
+        assert set(decoded) == set(expected) == {*FIELDS, "labels", "rows"}
+        for name, values in expected.items():
+            assert decoded[name].dtype == values.dtype
+            np.testing.assert_array_equal(decoded[name].numpy(), values.numpy())

@@ -1,4 +1,5 @@
-"""The torch twin of the store's 8-bit encoding gives the numpy definition's bits, both ways."""
+"""The torch twins of the store's 8-bit encoding (extraction's encode, the heads' decode) give the
+numpy definition's bits, and the heads read a feature block alike from values or from codes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from clipreel.errors import ClipreelError
-from clipreel.pipeline.data.store_codes import as_code_tensor, decode_batch, decode_field, encode_field
+from clipreel.heads.cache.inputs import block_values, decode_field
+from clipreel.pipeline.data.store_codes import as_code_tensor, encode_field
 from clipreel.stores import encoding
 
 
@@ -48,14 +50,22 @@ def test_torch_encodes_and_decodes_bit_for_bit_as_numpy(dtype, field):
     np.testing.assert_allclose(as_float32.numpy(), decoded.numpy().astype(np.float32), rtol=2.0**-10, atol=2.0**-24)
 
 
-def test_decode_batch_decodes_the_fields_that_carry_scales():
-    codes, scales = encoding.encode("tokens", _tokens(), encoding.FLOAT8)
-    batch = {"tokens": as_code_tensor(codes, "float8", "tokens"), "tokens_scale": torch.from_numpy(scales),
-             "embeds": torch.ones(3, 2), "labels": torch.arange(3)}
-    decoded = decode_batch(batch)
-    assert set(decoded) == {"tokens", "embeds", "labels"}
-    np.testing.assert_array_equal(decoded["tokens"].numpy(), encoding.decode("tokens", codes, scales, encoding.FLOAT8))
-    assert decoded["embeds"] is batch["embeds"]
+@pytest.mark.parametrize("dtype", ["int8", "float8"])
+def test_a_head_reads_a_feature_block_alike_from_values_and_from_codes(dtype):
+    tokens = np.random.default_rng(3).standard_normal((2, 3, 4, 5, 64)).astype(np.float32)  # (B, T, K, L, D)
+    code = encoding.field_code(dtype, "tokens")
+    codes, scales = encoding.encode("tokens", tokens, code)
+    decoded = encoding.decode("tokens", codes, scales, code)  # float16, as FeatureStore.read returns
+    as_values = {"tokens": torch.from_numpy(decoded)}
+    as_codes = {"tokens": as_code_tensor(codes, dtype, "tokens"), "tokens_scale": torch.from_numpy(scales)}
+    for position in (0, 3, -1):
+        from_values = block_values(as_values, "tokens", position, torch.float32)
+        from_codes = block_values(as_codes, "tokens", position, torch.float32)
+        assert from_codes.shape == (2, 3, 5, 64) and from_codes.dtype == torch.float32
+        # Decoded straight to float32, the codes skip float16's rounding (2**-11 relative).
+        torch.testing.assert_close(from_codes, from_values, rtol=2.0**-10, atol=0)
+        np.testing.assert_array_equal(block_values(as_codes, "tokens", position, torch.float16).numpy(),
+                                      decoded[:, :, position])
 
 
 def test_encode_field_refuses_what_the_store_cannot_hold():

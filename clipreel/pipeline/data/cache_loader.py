@@ -6,7 +6,7 @@
                          batch_size=16, shuffle=True, seed=0, views="random")
     for batch in loader.epoch(3):
         batch["tokens"]     # (B, T, K, L, D) float16   (views="all": (B, V, T, K, L, D))
-        batch["attention"]  # (B, 2, T-1, K, P, P) float16
+        batch["attention"]  # (B, 2, T-1, K, P, P) float16   (8-bit stores: codes + FIELD_scale)
         batch["labels"], batch["rows"]   # (B,) int64
 
 - Order: a fresh permutation every epoch, seeded by (seed, epoch), so any epoch can be replayed
@@ -19,10 +19,10 @@
 - Prefetch: a background thread reads the next batches into a queue of at most `prefetch`
   batches, so memory is bounded by (prefetch + 2) batches, never by the dataset. An error in that
   thread is raised in the consumer.
-- 8-bit stores: tokens and attention maps come out as float16, as from a float16 store, decoded
-  in the background thread; except for a GPU `device`, where they come out as codes with their
-  `FIELD_scale` tensors (half the bytes to send) and `store_codes.batch_to_device`, which every
-  consumer calls, decodes them on the GPU.
+- 8-bit stores: tokens and attention maps come out as they are stored, code tensors with their
+  `FIELD_scale` tensors (half the bytes of float16 to read and to send to a GPU); the heads decode
+  what they use, on their device and into their dtype (heads/cache/inputs.py: `decode_field` gives
+  float values to any other reader).
 
 Only the requested fields and feature blocks are read, and with views="random" only the chosen
 view's bytes: when the store's chunks can be read directly (local files, or objects behind a URL
@@ -44,7 +44,7 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.data.prefetch import read_ahead
-from clipreel.pipeline.data.store_codes import as_code_tensor, decode_batch
+from clipreel.pipeline.data.store_codes import as_code_tensor
 from clipreel.stores import fastread
 from clipreel.stores.encoding import SCALE_SUFFIX
 from clipreel.stores.features import LAYER_AXIS, READABLE_FIELDS, FeatureStore
@@ -56,8 +56,7 @@ class CacheLoader:
     """Batches of `fields` for `rows` of `store`, with `labels` (one per row), epoch by epoch.
 
     layers: which feature blocks of tokens/attention to read: None or "all", "last", or a list
-    of positions along K (see HeadEntry.blocks). batch_size is per rank. device: where the batches
-    will be used; on a GPU, 8-bit fields stay encoded until batch_to_device decodes them there.
+    of positions along K (see HeadEntry.blocks). batch_size is per rank.
     """
 
     def __init__(
@@ -76,7 +75,6 @@ class CacheLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        device: torch.device | str = "cpu",
     ):
         self.store = store
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -91,7 +89,6 @@ class CacheLoader:
         # The arrays behind the fields: an 8-bit field's codes and its scales.
         self._arrays = [name for field in self.fields
                         for name in ([field, field + SCALE_SUFFIX] if field in store.layout.encoded_fields else [field])]
-        self.decode_in_loader = torch.device(device).type != "cuda"
         # Per array, the chunk files to read single views from (None: read rows through the store).
         self._view_files = {name: self._direct_view_files(name) for name in self._arrays}
         self.batches_read = 0  # batches the background thread has finished reading (all epochs)
@@ -151,8 +148,6 @@ class CacheLoader:
         for field in self.store.layout.encoded_fields:
             if field in batch:
                 batch[field] = as_code_tensor(batch[field], self.store.layout.dtype, field)
-        if self.decode_in_loader:
-            batch = decode_batch(batch)  # float16, in this background thread
         batch["labels"] = torch.from_numpy(self.labels[positions])
         batch["rows"] = torch.from_numpy(rows)
         self.batches_read += 1

@@ -1,22 +1,16 @@
-"""The feature store's 8-bit codes in torch: encoded on the extraction device, decoded on the training one.
+"""The feature store's 8-bit codes in torch: encoded where the backbone runs, handed on as code tensors.
 
-The format is stores/encoding.py's (which is numpy, for any reader of a store); these are its
-torch twins, giving the same bits: the extraction actors encode a batch where the backbone ran (a
-GPU sends 8-bit codes to the CPU, not float32), and the training step decodes a batch where the
-head runs (a GPU receives codes, half the bytes of float16, and casts them itself).
+The format is stores/encoding.py's (numpy, for any reader of a store); `encode_field` is its torch
+twin and gives the same bits, so that the extraction writers encode a batch on the model's device
+(a GPU sends 8-bit codes to the CPU, not float32). `as_code_tensor` turns stored codes into the
+tensors the training loader hands on; the heads decode them (heads/cache/inputs.py).
 
-    codes, scales = encode_field("tokens", tokens, "int8")   # (B, ..., D) float -> int8 codes, float16 scales
-    values = decode_field("tokens", as_code_tensor(codes, "int8", "tokens"), scales)  # -> float16
-    batch = batch_to_device(batch, device)                   # a loader batch: moved, 8-bit fields decoded there
+    codes, scales = encode_field("tokens", tokens, "int8")   # (..., D) float -> int8 codes, float16 scales
+    tensor = as_code_tensor(codes, "float8", "tokens")      # float8 bit patterns -> a float8_e4m3fn tensor
 
-A code tensor says its code by its dtype: int8 (tokens of int8 stores), uint8 (attention maps of
-int8 stores) or float8_e4m3fn (float8 stores, whose uint8 bit patterns `as_code_tensor` views as
-such), so a batch decodes without knowing its store.
-
-Both compute as encoding.encode/decode do: the scale is the group's largest magnitude rounded to
-float16 (1 for a group of zeros), the step is scale / top in float32, a code is the scaled value
-rounded to nearest even (int8, uint8) or converted to float8 E4M3FN, and a value is code * step
-in float32, rounded to float16.
+As encoding.encode: the scale is the group's largest magnitude rounded to float16 (1 for a group
+of zeros), the step is scale / top in float32, and a code is the scaled value rounded to nearest
+even (int8, uint8) or converted to float8 E4M3FN.
 
 May import: torch, clipreel.errors, clipreel.stores (encoding).
 """
@@ -26,9 +20,7 @@ from __future__ import annotations
 import torch
 
 from clipreel.errors import ClipreelError
-from clipreel.stores.encoding import E4M3_MAX, FLOAT8, INT8, SCALE_SUFFIX, UINT8, field_code, scale_block
-
-CODES = {torch.int8: INT8, torch.uint8: UINT8, torch.float8_e4m3fn: FLOAT8}  # a code tensor's dtype -> its code
+from clipreel.stores.encoding import E4M3_MAX, FLOAT8, UINT8, field_code, scale_block
 
 
 def _groups(field: str, values: torch.Tensor) -> torch.Tensor:
@@ -43,8 +35,9 @@ def _groups(field: str, values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_field(field: str, values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Float values of `field` (tokens (..., D) or attention (..., P, P)), on any device -> (codes, scales)
-    as a store of `dtype` (int8 or float8) keeps them, on the same device. Raises ClipreelError for
-    values that are not finite or beyond float16, or negative attention maps in an int8 store."""
+    as a store of `dtype` (int8 or float8) keeps them, on the same device (float8 codes as uint8).
+    Raises ClipreelError for values that are not finite or beyond float16, or negative attention
+    maps in an int8 store."""
     code = field_code(dtype, field)
     values = values.float()
     if not torch.isfinite(values).all():
@@ -62,7 +55,7 @@ def encode_field(field: str, values: torch.Tensor, dtype: str) -> tuple[torch.Te
         codes = scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
         low = 0 if code == UINT8 else -code.top
-        codes = scaled.round().clamp(low, code.top).to(getattr(torch, code.storage_dtype))
+        codes = scaled.round().clamp(low, code.top).to(torch.int8 if code.storage_dtype == "int8" else torch.uint8)
     return codes.reshape(values.shape), scales
 
 
@@ -71,31 +64,3 @@ def as_code_tensor(codes, dtype: str, field: str) -> torch.Tensor:
     codes viewed as float8_e4m3fn, so that their dtype says how to decode them."""
     codes = torch.as_tensor(codes)
     return codes.view(torch.float8_e4m3fn) if field_code(dtype, field) == FLOAT8 else codes
-
-
-def decode_field(field: str, codes: torch.Tensor, scales: torch.Tensor,
-                 out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """A code tensor of `field` (see as_code_tensor) and its scales -> values (float16 by default), on
-    the codes' device."""
-    code = CODES[codes.dtype]
-    steps = scales.float() / code.top  # (..., groups)
-    numbers = codes.float()  # exact for every code
-    values = _groups(field, numbers) * steps.unsqueeze(-1)  # (..., groups, group size)
-    return values.reshape(codes.shape).to(out_dtype)
-
-
-def decode_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch whose 8-bit fields are code tensors with their `FIELD_scale` tensors -> the same batch
-    with those fields decoded to float16 (and no scales), where the tensors are."""
-    decoded = {name: tensor for name, tensor in batch.items() if not name.endswith(SCALE_SUFFIX)}
-    for name in batch:
-        if name.endswith(SCALE_SUFFIX):
-            field = name.removesuffix(SCALE_SUFFIX)
-            decoded[field] = decode_field(field, batch[field], batch[name])
-    return decoded
-
-
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """A loader batch on `device`, its 8-bit fields (if still encoded) decoded there: a GPU receives
-    the codes and casts them itself."""
-    return decode_batch({name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()})
