@@ -75,7 +75,7 @@ RUNNERS = ("auto", "process", "ray")
 # runner "auto" computes at most this many videos in this process, more in a Ray Data job. A Ray
 # job spends its first 30-80 s starting (Ray, then actors that import torch and load the model
 # each) on the 2-core dev VM; this process starts computing within seconds but uses one
-# process: measured in docs/store.md ("Start-up").
+# process: measured in docs/store.md ("Extraction start-up").
 IN_PROCESS_VIDEOS = 32
 IN_PROCESS_NODE = "in-process"  # the extract log's name for the driver writing the store itself
 
@@ -402,7 +402,9 @@ def _results_in_process(store, manifest, todo, cfg, backbone, preprocess, sampli
         {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
         for row in todo
     ]
-    batches = (items[start : start + cfg.batch_size] for start in range(0, len(items), cfg.batch_size))
+    # The first batch is one video: its result is stored after one video's forward, not a batch's.
+    starts = [0, *range(1, len(items), cfg.batch_size)]
+    batches = (items[start : start + (1 if start == 0 else cfg.batch_size)] for start in starts)
     decoded = (_numpy_batch([decode_video(item, sampling=sampling.to_dict(), decode=not decode_in_writer)
                              for item in batch]) for batch in batches)
     for batch in read_ahead(decoded, depth=1, name="clipreel-decode"):
