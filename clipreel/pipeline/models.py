@@ -3,9 +3,10 @@
 - Cache heads: the store's text tower when the head scores against class text
   (`text_model_for`), and a trained head back from its run directory (`trained_head`).
 - Raw-frame methods: the CLIP a method starts from (an open_clip tag, a local file, the package's
-  built-in weights, seeded random weights, or the CLIP a `clipreel finetune vifi` run fine-tuned:
-  `load_method_clip`), a new method model around it (`new_method_model`), and a trained one back
-  from its run directory (`trained_method_model`), checked against the CLIP it was trained from.
+  built-in weights, seeded random weights, the CLIP a `clipreel finetune vifi` run fine-tuned, or
+  the CLIP of a `clipreel import` run: `load_method_clip`), a new method model around it
+  (`new_method_model`), and a trained or imported one back from its run directory
+  (`trained_method_model`), checked against the CLIP it was trained from.
 
 May import: torch, open_clip, clipreel.errors, clipreel.heads, clipreel.stores.runs.
 """
@@ -22,6 +23,7 @@ from torch import nn
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import TextModel, file_sha256, load_clip, load_text_model, resolve_model_name
+from clipreel.heads.convert.clip_layout import register_clip_config
 from clipreel.heads.registry import create_method, head_entry, rebuild_head, rebuild_method
 from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run
 
@@ -60,25 +62,53 @@ def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: 
 
 def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu"
                      ) -> tuple[nn.Module, str | None]:
-    """`load_clip`, and one more source of weights: the run directory of a `clipreel finetune vifi`.
+    """`load_clip`, and one more source of weights: a run directory that holds a whole CLIP.
 
-    That is ViFi-CLIP's "bridge": its fine-tuned CLIP is where bridge-and-prompt starts (``finetune
-    prompt --pretrained RUN_DIR``), or any other method. The sha256 is that of the run's weights file.
+    That is ViFi-CLIP's "bridge": the CLIP a `clipreel finetune vifi` run fine-tuned is where
+    bridge-and-prompt starts (``finetune prompt --pretrained RUN_DIR``), or any other method; and
+    the CLIP of a `clipreel import` run (the model itself for ViFi-CLIP, the CLIP the method was
+    built around for the others). The sha256 is that of the run's file holding the CLIP.
     """
     run_dir = Path(pretrained).expanduser()
     if not run_dir.is_dir():
         return load_clip(model_name, pretrained, device=device)
     run = load_run(run_dir)
-    prefix = "clip."  # a run that fine-tuned a whole CLIP (ViFi-CLIP) keeps all of it, and only it, under this prefix
-    if not run.kind.startswith(RUN_KIND_PREFIX) or not all(key.startswith(prefix) for key in run.state_dict):
+    config = run.head_config
+    if not run.kind.startswith(RUN_KIND_PREFIX):
         raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
-                            "of a `clipreel finetune vifi`, or a checkpoint file")
-    if resolve_model_name(run.head_config["model"]) != resolve_model_name(model_name):
-        raise ClipreelError(f"--pretrained {run_dir} fine-tuned {run.head_config['model']}, not {model_name}: "
-                            f"pass --model {run.head_config['model']}")
+                            "of a `clipreel finetune vifi` or of a `clipreel import`, or a checkpoint file")
+    run_model = imported_model_name(config) or config["model"]
+    if resolve_model_name(run_model) != resolve_model_name(model_name):
+        raise ClipreelError(f"--pretrained {run_dir} holds a {run_model} CLIP, not {model_name}: pass --model {run_model}")
+    if config.get("clip_file"):
+        return _imported_clip(run, device)
+    prefix = "clip."  # a run that fine-tuned a whole CLIP (ViFi-CLIP) keeps all of it, and only it, under this prefix
+    if not all(key.startswith(prefix) for key in run.state_dict):
+        raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
+                            "of a `clipreel finetune vifi` or of a `clipreel import`, or a checkpoint file")
     clip_model, _ = load_clip(model_name, "none", device=device)
     clip_model.load_state_dict({key.removeprefix(prefix): value for key, value in run.state_dict.items()})
     return clip_model, file_sha256(run_dir / WEIGHTS_FILE)
+
+
+def imported_model_name(config: Mapping) -> str | None:
+    """The open_clip name of an imported run's CLIP (registered from the config the run records), else None."""
+    if "model_config" not in config:
+        return None
+    return register_clip_config(config["model_config"])
+
+
+def _imported_clip(run: Run, device: torch.device | str) -> tuple[nn.Module, str]:
+    """The CLIP an import keeps beside its weights (RUN_DIR/clip.safetensors), checked by checksum."""
+    config = run.head_config
+    path = run.path / config["clip_file"]
+    if not path.is_file():
+        raise ClipreelError(f"{run.path} is incomplete: {config['clip_file']} (its CLIP) is missing. Import the checkpoint again.")
+    clip_model, sha256 = load_clip(imported_model_name(config), str(path), device=device)
+    if sha256 != config["checkpoint_sha256"]:
+        raise ClipreelError(f"{path} has changed since the import (sha256 {sha256[:12]}..., recorded "
+                            f"{config['checkpoint_sha256'][:12]}...). Import the checkpoint again.")
+    return clip_model, sha256
 
 
 def new_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
@@ -92,18 +122,22 @@ def new_method_model(method: str, model_name: str, pretrained: str, classnames: 
 
 
 def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a `clipreel finetune` run, in eval mode, around the CLIP it was trained
-    from (refused when that CLIP's checkpoint has changed)."""
+    """The trained model of a `clipreel finetune` run (or of a `clipreel import` of a raw-frame method),
+    in eval mode, around the CLIP it was trained from (refused when that CLIP's checkpoint has changed)."""
     run = load_run(run_dir)
     if not run.kind.startswith(RUN_KIND_PREFIX):
         raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
                             "`clipreel eval` on a feature store.")
     config = run.head_config
-    clip_model, sha256 = load_method_clip(config["model"], config["pretrained"], device)
-    if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
-        raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
-                            f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
-    tokenizer = open_clip.get_tokenizer(resolve_model_name(config["model"]))
+    model_name = imported_model_name(config) or config["model"]
+    if config.get("clip_file"):
+        clip_model, _ = _imported_clip(run, device)
+    else:
+        clip_model, sha256 = load_method_clip(model_name, config["pretrained"], device)
+        if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
+            raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
+                                f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     model = rebuild_method(run.kind.removeprefix(RUN_KIND_PREFIX), clip_model, tokenizer, run.classnames,
                            config["method_config"])
     model.load_state_dict(run.state_dict)

@@ -1,6 +1,6 @@
 """The OpenAI CLIP layout that every reference checkpoint builds on: what its tensors fix, the
-key -> shape table of each tower, the attention heads (which no tensor fixes), and the open_clip
-CLIP rebuilt from it.
+key -> shape table of each tower, the attention heads (which no tensor fixes), the open_clip
+CLIP rebuilt from it, and the name its config is registered under.
 
 OpenAI's CLIP state dict (`visual.conv1.weight`, `visual.transformer.resblocks.{i}.attn.in_proj_weight`,
 `token_embedding.weight`, `text_projection`, ...) is also open_clip's `CLIP.state_dict()`, so a
@@ -15,11 +15,14 @@ May import: torch, open_clip, clipreel.errors, clipreel.heads.clip, clipreel.hea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import open_clip
+import open_clip.factory
 import torch
 from torch import nn
 
@@ -300,3 +303,18 @@ def build_clip(clip_config: Mapping, clip_state_dict: Mapping[str, torch.Tensor]
     model.load_state_dict(clip_state_dict, strict=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def register_clip_config(clip_config: Mapping) -> str:
+    """Make an imported CLIP's open_clip config known to open_clip, under a name made from its
+    content ("imported-" + the first 8 hex digits of its sha256): the same config always gets the
+    same name, two different configs never share one. Returns the name.
+
+    open_clip registers configs only from files (`add_model_config`), and rebuilds its registry
+    (a module-level dict it looks up on every call) when it rescans; so the name is registered
+    again by every caller, before each use.
+    """
+    text = json.dumps(dict(clip_config), sort_keys=True, separators=(",", ":"))
+    name = "imported-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    open_clip.factory._MODEL_CONFIGS[name] = json.loads(text)
+    return name
