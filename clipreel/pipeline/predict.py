@@ -233,7 +233,8 @@ def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | Non
     else:
         model_name, expected_sha = provenance["model"], provenance.get("checkpoint_sha256")
         pretrained = cfg.store_checkpoint or str(provenance["pretrained"])
-        if expected_sha is not None and cfg.store_checkpoint is None:
+        names_a_file = expected_sha is not None and pretrained.lower() not in ("default", "none")
+        if names_a_file and cfg.store_checkpoint is None:
             raise ClipreelError(
                 f"{run.path} was trained on features of the local checkpoint {provenance['pretrained']!r}: pass that "
                 "file with --store-checkpoint, so that predict computes the same features"

@@ -29,7 +29,6 @@ from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.decode import PyAVDecoder, probe
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices
-from clipreel.pipeline.data.synth.videofile import write_video
 
 runner = CliRunner()
 MODEL = "clipreel-tiny"  # width 64, 2 heads per tower (not OpenAI's width / 64): --model supplies the heads
@@ -66,25 +65,6 @@ def openai_state_dict(clip: torch.nn.Module) -> dict:
     weights = dict(clip.state_dict())
     weights.update({key: torch.tensor(value) for key, value in zip(OPENAI_METADATA_KEYS, (112, 77, 49408))})
     return weights
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    """Three real H.264 files of 48 frames (25 fps), each with its own moving bar and colours."""
-    folder = tmp_path_factory.mktemp("videos")
-    rows, cols = np.mgrid[0:72, 0:96]
-    paths = []
-    for index in range(3):
-        frames = []
-        for t in range(48):
-            image = np.zeros((72, 96, 3), dtype=np.uint8)
-            image[..., 0] = (cols * (2 + index) + t * 5) % 256
-            image[..., 1] = (rows * 3 + 40 * index) % 256
-            image[..., 2] = 40 + 4 * t
-            image[:, (2 * t) % 96 : (2 * t) % 96 + 8] = 255
-            frames.append(image)
-        paths.append(write_video(folder / f"clip{index}.mp4", np.stack(frames)))
-    return paths
 
 
 def clips_of(video, sampling: SamplingConfig, cfg: PreprocessConfig, first: int = 0, count: int | None = None) -> torch.Tensor:
@@ -150,7 +130,7 @@ def evl_files(tmp_path_factory):
 
 @pytest.mark.slow
 def test_evl_import_predicts_the_source_scores_and_eval_accepts_a_store_of_the_same_clip(
-        evl_files, videos, tmp_path, ray_local):
+        evl_files, encoded_videos, tmp_path, ray_local):
     folder, head = evl_files
     run = tmp_path / "evl-run"
     result = invoke("import", folder / "k400_tiny_8f_dec2x64.pth", "--method", "evl", "--clip", folder / "ViT-tiny.pt",
@@ -162,22 +142,22 @@ def test_evl_import_predicts_the_source_scores_and_eval_accepts_a_store_of_the_s
     # The source: the frozen CLIP's last two blocks -> the decoder, on EVL's test clips (dense x16, 3 views).
     backbone = Backbone(BackboneConfig(model=MODEL, pretrained=str(folder / "ViT-tiny.pt"), layers="2"))
     sampling = SamplingConfig(policy="dense", frames=FRAMES, stride=16, views=3)
-    answer = predicted(run, videos[:2], tmp_path)
+    answer = predicted(run, encoded_videos[:2], tmp_path)
     assert answer["classnames"] == CLASSES and answer["clips"]["sampling"]["policy"] == "dense"
-    for video, video_json in zip(videos[:2], answer["videos"]):
+    for video, video_json in zip(encoded_videos[:2], answer["videos"]):
         features = backbone.forward_clips(clips_of(video, sampling, CLIP_NORM))
         with torch.no_grad():
             logits = head({"tokens": features.tokens, "attention": features.attention})  # (3, K)
         assert_scores(video_json, logits)
 
     # A closed-set run refuses other classes.
-    refused = invoke("predict", videos[0], "--run", run, "--classes", "cat,dog")
+    refused = invoke("predict", encoded_videos[0], "--run", run, "--classes", "cat,dog")
     assert isinstance(refused.exception, ClipreelError) and "closed-set evl run" in str(refused.exception)
 
     # A store extracted from the same CLIP file with the same --model is accepted by eval.
     listing = tmp_path / "videos.csv"
     listing.write_text("path,label,label_name,split\n" + "".join(
-        f"{video},{index},{CLASSES[index]},test\n" for index, video in enumerate(videos)))
+        f"{video},{index},{CLASSES[index]},test\n" for index, video in enumerate(encoded_videos)))
     store = tmp_path / "features.zarr"
     extracted = invoke("extract", "--videos", listing, "--out", store, "--model", MODEL, "--pretrained",
                        folder / "ViT-tiny.pt", "--frames", FRAMES, "--sampling", "dense", "--stride", 16, "--views", 3,
@@ -274,7 +254,7 @@ def xclip_files(tokenizer, tmp_path_factory):
     return folder, model
 
 
-def test_xclip_import_predicts_the_source_scores_with_any_classes(xclip_files, videos, tmp_path):
+def test_xclip_import_predicts_the_source_scores_with_any_classes(xclip_files, encoded_videos, tmp_path):
     folder, source = xclip_files
     run = tmp_path / "xclip-run"
     result = invoke("import", folder / "k400_tiny_4.pth", "--method", "xclip", "--classes", classes_file(tmp_path),
@@ -283,17 +263,17 @@ def test_xclip_import_predicts_the_source_scores_with_any_classes(xclip_files, v
     # X-CLIP's test: TSN segment centres, 4 clips x 3 crops, ImageNet statistics.
     sampling = SamplingConfig(frames=XCLIP_FRAMES, views=4)
     crops = PreprocessConfig.from_norm("imagenet", image_size=112, crops=3)
-    answer = predicted(run, videos[:1], tmp_path)
+    answer = predicted(run, encoded_videos[:1], tmp_path)
     assert answer["clips"]["sampling"]["views"] == 4 and answer["clips"]["preprocess"]["crops"] == 3
     with torch.no_grad():
-        assert_scores(answer["videos"][0], source(clips_of(videos[0], sampling, crops))["logits"])
+        assert_scores(answer["videos"][0], source(clips_of(encoded_videos[0], sampling, crops))["logits"])
 
     # A text-matching run takes any class list; --views/--crops override the reference test.
     others = ["cooking", "walking_the_dog"]
-    answer = predicted(run, videos[:1], tmp_path, "--classes", ",".join(others), "--views", 1, "--crops", 1)
+    answer = predicted(run, encoded_videos[:1], tmp_path, "--classes", ",".join(others), "--views", 1, "--crops", 1)
     source.set_classnames(others)
     with torch.no_grad():
-        logits = source(clips_of(videos[0], SamplingConfig(frames=XCLIP_FRAMES), IMAGENET))["logits"]
+        logits = source(clips_of(encoded_videos[0], SamplingConfig(frames=XCLIP_FRAMES), IMAGENET))["logits"]
     source.set_classnames(CLASSES)
     assert answer["classnames"] == others
     assert_scores(answer["videos"][0], logits)
@@ -301,23 +281,23 @@ def test_xclip_import_predicts_the_source_scores_with_any_classes(xclip_files, v
     # eval on a video list uses the recorded test by default.
     listing = tmp_path / "videos.csv"
     listing.write_text("path,label,label_name,split\n" + "".join(
-        f"{video},{index},{CLASSES[index]},test\n" for index, video in enumerate(videos)))
+        f"{video},{index},{CLASSES[index]},test\n" for index, video in enumerate(encoded_videos)))
     scored = invoke("eval", run, "--videos", listing, "--split", "test", "--workers", 0)
     assert scored.exit_code == 0, (scored.output, scored.exception)
     report = json.loads((run / "eval-test.json").read_text())
     assert report["n"] == 3 and report["views"] == 4 and report["crops"] == 3
 
 
-def test_xclip_in_transformers_layout_imports_to_the_same_scores(xclip_files, videos, tmp_path):
+def test_xclip_in_transformers_layout_imports_to_the_same_scores(xclip_files, encoded_videos, tmp_path):
     folder, source = xclip_files
     run = tmp_path / "xclip-hf-run"
     result = invoke("import", folder / "xclip-tiny-hf", "--method", "xclip", "--classes", classes_file(tmp_path),
                     "--model", MODEL, "--out", run)
     assert result.exit_code == 0, (result.output, result.exception)
     assert json.loads((run / "config.json").read_text())["imported"]["layout"] == "transformers"
-    answer = predicted(run, videos[:1], tmp_path, "--views", 1, "--crops", 1)
+    answer = predicted(run, encoded_videos[:1], tmp_path, "--views", 1, "--crops", 1)
     with torch.no_grad():
-        logits = source(clips_of(videos[0], SamplingConfig(frames=XCLIP_FRAMES), IMAGENET))["logits"]
+        logits = source(clips_of(encoded_videos[0], SamplingConfig(frames=XCLIP_FRAMES), IMAGENET))["logits"]
     assert_scores(answer["videos"][0], logits)
 
 
@@ -362,7 +342,7 @@ def vifi_files(tokenizer, tmp_path_factory):
     return folder, tuned
 
 
-def test_vifi_import_predicts_with_vifis_conventions_and_exports_to_open_clip(vifi_files, videos, tokenizer, tmp_path):
+def test_vifi_import_predicts_with_vifis_conventions_and_exports_to_open_clip(vifi_files, encoded_videos, tokenizer, tmp_path):
     from clipreel.heads.raw.vifi import ViFiCLIP, ViFiConfig
 
     folder, tuned = vifi_files
@@ -379,9 +359,9 @@ def test_vifi_import_predicts_with_vifis_conventions_and_exports_to_open_clip(vi
     reference = ViFiCLIP(reference_clip, tokenizer, CLASSES, ViFiConfig(verbatim_classnames=True)).eval()
     # ViFi-CLIP's test: short side 256 / 224 of the crop (here 128), one centre crop, TSN centres.
     resized = PreprocessConfig.from_dict({**IMAGENET.to_dict(), "short_side": 128})
-    answer = predicted(run, videos[:2], tmp_path)
+    answer = predicted(run, encoded_videos[:2], tmp_path)
     assert answer["clips"]["preprocess"]["short_side"] == 128
-    for video, video_json in zip(videos[:2], answer["videos"]):
+    for video, video_json in zip(encoded_videos[:2], answer["videos"]):
         with torch.no_grad():
             assert_scores(video_json, reference(clips_of(video, SamplingConfig(frames=FRAMES), resized))["logits"])
 
@@ -390,13 +370,13 @@ def test_vifi_import_predicts_with_vifis_conventions_and_exports_to_open_clip(vi
     assert exported.exit_code == 0, (exported.output, exported.exception)
     open_clip.add_model_config(tmp_path / "vifi-tiny.json")
     plain = open_clip.create_model("vifi-tiny", pretrained=str(tmp_path / "vifi-tiny.safetensors")).eval()
-    clips = clips_of(videos[0], SamplingConfig(frames=FRAMES), resized)
+    clips = clips_of(encoded_videos[0], SamplingConfig(frames=FRAMES), resized)
     with torch.no_grad():
         frames = plain.encode_image(clips.flatten(0, 1)).view(1, FRAMES, -1)
         torch.testing.assert_close(frames, reference(clips)["frame_embeds"], rtol=1e-5, atol=1e-5)
 
     # --pretrained accepts the exported file: zero-shot predict with it.
-    answer = predicted(None, videos[:1], tmp_path, "--model", "vifi-tiny", "--pretrained",
+    answer = predicted(None, encoded_videos[:1], tmp_path, "--model", "vifi-tiny", "--pretrained",
                        tmp_path / "vifi-tiny.safetensors", "--classes", ",".join(CLASSES), "--frames", FRAMES,
                        "--template", "a photo of a {}.")
     assert len(answer["videos"][0]["probabilities"]) == len(CLASSES)
@@ -439,7 +419,7 @@ def bridge_files(tokenizer, vifi_files, tmp_path_factory):
     return folder, model
 
 
-def test_bridge_and_prompt_import_predicts_the_source_scores(bridge_files, vifi_files, videos, tmp_path):
+def test_bridge_and_prompt_import_predicts_the_source_scores(bridge_files, vifi_files, encoded_videos, tmp_path):
     folder, source = bridge_files
     base = vifi_files[0] / "ViT-tiny.pt"
     result = invoke("import", folder / "vifi_prompted.pth", "--method", "vifi", "--clip", base, "--classes",
@@ -450,9 +430,9 @@ def test_bridge_and_prompt_import_predicts_the_source_scores(bridge_files, vifi_
                     classes_file(tmp_path), "--model", MODEL, "--frames", FRAMES, "--out", run)
     assert result.exit_code == 0, (result.output, result.exception)
     resized = PreprocessConfig.from_dict({**IMAGENET.to_dict(), "short_side": 128})
-    answer = predicted(run, videos[:1], tmp_path)
+    answer = predicted(run, encoded_videos[:1], tmp_path)
     with torch.no_grad():
-        assert_scores(answer["videos"][0], source(clips_of(videos[0], SamplingConfig(frames=FRAMES), resized))["logits"])
+        assert_scores(answer["videos"][0], source(clips_of(encoded_videos[0], SamplingConfig(frames=FRAMES), resized))["logits"])
 
 
 # ------------------------------------------------------------------------------------------- EZ-CLIP
@@ -489,7 +469,7 @@ def ezclip_files(tokenizer, tmp_path_factory):
     return folder, model
 
 
-def test_ezclip_import_scores_100_cosine_against_the_descriptions(ezclip_files, videos, tmp_path):
+def test_ezclip_import_scores_100_cosine_against_the_descriptions(ezclip_files, encoded_videos, tmp_path):
     folder, source = ezclip_files
     run = tmp_path / "ezclip-run"
     result = invoke("import", folder / "ezclip_k400.pt", "--method", "ezclip", "--classes", folder / "descriptions.csv",
@@ -499,8 +479,8 @@ def test_ezclip_import_scores_100_cosine_against_the_descriptions(ezclip_files, 
     assert config["classnames"] == CLASSES
     assert config["head"]["method_config"]["descriptions"]["riding a horse"] == "A rider sits on a galloping horse."
     resized = PreprocessConfig.from_dict({**CLIP_NORM.to_dict(), "short_side": 128})
-    answer = predicted(run, videos[:1], tmp_path)
-    clips = clips_of(videos[0], SamplingConfig(frames=EZ_FRAMES), resized)
+    answer = predicted(run, encoded_videos[:1], tmp_path)
+    clips = clips_of(encoded_videos[0], SamplingConfig(frames=EZ_FRAMES), resized)
     with torch.no_grad():
         out = source(clips)
         text = source.ezclip.encode_text(source.token_ids)
