@@ -413,6 +413,9 @@ def import_checkpoint(
     console.print(f"  from the tensors: {facts}", highlight=False, soft_wrap=True)
     for convention in summary.conventions:
         console.print(f"  - {convention}", highlight=False, soft_wrap=True)
+    if summary.kind != "evl":
+        console.print(f"  its CLIP is open_clip model {summary.model}: train from it with --pretrained {summary.run_dir} "
+                      f"--model {summary.model}", highlight=False, soft_wrap=True)
 
 
 @app.command()

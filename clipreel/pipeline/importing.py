@@ -90,6 +90,7 @@ class ImportSummary:
     method: str
     kind: str
     classes: int
+    model: str  # the open_clip name of the imported CLIP (--model with --pretrained RUN_DIR)
     facts: dict
     conventions: list[str] = field(default_factory=list)
 
@@ -140,7 +141,8 @@ def run_import(cfg: ImportConfig) -> ImportSummary:
     else:
         kind = _write_method_run(out, imported, classes, record)
     return ImportSummary(run_dir=str(out), method=imported.method, kind=kind, classes=len(classes.names),
-                         facts=imported.facts, conventions=imported.conventions)
+                         model=register_clip_config(imported.clip_config), facts=imported.facts,
+                         conventions=imported.conventions)
 
 
 # --------------------------------------------------------------------------- reading files

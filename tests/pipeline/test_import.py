@@ -382,6 +382,30 @@ def test_vifi_import_predicts_with_vifis_conventions_and_exports_to_open_clip(vi
     assert len(answer["videos"][0]["probabilities"]) == len(CLASSES)
 
 
+@pytest.mark.slow
+def test_training_starts_from_an_imported_vifi_clip(vifi_files, encoded_videos, tmp_path):
+    """Bridge and prompt on top of an imported ViFi-CLIP (ViFi-CLIP's bridge), then eval of that run."""
+    folder, _ = vifi_files
+    run = tmp_path / "vifi-run"
+    result = invoke("import", folder / "vifi_k400.pth", "--method", "vifi", "--clip", folder / "ViT-tiny.pt",
+                    "--classes", classes_file(tmp_path), "--model", MODEL, "--frames", 4, "--out", run)
+    assert result.exit_code == 0, (result.output, result.exception)
+    name = json.loads((run / "config.json").read_text())["head"]["model"]
+    assert f"--pretrained {run} --model {name}" in " ".join(result.output.split())
+    listing = tmp_path / "videos.csv"
+    listing.write_text("path,label,label_name,split\n" + "".join(
+        f"{video},{index},{CLASSES[index]},train\n" for index, video in enumerate(encoded_videos)))
+    wrong = invoke("finetune", "prompt", "--videos", listing, "--out", tmp_path / "x", "--pretrained", run)
+    assert isinstance(wrong.exception, ClipreelError) and f"pass --model {name}" in str(wrong.exception)
+    prompted = tmp_path / "prompt-run"
+    tuned = invoke("finetune", "prompt", "--videos", listing, "--out", prompted, "--pretrained", run, "--model", name,
+                   "--epochs", 1, "--frames", 4, "--workers", 0, "--no-progress")
+    assert tuned.exit_code == 0, (tuned.output, tuned.exception)
+    scored = invoke("eval", prompted, "--videos", listing, "--split", "train", "--workers", 0)
+    assert scored.exit_code == 0, (scored.output, scored.exception)
+    assert json.loads((prompted / "eval-train.json").read_text())["n"] == 3
+
+
 def test_export_refuses_methods_that_are_not_a_plain_clip(xclip_files, evl_files, tmp_path):
     folder, _ = xclip_files
     invoke("import", folder / "k400_tiny_4.pth", "--method", "xclip", "--classes", classes_file(tmp_path),
