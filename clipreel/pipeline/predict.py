@@ -281,8 +281,13 @@ def _tapped_scorer(backbone: Backbone, head: nn.Module, reads: Sequence[str], de
     head.eval()
 
     def score(clips: torch.Tensor) -> torch.Tensor:
-        features = backbone.forward_clips(clips)  # tokens (N, T, K, L, D), embeds (N, T, E), attention
-        batch = {"tokens": features.tokens, "embeds": features.embeds, "attention": features.attention}
+        if "attention" in reads:  # EVL: the cross-frame attention maps too
+            features = backbone.forward_clips(clips)  # tokens (N, T, K, L, D), embeds (N, T, E), attention
+            batch = {"tokens": features.tokens, "embeds": features.embeds, "attention": features.attention}
+        else:
+            tokens, embeds = backbone.forward(clips.flatten(0, 1))  # (N*T, K_t, L, D), (N*T, E)
+            outputs = [backbone.tapped_blocks.index(block) for block in backbone.feature_blocks]
+            batch = {"tokens": tokens[:, outputs].unflatten(0, clips.shape[:2]), "embeds": embeds.unflatten(0, clips.shape[:2])}
         with torch.no_grad(), mixed_precision(device):
             return head({name: batch[name] for name in reads}).float()  # (N, K)
 

@@ -1,0 +1,51 @@
+"""Class lists as users hand them over: lines, JSON lists, label CSVs, EZ-CLIP's description CSVs, 'a,b,c'."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from clipreel.errors import ClipreelError
+from clipreel.pipeline.data.class_lists import read_class_list
+
+
+def test_one_name_per_line_and_a_json_list_keep_names_verbatim(tmp_path):
+    lines = tmp_path / "labels.txt"
+    lines.write_text("abseiling\n\nplaying_guitar\n  air drumming  \n")
+    assert read_class_list(lines).names == ["abseiling", "playing_guitar", "air drumming"]
+    listed = tmp_path / "k400_class_mappings.json"  # EVL's data/k400_class_mappings.json is a JSON list
+    listed.write_text(json.dumps(["abseiling", "air drumming"], indent=2))
+    assert read_class_list(listed).names == ["abseiling", "air drumming"]
+
+
+def test_label_csv_and_description_csv(tmp_path):
+    labels = tmp_path / "hmdb_51_labels.csv"  # X-CLIP / ViFi-CLIP labels/*.csv
+    labels.write_text("id,name\n0,brush hair\n1,cartwheel\n")
+    assert read_class_list(labels).names == ["brush hair", "cartwheel"]
+    assert read_class_list(labels).descriptions == {}
+    described = tmp_path / "UCF_101_gpt_Class_discription_new.csv"  # EZ-CLIP's GPT_discription/*.csv
+    with open(described, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["SNo", "Class Name", "GPT3 discription"])
+        writer.writerow([1, "ApplyEyeMakeup", "\n\nApplyEyeMakeup is an action performed by humans."])
+        writer.writerow([2, "Archery", "\n\nArchery is an action,\nwith a bow."])
+    classes = read_class_list(described)
+    assert classes.names == ["ApplyEyeMakeup", "Archery"]
+    assert classes.descriptions == {"ApplyEyeMakeup": "ApplyEyeMakeup is an action performed by humans.",
+                                    "Archery": "Archery is an action, with a bow."}
+
+
+def test_names_on_the_command_line_and_refusals(tmp_path):
+    assert read_class_list("cooking, walking the dog").names == ["cooking", "walking the dog"]
+    with pytest.raises(ClipreelError, match="appears twice"):
+        read_class_list("a,b,a")
+    with pytest.raises(ClipreelError, match="class 1 has an empty name"):
+        read_class_list("a,,b")
+    with pytest.raises(ClipreelError, match="no such file"):
+        read_class_list(str(tmp_path / "labels.txt"))
+    header = tmp_path / "bad.csv"
+    header.write_text("index,word\n0,a\n")
+    with pytest.raises(ClipreelError, match="needs a header naming its class-name column"):
+        read_class_list(header)
