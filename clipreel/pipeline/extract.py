@@ -291,7 +291,8 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = cfg.workers or (gpus if gpus else max(1, cpus))
     items = [
-        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
+        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"],
+         "start": float(manifest.at[row, "start"]), "end": float(manifest.at[row, "end"])}
         for row in todo
     ]
     # DALI pipelines are expensive to build: with DALI, the actors decode (once-built pipelines,

@@ -55,7 +55,7 @@ from clipreel.pipeline.data.class_lists import ClassList, read_class_list
 from clipreel.pipeline.data.decode import choose_decoder, make_decoder, probe
 from clipreel.pipeline.data.prefetch import read_ahead
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
-from clipreel.pipeline.data.sampling import POLICIES, SamplingConfig, sample_indices
+from clipreel.pipeline.data.sampling import POLICIES, SamplingConfig, segment_indices
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.evaluate import run_clip_plan
 from clipreel.pipeline.models import RUN_KIND_PREFIX, trained_head, trained_method_model
@@ -311,10 +311,10 @@ def videos_to_predict(cfg: PredictConfig) -> list[VideoJob]:
     jobs = [VideoJob(str(path), cfg.start, cfg.end) for path in cfg.videos]
     if cfg.video_list is not None:
         listed = read_sources(cfg.video_list, skip_missing=True)
-        for _, row in listed.iterrows():
-            start = row["start"] if "start" in listed.columns and not _missing(row["start"]) else cfg.start
-            end = row["end"] if "end" in listed.columns and not _missing(row["end"]) else cfg.end
-            jobs.append(VideoJob(str(row["path"]), start, end))
+        for row in listed.itertuples():
+            start = cfg.start if math.isnan(row.start) else float(row.start)
+            end = cfg.end if math.isnan(row.end) else float(row.end)
+            jobs.append(VideoJob(str(row.path), start, end))
     if not jobs:
         raise ClipreelError("predict: no videos; give video files, or a list with --videos")
     for job in jobs:
@@ -322,30 +322,11 @@ def videos_to_predict(cfg: PredictConfig) -> list[VideoJob]:
     return jobs
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _check_segment(start, end, where: str) -> None:
     if start is not None and start < 0:
         raise ClipreelError(f"{where}: --start {start} is negative; give seconds from the start of the video")
     if start is not None and end is not None and end <= start:
         raise ClipreelError(f"{where}: the segment ends ({end} s) before it starts ({start} s); give --end > --start")
-
-
-def segment_indices(num_frames: int, fps: float, job: VideoJob, sampling: SamplingConfig) -> np.ndarray:
-    """Frame indices (V, T) sampled inside the job's segment (the whole video without one)."""
-    first, stop = 0, num_frames
-    if job.start is not None or job.end is not None:
-        if fps <= 0:
-            raise ClipreelError(f"{job.path}: the video declares no frame rate, so --start/--end cannot be placed")
-        first = int(math.floor((job.start or 0.0) * fps))
-        stop = min(num_frames, int(math.ceil(job.end * fps)) if job.end is not None else num_frames)
-        if first >= num_frames:
-            raise ClipreelError(f"{job.path}: the segment starts at {job.start} s, after the video's end "
-                                f"({num_frames / fps:.2f} s)")
-        stop = max(stop, first + 1)
-    return sample_indices(stop - first, sampling, job.path) + first
 
 
 def _decoded(jobs: Sequence[VideoJob], recipe: ClipRecipe, decoder_name: str, device: torch.device
@@ -356,7 +337,7 @@ def _decoded(jobs: Sequence[VideoJob], recipe: ClipRecipe, decoder_name: str, de
     for job in jobs:
         try:
             info = probe(job.path)
-            indices = segment_indices(info.num_frames, info.fps, job, recipe.sampling)  # (V, T)
+            indices = segment_indices(info.num_frames, info.fps, job.start, job.end, recipe.sampling, job.path)  # (V, T)
             pixels = decoder.read(job.path, indices.reshape(-1), info)  # (V*T, H, W, 3) uint8
             crops = preprocess(pixels, recipe.preprocess, device=device)  # (C, V*T, 3, S, S)
             clips = crops.unflatten(1, (views, frames)).transpose(0, 1).flatten(0, 1)  # (V*C, T, 3, S, S), view-major

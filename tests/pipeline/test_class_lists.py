@@ -1,10 +1,12 @@
-"""Class lists as users hand them over: lines, JSON lists, label CSVs, EZ-CLIP's description CSVs, 'a,b,c'."""
+"""Class lists as users hand them over (lines, JSON lists, label CSVs, EZ-CLIP's description CSVs, "a,b,c"),
+and video lists whose rows name a segment (start,end columns)."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from clipreel.errors import ClipreelError
@@ -49,3 +51,22 @@ def test_names_on_the_command_line_and_refusals(tmp_path):
     header.write_text("index,word\n0,a\n")
     with pytest.raises(ClipreelError, match="needs a header naming its class-name column"):
         read_class_list(header)
+
+
+def test_a_plain_csv_with_start_end_columns_names_each_segment(tmp_path):
+    from clipreel.pipeline.data.sources import read_sources
+    from clipreel.stores.manifest import manifest_from_parquet, manifest_to_parquet
+
+    (tmp_path / "talk.mp4").write_bytes(b"")
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label_name,start,end\ntalk.mp4,a,62,70\ntalk.mp4,b,,12.5\ntalk.mp4,a,,\n")
+    manifest = read_sources(listing)
+    assert list(manifest["video_id"]) == ["talk_62-70", "talk_0-12.5", "talk"]
+    assert manifest["start"].tolist()[:1] == [62.0] and np.isnan(manifest["start"].iloc[1])
+    assert manifest["end"].tolist()[:2] == [70.0, 12.5] and np.isnan(manifest["end"].iloc[2])
+    older = manifest.drop(columns=["start", "end"])  # a manifest written before segments existed
+    restored = manifest_from_parquet(manifest_to_parquet(older), "old.parquet")
+    assert restored["start"].isna().all() and list(restored.columns) == list(manifest.columns)
+    listing.write_text("path,start,end\ntalk.mp4,5,3\n")
+    with pytest.raises(ClipreelError, match="line 2: the segment ends"):
+        read_sources(listing)

@@ -145,3 +145,35 @@ def test_a_raw_frame_run_predicts_with_its_model_and_any_classes(world, encoded_
     clips = clip_pixels(encoded_videos[0], SamplingConfig(frames=4), PreprocessConfig.from_norm("imagenet", 112))
     with torch.no_grad():
         assert_scores(json.loads(out.read_text())["videos"][0], model(clips)["logits"])
+
+
+@pytest.mark.slow
+def test_start_end_columns_of_a_list_sample_inside_segments_in_predict_and_extract(ray_local, encoded_videos, tmp_path):
+    """The same file twice, as two segments: two videos of their own; predict and extract sample inside each."""
+    from clipreel.stores.features import FeatureStore
+
+    listing = tmp_path / "segments.csv"
+    listing.write_text("path,label_name,start,end,split\n"
+                       f"{encoded_videos[2]},a,0.8,1.6,test\n{encoded_videos[2]},b,0,0.4,test\n{encoded_videos[0]},a,,,test\n")
+    out = tmp_path / "answer.json"
+    result = invoke("predict", "--videos", listing, "--model", MODEL, "--classes", ",".join(CLASSES), "--template",
+                    "a video of {}.", "--frames", 4, "--json", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    videos = json.loads(out.read_text())["videos"]
+    assert [(video["start"], video["end"]) for video in videos] == [(0.8, 1.6), (0.0, 0.4), (None, None)]
+    norm = PreprocessConfig(image_size=112)
+    segment = clip_pixels(encoded_videos[2], SamplingConfig(frames=4), norm, first=20, count=20)
+    assert_scores(videos[0], zero_shot_logits(segment, CLASSES, "a video of {}."))
+
+    store = tmp_path / "segments.zarr"
+    extracted = invoke("extract", "--videos", listing, "--out", store, "--model", MODEL, "--frames", 4, "--layers", 1,
+                       "--no-progress")
+    assert extracted.exit_code == 0, extracted.output
+    features = FeatureStore.open(store)
+    manifest = features.manifest()
+    assert [video_id.rsplit("/", 1)[-1] for video_id in manifest["video_id"][:2]] == ["clip2_0.8-1.6", "clip2_0-0.4"]
+    indices = features.read([0, 1, 2], fields=("frame_indices",))["frame_indices"]  # (3, V, T)
+    # 25 fps: frames 20..39 and 0..9, TSN segment centres; the third video is whole (48 frames).
+    assert indices[0, 0].tolist() == [22, 27, 32, 37]
+    assert indices[1, 0].tolist() == [1, 3, 6, 8]
+    assert indices[2, 0].tolist() == [6, 18, 30, 42]
