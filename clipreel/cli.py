@@ -196,6 +196,7 @@ def train(
     device: str = options.DEVICE,
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
+    start: Optional[Path] = typer.Option(None, help="A run of the same head (trained, or an imported EVL) whose weights the training starts from."),
     progress: bool = options.PROGRESS,
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
@@ -206,7 +207,7 @@ def train(
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, seed=seed, options=options.parse_options(option),
         store_checkpoint=store_checkpoint, classes=str(classes) if classes else None, device=device, workers=workers,
-        address=address,
+        address=address, start=str(start) if start else None,
     ), progress=progress)
     console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
     console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)

@@ -1,7 +1,8 @@
 """The models the stages train and score, built from where their weights come from.
 
 - Cache heads: the store's text tower when the head scores against class text
-  (`text_model_for`), and a trained head back from its run directory (`trained_head`).
+  (`text_model_for`), a trained head back from its run directory (`trained_head`), and the weights
+  a new training starts from (`start_weights`: a trained or imported run of the same head).
 - Raw-frame methods: the CLIP a method starts from (an open_clip tag, a local file, the package's
   built-in weights, seeded random weights, the CLIP a `clipreel finetune vifi` run fine-tuned, or
   the CLIP of a `clipreel import` run: `load_method_clip`), a new method model around it
@@ -13,6 +14,7 @@ May import: torch, open_clip, clipreel.errors, clipreel.heads, clipreel.stores.r
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,7 @@ from clipreel.errors import ClipreelError
 from clipreel.heads.clip import TextModel, file_sha256, load_clip, load_text_model, resolve_model_name
 from clipreel.heads.convert.clip_layout import register_clip_config
 from clipreel.heads.registry import create_method, head_entry, rebuild_head, rebuild_method
-from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run
+from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run, provenance_mismatch
 
 # Run kinds of `clipreel finetune` runs: "finetune-" + the method.
 RUN_KIND_PREFIX = "finetune-"
@@ -55,6 +57,32 @@ def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: 
     head = rebuild_head(run.kind, run.head_config, classnames, text_model)
     head.load_state_dict(run.state_dict)
     return head.eval()
+
+
+def start_weights(run_dir: str | os.PathLike, kind: str, head_config: Mapping, classnames: Sequence[str],
+                  provenance: Mapping) -> dict:
+    """The weights of a run (trained or imported) that a new training of the same head starts from.
+
+    The run must be of the same head with the same config, on features that mean the same as the
+    store's; a closed-set head also needs the same classes in the same order.
+    """
+    run = load_run(run_dir)
+    if run.kind != kind:
+        raise ClipreelError(f"--start {run_dir} is a {run.kind!r} run: a {kind} head starts only from a {kind} run")
+    ours = json.loads(json.dumps(dict(head_config)))  # as config.json reads back (tuples as lists)
+    differing = sorted(key for key in set(ours) | set(run.head_config) if ours.get(key) != run.head_config.get(key))
+    if differing:
+        raise ClipreelError(f"--start {run_dir}: its {kind} head differs from this one in "
+                            + ", ".join(f"{key} ({run.head_config.get(key)!r} vs {ours.get(key)!r})" for key in differing))
+    if not head_entry(kind).scores_text and list(classnames) != run.classnames:
+        raise ClipreelError(f"--start {run_dir} classifies among its own {len(run.classnames)} classes "
+                            f"({', '.join(run.classnames[:5])}{' ...' if len(run.classnames) > 5 else ''}); give a "
+                            "store (or --classes label map) with exactly those classes in that order")
+    differences = provenance_mismatch(run.provenance, provenance)
+    if differences:
+        raise ClipreelError(f"--start {run_dir} was trained on other features than the store's:\n  - "
+                            + "\n  - ".join(differences))
+    return run.state_dict
 
 
 # --------------------------------------------------------------------------- raw-frame methods
@@ -113,12 +141,43 @@ def _imported_clip(run: Run, device: torch.device | str) -> tuple[nn.Module, str
 
 def new_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
                      options: Mapping, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
-    """A fresh CLIP (a new copy every call) wrapped by the method -> (model, its config, weights sha256)."""
+    """A fresh CLIP (a new copy every call) wrapped by the method -> (model, its config, weights sha256).
+
+    `pretrained` naming a run directory of the same method (trained or imported) starts from that
+    run's whole model, to train it further (`continued_method_model`).
+    """
+    run_dir = Path(pretrained).expanduser()
+    if run_dir.is_dir() and load_run(run_dir).kind == RUN_KIND_PREFIX + method:
+        return continued_method_model(method, model_name, run_dir, classnames, frames, options, device)
     clip_model, sha256 = load_method_clip(model_name, pretrained, device)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     torch.manual_seed(seed)  # the new modules' initialisation
     model, method_config = create_method(method, clip_model, tokenizer, classnames, frames, options)
     return model.to(device), method_config, sha256
+
+
+def continued_method_model(method: str, model_name: str, run_dir: Path, classnames: Sequence[str], frames: int,
+                           options: Mapping, device: torch.device) -> tuple[nn.Module, dict, str]:
+    """A run's model (trained or imported) to train further, among `classnames` -> (model, its config, sha256
+    of the run's weights). Its architecture is the run's: --model, --frames and options must agree with it."""
+    run = load_run(run_dir)
+    config = run.head_config
+    run_model = imported_model_name(config) or config["model"]
+    if resolve_model_name(run_model) != resolve_model_name(model_name):
+        raise ClipreelError(f"--pretrained {run_dir} is a {run.kind} run of a {run_model} CLIP, not {model_name}: "
+                            f"pass --model {run_model} to train it further")
+    method_config = dict(config["method_config"])
+    fixed_frames = method_config.get("frames")
+    if fixed_frames is not None and fixed_frames != frames:
+        raise ClipreelError(f"--frames {frames}: the {run.kind} run {run_dir} works on {fixed_frames} frames per clip; "
+                            f"pass --frames {fixed_frames}")
+    differing = sorted(key for key, value in options.items() if method_config.get(key) != value)
+    if differing:
+        raise ClipreelError(f"--option {', '.join(differing)}: training {run_dir} further keeps its {method} config "
+                            f"({', '.join(f'{key}={method_config.get(key)!r}' for key in differing)}); leave them out")
+    model = trained_method_model(run_dir, device)  # rebuilt by the method's class: what trains in it trains again
+    model.set_classnames(list(classnames))
+    return model.train(), method_config, file_sha256(run.path / WEIGHTS_FILE)
 
 
 def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
@@ -129,16 +188,28 @@ def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str 
         raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
                             "`clipreel eval` on a feature store.")
     config = run.head_config
-    model_name = imported_model_name(config) or config["model"]
-    if config.get("clip_file"):
-        clip_model, _ = _imported_clip(run, device)
-    else:
-        clip_model, sha256 = load_method_clip(model_name, config["pretrained"], device)
-        if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
-            raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
-                                f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
-    tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
+    clip_model = _base_clip(run, device)
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(imported_model_name(config) or config["model"]))
     model = rebuild_method(run.kind.removeprefix(RUN_KIND_PREFIX), clip_model, tokenizer, run.classnames,
                            config["method_config"])
     model.load_state_dict(run.state_dict)
     return model.to(device).eval()
+
+
+def _base_clip(run: Run, device: torch.device | str) -> nn.Module:
+    """The CLIP a method run's model is built around, before the run's own weights load into it."""
+    config = run.head_config
+    if config.get("clip_file"):
+        return _imported_clip(run, device)[0]
+    start = Path(config["pretrained"]).expanduser()
+    if start.is_dir() and load_run(start).kind == run.kind:  # trained further from a run of the same method
+        sha256 = file_sha256(start / WEIGHTS_FILE)
+        if sha256 != config["checkpoint_sha256"]:
+            raise ClipreelError(f"{run.path} was trained further from {start}, whose weights have changed since "
+                                f"(sha256 {sha256[:12]}..., recorded {config['checkpoint_sha256'][:12]}...).")
+        return _base_clip(load_run(start), device)
+    clip_model, sha256 = load_method_clip(imported_model_name(config) or config["model"], config["pretrained"], device)
+    if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
+        raise ClipreelError(f"{run.path} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
+                            f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")
+    return clip_model

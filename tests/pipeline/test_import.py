@@ -168,6 +168,12 @@ def test_evl_import_predicts_the_source_scores_and_eval_accepts_a_store_of_the_s
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n"] == 3 and report["views"] == 3
 
+    # Training starts from the imported decoder (same head, classes and features).
+    further = tmp_path / "evl-further"
+    trained = invoke("train", "evl", "--store", store, "--out", further, "--split", "test", "--val-split", "",
+                     "--epochs", 1, "--start", run, "--no-progress")
+    assert trained.exit_code == 0, (trained.output, trained.exception)
+
 
 def test_evl_refusals_name_the_tensors_and_the_keys(evl_files, tmp_path):
     folder, _ = evl_files
@@ -299,6 +305,33 @@ def test_xclip_in_transformers_layout_imports_to_the_same_scores(xclip_files, en
     with torch.no_grad():
         logits = source(clips_of(encoded_videos[0], SamplingConfig(frames=XCLIP_FRAMES), IMAGENET))["logits"]
     assert_scores(answer["videos"][0], logits)
+
+
+@pytest.mark.slow
+def test_an_imported_xclip_trains_further_and_is_rebuilt_from_its_import(xclip_files, encoded_videos, tmp_path):
+    folder, source = xclip_files
+    run = tmp_path / "xclip-run"
+    invoke("import", folder / "k400_tiny_4.pth", "--method", "xclip", "--classes", classes_file(tmp_path),
+           "--model", MODEL, "--out", run)
+    name = json.loads((run / "config.json").read_text())["head"]["model"]
+    listing = tmp_path / "videos.csv"
+    listing.write_text("path,label,label_name,split\n" + "".join(
+        f"{video},{index},{CLASSES[index]},train\n" for index, video in enumerate(encoded_videos)))
+    wrong = invoke("finetune", "xclip", "--videos", listing, "--out", tmp_path / "x", "--pretrained", run, "--model",
+                   name, "--frames", 8)
+    assert "--frames 8" in str(wrong.exception) and "pass --frames 4" in str(wrong.exception)
+    further = tmp_path / "xclip-further"
+    tuned = invoke("finetune", "xclip", "--videos", listing, "--out", further, "--pretrained", run, "--model", name,
+                   "--frames", XCLIP_FRAMES, "--epochs", 1, "--lr", 1e-3, "--workers", 0, "--no-progress")
+    assert tuned.exit_code == 0, (tuned.output, tuned.exception)
+    from clipreel.pipeline.models import trained_method_model
+
+    started, trained = trained_method_model(run), trained_method_model(further)
+    weights = {key: value for key, value in trained.state_dict().items()}
+    changed = [key for key, value in started.state_dict().items() if not torch.equal(value, weights[key])]
+    assert changed and all(key.startswith(("visual.", "head.")) for key in changed)
+    # The frozen text tower is the import's: the class texts embed as they did.
+    torch.testing.assert_close(trained.head.class_text_embeds, started.head.class_text_embeds, rtol=0, atol=0)
 
 
 def test_xclip_refuses_frames_that_contradict_the_checkpoint(xclip_files, tmp_path):
