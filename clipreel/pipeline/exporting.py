@@ -23,7 +23,7 @@ from open_clip.transformer import QuickGELU
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import resolve_model_name
 from clipreel.heads.convert.export import export_open_clip
-from clipreel.pipeline.models import RUN_KIND_PREFIX, imported_model_name, trained_method_model
+from clipreel.pipeline.models import RUN_KIND_PREFIX, run_model_name, trained_method_model
 from clipreel.stores.runs import load_run
 
 CACHE_HEAD_REASON = ("a head trained on a frozen CLIP's cached features adds no weight to that CLIP: its CLIP is the "
@@ -43,7 +43,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path
         export_open_clip(method, {}, {}, out)  # refuses, with the reason
     model = trained_method_model(run.path)
     config = run.head_config
-    name = imported_model_name(config) or resolve_model_name(config["model"])
+    name = resolve_model_name(run_model_name(config))
     clip_config = copy.deepcopy(open_clip.get_model_config(name))
     if isinstance(model.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU):
         clip_config["quick_gelu"] = True  # OpenAI weights load with QuickGELU whatever the config says

@@ -6,8 +6,8 @@ The recipe, top to bottom:
 
 1. Read the class list (`data.class_lists`: names, and EZ-CLIP's descriptions where the file has them).
 2. Read the checkpoint, and the base CLIP (`--clip`) where the checkpoint lacks weights: EVL's
-   frozen backbone, ViFi-CLIP's token table. Nothing but tensors and plain containers is read
-   (`read_checkpoint_file`).
+   frozen backbone, ViFi-CLIP's token table. Nothing but tensors and plain containers is read,
+   yacs configs are skipped unread, anything else is refused (`read_checkpoint_file`).
 3. Convert (`heads.convert`): every tensor's shape checked, --frames / --classes / --model checked
    against what the tensors fix. transformers' X-CLIP layout is recognised by its key names.
 4. Build the model and load the converted weights strictly, so that nothing is written for a
@@ -31,9 +31,6 @@ clipreel.pipeline.data.
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +40,9 @@ import torch
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import OPENAI_METADATA_KEYS, file_sha256, resolve_model_name
-from clipreel.heads.convert.clip_layout import build_clip, register_clip_config
+from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS, read_checkpoint
+from clipreel.heads.clip import file_sha256, resolve_model_name
+from clipreel.heads.convert.clip_layout import build_clip, register_imported_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
 from clipreel.heads.convert.ezclip import convert_ezclip
@@ -63,6 +61,9 @@ NEEDS_BASE_CLIP = {
     "vifi": "ViFi-CLIP's checkpoints lack the token table: give the CLIP it was fine-tuned from (OpenAI ViT-B-16.pt)",
     "prompt": "ViFi-CLIP's checkpoints lack the token table: give the CLIP it was fine-tuned from (OpenAI ViT-B-16.pt)",
 }
+# Objects of these classes in a checkpoint are skipped unread: X-CLIP's and ViFi-CLIP's
+# utils/tools.py: epoch_saving stores the run's yacs config next to the weights.
+SKIPPED_CLASSES = ("yacs.config.CfgNode",)
 # Files transformers' save_pretrained writes into a model folder (newest format first).
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_KEY_PREFIXES = ("vision_model.", "text_model.")
@@ -79,7 +80,7 @@ class ImportConfig:
     classes: str | None = None  # a class list file (names per line, a JSON list, a label or description CSV)
     model: str | None = None  # an open_clip model name: supplies what no tensor fixes (attention heads)
     frames: int | None = None  # T, where the checkpoint does not fix it
-    trust_checkpoint_code: bool = False  # allow TorchScript archives whose loading runs code
+    trust_checkpoint_code: bool = False  # allow TorchScript archives (other than OpenAI's CLIP) whose loading runs code
 
 
 @dataclass
@@ -141,7 +142,7 @@ def run_import(cfg: ImportConfig) -> ImportSummary:
     else:
         kind = _write_method_run(out, imported, classes, record)
     return ImportSummary(run_dir=str(out), method=imported.method, kind=kind, classes=len(classes.names),
-                         model=register_clip_config(imported.clip_config), facts=imported.facts,
+                         model=register_imported_clip(imported.clip_config), facts=imported.facts,
                          conventions=imported.conventions)
 
 
@@ -151,9 +152,10 @@ def run_import(cfg: ImportConfig) -> ImportSummary:
 def read_checkpoint_file(path: Path, what: str, trust_code: bool = False) -> Mapping:
     """A checkpoint file (or a transformers model folder) -> what it holds, as tensors in plain containers.
 
-    `.safetensors` files hold tensors only; `torch.save` files are read with `weights_only=True`,
-    which rebuilds tensors and plain containers and refuses any other class without running it.
-    TorchScript archives (OpenAI's CLIP releases) run code as they load: read only with `trust_code`.
+    Read by `heads.checkpoints.read_checkpoint`: nothing but tensors and plain containers is
+    unpickled; the yacs `CfgNode` that X-CLIP's and ViFi-CLIP's `epoch_saving` stores under
+    "config" is skipped unread, and a pickle that names any other class is refused. OpenAI's CLIP
+    archives are read without running their code; other TorchScript archives only with `trust_code`.
     """
     if path.is_dir():
         found = [path / name for name in HF_WEIGHT_FILES if (path / name).is_file()]
@@ -162,43 +164,7 @@ def read_checkpoint_file(path: Path, what: str, trust_code: bool = False) -> Map
         path = found[0]
     if not path.is_file():
         raise ClipreelError(f"{what} {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, OSError) as error:
-            raise ClipreelError(f"{what} {path}: cannot be read as safetensors ({error}); the file is damaged") from None
-    if _is_torchscript_archive(path):
-        if not trust_code:
-            raise ClipreelError(
-                f"{what} {path} is a TorchScript archive, whose loading runs code stored in it. If you trust whoever "
-                "made it (OpenAI's CLIP releases), pass --trust-checkpoint-code; otherwise give its weights as a "
-                "state dict or a .safetensors file"
-            )
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
-        reason = f"it asks for {refused.group(1)}" if refused else str(error).splitlines()[0]
-        raise ClipreelError(
-            f"{what} {path} holds objects other than tensors and plain containers ({reason}); they were not loaded, "
-            "because unpickling them can run code. Save the weights as a state dict (torch.save(model.state_dict(), "
-            "...)) or a .safetensors file"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise ClipreelError(f"{what} {path}: cannot be read as a checkpoint ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else ''}); the file is damaged or not a checkpoint") from None
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    """TorchScript zips hold a constants.pkl record; torch.save zips do not."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(record.split("/")[-1] == "constants.pkl" for record in archive.namelist())
+    return read_checkpoint(path, trust_code=trust_code, drop_foreign=SKIPPED_CLASSES)
 
 
 def _sha256_of(path: Path) -> str:
@@ -241,7 +207,7 @@ def _holds_hf_keys(checkpoint: Mapping) -> bool:
 
 def _write_method_run(out: Path, imported: Imported, classes: ClassList, record: dict) -> str:
     """A raw-frame method run: the model's weights, and its CLIP where those do not hold it."""
-    name = register_clip_config(imported.clip_config)
+    name = register_imported_clip(imported.clip_config)
     method_config = dict(imported.method_config)
     if imported.method == "ezclip" and classes.descriptions:
         method_config["descriptions"] = classes.descriptions
@@ -277,7 +243,7 @@ def _write_evl_run(out: Path, imported: Imported, classes: ClassList, record: di
     from clipreel.pipeline.data.preprocess import PreprocessConfig
     from clipreel.pipeline.data.sampling import SamplingConfig
 
-    name = register_clip_config(imported.clip_config)
+    name = register_imported_clip(imported.clip_config)
     head = rebuild_head("evl", imported.method_config, classes.names)
     _load_strictly(head, imported.state_dict)
     if model_name is not None:
@@ -321,7 +287,7 @@ def _check_extracts_alike(model_name: str, base: Mapping) -> None:
     (OpenAI's CLIP): open_clip uses it when the file carries OpenAI's archive entries or M says so."""
     config = open_clip.get_model_config(model_name) or {}
     weights = base.get("state_dict", base) if isinstance(base, Mapping) else {}
-    if not config.get("quick_gelu") and OPENAI_METADATA_KEYS[0] not in weights:
+    if not config.get("quick_gelu") and OPENAI_ARCHIVE_BUFFERS[0] not in weights:
         raise ClipreelError(
             f"--model {model_name}: its config uses GELU and --clip is not an OpenAI archive, so `clipreel extract "
             f"--model {model_name}` would not compute the features EVL was trained on (QuickGELU). Pass "

@@ -24,8 +24,14 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import TextModel, file_sha256, load_clip, load_text_model, resolve_model_name
-from clipreel.heads.convert.clip_layout import register_clip_config
+from clipreel.heads.clip import (
+    TextModel,
+    file_sha256,
+    load_clip,
+    load_text_model,
+    register_model_config,
+    resolve_model_name,
+)
 from clipreel.heads.registry import create_method, head_entry, rebuild_head, rebuild_method
 from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run, provenance_mismatch
 
@@ -36,15 +42,16 @@ RUN_KIND_PREFIX = "finetune-"
 # --------------------------------------------------------------------------- cache heads
 
 
-def text_model_for(name: str, provenance: Mapping, store_checkpoint: str | None = None) -> TextModel | None:
+def text_model_for(name: str, provenance: Mapping, store_checkpoint: str | None = None,
+                   trust_code: bool = False) -> TextModel | None:
     """The CLIP that made the store, for a head that scores against class text (else None).
 
     store_checkpoint: the local checkpoint file a store was extracted from (its provenance records
-    only the file's name and sha256).
+    only the file's name and sha256). trust_code: see `heads.clip.load_clip`.
     """
     if not head_entry(name).scores_text:
         return None
-    return load_text_model(provenance, store_checkpoint)
+    return load_text_model(provenance, store_checkpoint, trust_code=trust_code)
 
 
 def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: TextModel | None = None) -> nn.Module:
@@ -88,7 +95,7 @@ def start_weights(run_dir: str | os.PathLike, kind: str, head_config: Mapping, c
 # --------------------------------------------------------------------------- raw-frame methods
 
 
-def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu"
+def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu", trust_code: bool = False
                      ) -> tuple[nn.Module, str | None]:
     """`load_clip`, and one more source of weights: a run directory that holds a whole CLIP.
 
@@ -96,16 +103,17 @@ def load_method_clip(model_name: str, pretrained: str, device: torch.device | st
     bridge-and-prompt starts (``finetune prompt --pretrained RUN_DIR``), or any other method; and
     the CLIP of a `clipreel import` run (the model itself for ViFi-CLIP, the CLIP the method was
     built around for the others). The sha256 is that of the run's file holding the CLIP.
+    trust_code: see `heads.clip.load_clip`.
     """
     run_dir = Path(pretrained).expanduser()
     if not run_dir.is_dir():
-        return load_clip(model_name, pretrained, device=device)
+        return load_clip(model_name, pretrained, device=device, trust_code=trust_code)
     run = load_run(run_dir)
     config = run.head_config
     if not run.kind.startswith(RUN_KIND_PREFIX):
         raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
                             "of a `clipreel finetune vifi` or of a `clipreel import`, or a checkpoint file")
-    run_model = imported_model_name(config) or config["model"]
+    run_model = run_model_name(config)
     if resolve_model_name(run_model) != resolve_model_name(model_name):
         raise ClipreelError(f"--pretrained {run_dir} holds a {run_model} CLIP, not {model_name}: pass --model {run_model}")
     if config.get("clip_file"):
@@ -119,11 +127,12 @@ def load_method_clip(model_name: str, pretrained: str, device: torch.device | st
     return clip_model, file_sha256(run_dir / WEIGHTS_FILE)
 
 
-def imported_model_name(config: Mapping) -> str | None:
-    """The open_clip name of an imported run's CLIP (registered from the config the run records), else None."""
-    if "model_config" not in config:
-        return None
-    return register_clip_config(config["model_config"])
+def run_model_name(config: Mapping) -> str:
+    """The open_clip name of a method run's CLIP, registered again from the config the run records
+    when it came from a config file or an import (`model_config`)."""
+    if config.get("model_config") is not None:
+        register_model_config(config["model"], config["model_config"])
+    return config["model"]
 
 
 def _imported_clip(run: Run, device: torch.device | str) -> tuple[nn.Module, str]:
@@ -132,7 +141,7 @@ def _imported_clip(run: Run, device: torch.device | str) -> tuple[nn.Module, str
     path = run.path / config["clip_file"]
     if not path.is_file():
         raise ClipreelError(f"{run.path} is incomplete: {config['clip_file']} (its CLIP) is missing. Import the checkpoint again.")
-    clip_model, sha256 = load_clip(imported_model_name(config), str(path), device=device)
+    clip_model, sha256 = load_clip(run_model_name(config), str(path), device=device)
     if sha256 != config["checkpoint_sha256"]:
         raise ClipreelError(f"{path} has changed since the import (sha256 {sha256[:12]}..., recorded "
                             f"{config['checkpoint_sha256'][:12]}...). Import the checkpoint again.")
@@ -140,7 +149,8 @@ def _imported_clip(run: Run, device: torch.device | str) -> tuple[nn.Module, str
 
 
 def new_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
-                     options: Mapping, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
+                     options: Mapping, seed: int, device: torch.device, trust_code: bool = False
+                     ) -> tuple[nn.Module, dict, str | None]:
     """A fresh CLIP (a new copy every call) wrapped by the method -> (model, its config, weights sha256).
 
     `pretrained` naming a run directory of the same method (trained or imported) starts from that
@@ -148,8 +158,8 @@ def new_method_model(method: str, model_name: str, pretrained: str, classnames: 
     """
     run_dir = Path(pretrained).expanduser()
     if run_dir.is_dir() and load_run(run_dir).kind == RUN_KIND_PREFIX + method:
-        return continued_method_model(method, model_name, run_dir, classnames, frames, options, device)
-    clip_model, sha256 = load_method_clip(model_name, pretrained, device)
+        return continued_method_model(method, model_name, run_dir, classnames, frames, options, device, trust_code)
+    clip_model, sha256 = load_method_clip(model_name, pretrained, device, trust_code)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     torch.manual_seed(seed)  # the new modules' initialisation
     model, method_config = create_method(method, clip_model, tokenizer, classnames, frames, options)
@@ -157,12 +167,13 @@ def new_method_model(method: str, model_name: str, pretrained: str, classnames: 
 
 
 def continued_method_model(method: str, model_name: str, run_dir: Path, classnames: Sequence[str], frames: int,
-                           options: Mapping, device: torch.device) -> tuple[nn.Module, dict, str]:
+                           options: Mapping, device: torch.device, trust_code: bool = False
+                           ) -> tuple[nn.Module, dict, str]:
     """A run's model (trained or imported) to train further, among `classnames` -> (model, its config, sha256
     of the run's weights). Its architecture is the run's: --model, --frames and options must agree with it."""
     run = load_run(run_dir)
     config = run.head_config
-    run_model = imported_model_name(config) or config["model"]
+    run_model = run_model_name(config)
     if resolve_model_name(run_model) != resolve_model_name(model_name):
         raise ClipreelError(f"--pretrained {run_dir} is a {run.kind} run of a {run_model} CLIP, not {model_name}: "
                             f"pass --model {run_model} to train it further")
@@ -175,12 +186,13 @@ def continued_method_model(method: str, model_name: str, run_dir: Path, classnam
     if differing:
         raise ClipreelError(f"--option {', '.join(differing)}: training {run_dir} further keeps its {method} config "
                             f"({', '.join(f'{key}={method_config.get(key)!r}' for key in differing)}); leave them out")
-    model = trained_method_model(run_dir, device)  # rebuilt by the method's class: what trains in it trains again
+    model = trained_method_model(run_dir, device, trust_code)  # rebuilt by the method's class: what trains in it trains again
     model.set_classnames(list(classnames))
     return model.train(), method_config, file_sha256(run.path / WEIGHTS_FILE)
 
 
-def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                         trust_code: bool = False) -> nn.Module:
     """The trained model of a `clipreel finetune` run (or of a `clipreel import` of a raw-frame method),
     in eval mode, around the CLIP it was trained from (refused when that CLIP's checkpoint has changed)."""
     run = load_run(run_dir)
@@ -188,15 +200,15 @@ def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str 
         raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
                             "`clipreel eval` on a feature store.")
     config = run.head_config
-    clip_model = _base_clip(run, device)
-    tokenizer = open_clip.get_tokenizer(resolve_model_name(imported_model_name(config) or config["model"]))
+    clip_model = _base_clip(run, device, trust_code)
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(run_model_name(config)))
     model = rebuild_method(run.kind.removeprefix(RUN_KIND_PREFIX), clip_model, tokenizer, run.classnames,
                            config["method_config"])
     model.load_state_dict(run.state_dict)
     return model.to(device).eval()
 
 
-def _base_clip(run: Run, device: torch.device | str) -> nn.Module:
+def _base_clip(run: Run, device: torch.device | str, trust_code: bool) -> nn.Module:
     """The CLIP a method run's model is built around, before the run's own weights load into it."""
     config = run.head_config
     if config.get("clip_file"):
@@ -207,8 +219,8 @@ def _base_clip(run: Run, device: torch.device | str) -> nn.Module:
         if sha256 != config["checkpoint_sha256"]:
             raise ClipreelError(f"{run.path} was trained further from {start}, whose weights have changed since "
                                 f"(sha256 {sha256[:12]}..., recorded {config['checkpoint_sha256'][:12]}...).")
-        return _base_clip(load_run(start), device)
-    clip_model, sha256 = load_method_clip(imported_model_name(config) or config["model"], config["pretrained"], device)
+        return _base_clip(load_run(start), device, trust_code)
+    clip_model, sha256 = load_method_clip(run_model_name(config), config["pretrained"], device, trust_code)
     if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
         raise ClipreelError(f"{run.path} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
                             f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")

@@ -47,8 +47,7 @@ from torch import nn
 from clipreel.config import DEFAULT_MODEL
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import TextModel, resolve_model_name
-from clipreel.heads.convert.clip_layout import register_clip_config
+from clipreel.heads.clip import TextModel, register_model_config, resolve_model_name
 from clipreel.heads.registry import head_entry, list_heads, rebuild_head
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.class_lists import ClassList, read_class_list
@@ -88,6 +87,7 @@ class PredictConfig:
     end: float | None = None
     json: str | None = None  # write every class's probability and raw score here
     store_checkpoint: str | None = None  # a cache-head run whose store came from a local checkpoint file
+    trust_checkpoint_code: bool = False  # let a non-OpenAI TorchScript checkpoint run its code
     decoder: str = "auto"
     device: str = "auto"
 
@@ -200,7 +200,7 @@ def _classes_for(run: Run, classes: ClassList | None, scores_text: bool) -> list
 
 def _method_predictor(run: Run, cfg: PredictConfig, classes: ClassList | None, device: torch.device) -> Predictor:
     """A raw-frame method run (trained or imported): decode -> its model."""
-    model = trained_method_model(run.path, device)
+    model = trained_method_model(run.path, device, cfg.trust_checkpoint_code)
     classnames = _classes_for(run, classes, scores_text=True)
     if classnames != run.classnames:
         if classes is not None and classes.descriptions and hasattr(model.config, "descriptions"):
@@ -228,7 +228,7 @@ def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | Non
     layers = ",".join(str(block) for block in blocks) + ","
     backbone_record = (run.imported or {}).get("backbone")
     if backbone_record is not None:  # an imported EVL: the converted base CLIP kept in the run
-        model_name = register_clip_config(backbone_record["model_config"])
+        model_name = register_model_config(backbone_record["model"], backbone_record["model_config"])
         pretrained, expected_sha = str(run.path / backbone_record["clip_file"]), backbone_record["checkpoint_sha256"]
     else:
         model_name, expected_sha = provenance["model"], provenance.get("checkpoint_sha256")
@@ -239,7 +239,8 @@ def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | Non
                 f"{run.path} was trained on features of the local checkpoint {provenance['pretrained']!r}: pass that "
                 "file with --store-checkpoint, so that predict computes the same features"
             )
-    backbone = Backbone(BackboneConfig(model=model_name, pretrained=pretrained, layers=layers, device=str(device)))
+    backbone = Backbone(BackboneConfig(model=model_name, pretrained=pretrained, layers=layers, device=str(device),
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
     if expected_sha is not None and backbone.checkpoint_sha256 != expected_sha:
         raise ClipreelError(f"{pretrained}: its sha256 is {str(backbone.checkpoint_sha256)[:12]}..., but the run's "
                             f"features came from a checkpoint with {expected_sha[:12]}...: give that checkpoint")
@@ -264,7 +265,8 @@ def _zero_shot_predictor(cfg: PredictConfig, classes: ClassList | None, device: 
     if classes is None:
         raise ClipreelError("predict without --run is zero-shot CLIP: give the classes to choose among with --classes "
                             "('a,b,c' or a class list file)")
-    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers="1", device=str(device)))
+    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers="1", device=str(device),
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
     name = backbone.model_name
     text_model = TextModel(backbone.clip, open_clip.get_tokenizer(name), name)
     config = {"embed_dim": backbone.embed_dim, "num_classes": len(classes.names), "templates": cfg.template,

@@ -15,19 +15,17 @@ May import: torch, open_clip, clipreel.errors, clipreel.heads.clip, clipreel.hea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import open_clip
-import open_clip.factory
 import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import OPENAI_METADATA_KEYS, resolve_model_name
+from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
+from clipreel.heads.clip import config_digest, register_model_config, resolve_model_name
 from clipreel.heads.convert.common import (
     Shape,
     Tensors,
@@ -292,7 +290,7 @@ def read_base_clip(checkpoint: Mapping, source: str = "--clip") -> Tensors:
     layout, or an open_clip checkpoint. OpenAI's archive metadata entries and the text causal mask
     (which traced archives keep, and open_clip rebuilds) are dropped."""
     tensors = unwrap_checkpoint(checkpoint, source)
-    for key in (*OPENAI_METADATA_KEYS, "attn_mask"):
+    for key in (*OPENAI_ARCHIVE_BUFFERS, "attn_mask"):
         tensors.pop(key, None)
     return tensors
 
@@ -305,16 +303,10 @@ def build_clip(clip_config: Mapping, clip_state_dict: Mapping[str, torch.Tensor]
     return model.eval()
 
 
-def register_clip_config(clip_config: Mapping) -> str:
+def register_imported_clip(clip_config: Mapping) -> str:
     """Make an imported CLIP's open_clip config known to open_clip, under a name made from its
-    content ("imported-" + the first 8 hex digits of its sha256): the same config always gets the
-    same name, two different configs never share one. Returns the name.
-
-    open_clip registers configs only from files (`add_model_config`), and rebuilds its registry
-    (a module-level dict it looks up on every call) when it rescans; so the name is registered
-    again by every caller, before each use.
+    content ("imported-" + `config_digest`): the same config always gets the same name, two
+    different configs never share one. Returns the name; runs record it with the config
+    (`model_config`), from which `register_model_config` rebuilds it in any process.
     """
-    text = json.dumps(dict(clip_config), sort_keys=True, separators=(",", ":"))
-    name = "imported-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    open_clip.factory._MODEL_CONFIGS[name] = json.loads(text)
-    return name
+    return register_model_config(f"imported-{config_digest(clip_config)}", clip_config)

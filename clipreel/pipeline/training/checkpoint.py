@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpoints import read_checkpoint
 from clipreel.stores.runs import CONFIG_FILE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,7 +29,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # finished run asked for more continues on the longer schedule), the validation split, and where
 # and how it runs. `workers` (data-parallel ranks or decode processes) and the frame loader change
 # nothing a run trains on for a given seed; the decoder does (pixels), so it must match.
-MAY_CHANGE_ON_RESUME = ("out", "epochs", "val_split", "device", "workers", "address", "prefetch", "loader")
+MAY_CHANGE_ON_RESUME = ("out", "epochs", "val_split", "device", "workers", "address", "prefetch", "loader",
+                        "trust_checkpoint_code")
 _ABSENT = "(not set)"
 
 
@@ -58,7 +60,7 @@ def checkpoint_to_resume(run_dir: Path, identity: dict, epochs: int, command: st
     if not path.is_file():
         raise ClipreelError(f"{run_dir} exists and holds no {CHECKPOINT_FILE} of an earlier `clipreel {command}`: "
                             "choose a new --out (or delete the folder).")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if "identity" not in checkpoint:
         raise ClipreelError(f"{path} was written by an older clipreel and cannot be resumed: choose a new --out.")
     differences = _differences(checkpoint["identity"], identity)
