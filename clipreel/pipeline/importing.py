@@ -41,7 +41,7 @@ import torch
 from clipreel import __version__
 from clipreel.errors import ClipreelError
 from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS, read_checkpoint
-from clipreel.heads.clip import file_sha256, resolve_model_name
+from clipreel.heads.clip import file_sha256, resolve_model_name, user_model_config
 from clipreel.heads.convert.clip_layout import build_clip, register_imported_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
@@ -251,7 +251,7 @@ def _write_evl_run(out: Path, imported: Imported, classes: ClassList, record: di
     prep = imported.preprocessing
     feature_blocks = imported.facts["feature_blocks"]
     provenance = {  # what `clipreel extract --model M --pretrained CLIP --layers K --frames T` records (taps.Backbone)
-        "model": model_name or name, "pretrained": Path(record["clip"]).name, "checkpoint_sha256": record["clip_sha256"],
+        "model": model_name or name, **_config_of(model_name or name), "pretrained": Path(record["clip"]).name, "checkpoint_sha256": record["clip_sha256"],
         "activation": "quick_gelu", "image_size": prep.image_size, "patch_size": imported.facts["patch_size"],
         "width": imported.facts["width"], "num_heads": imported.facts["heads"], "tokens": imported.facts["grid"] ** 2 + 1,
         "embed_dim": imported.clip_config["embed_dim"], "num_blocks": imported.clip_config["vision_cfg"]["layers"],
@@ -268,6 +268,12 @@ def _write_evl_run(out: Path, imported: Imported, classes: ClassList, record: di
     save_run(out, kind="evl", head=head, head_config=imported.method_config, classnames=classes.names,
              provenance=provenance, store_path="", train_config={"imported_from": record["checkpoint"]}, imported=record)
     return "evl"
+
+
+def _config_of(model_name: str) -> dict:
+    """{"model_config": ...} for a model registered from a config (a file, or an import), as a store records it."""
+    config = user_model_config(model_name)
+    return {"model_config": config} if config is not None else {}
 
 
 def _with_layout(record: dict, imported: Imported) -> dict:

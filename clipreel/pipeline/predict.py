@@ -47,7 +47,7 @@ from torch import nn
 from clipreel.config import DEFAULT_MODEL
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import TextModel, register_model_config, resolve_model_name
+from clipreel.heads.clip import TextModel
 from clipreel.heads.registry import head_entry, list_heads, rebuild_head
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.class_lists import ClassList, read_class_list
@@ -228,10 +228,11 @@ def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | Non
     layers = ",".join(str(block) for block in blocks) + ","
     backbone_record = (run.imported or {}).get("backbone")
     if backbone_record is not None:  # an imported EVL: the converted base CLIP kept in the run
-        model_name = register_model_config(backbone_record["model"], backbone_record["model_config"])
+        model_name, model_config = backbone_record["model"], backbone_record["model_config"]
         pretrained, expected_sha = str(run.path / backbone_record["clip_file"]), backbone_record["checkpoint_sha256"]
     else:
-        model_name, expected_sha = provenance["model"], provenance.get("checkpoint_sha256")
+        model_name, model_config = provenance["model"], provenance.get("model_config")
+        expected_sha = provenance.get("checkpoint_sha256")
         pretrained = cfg.store_checkpoint or str(provenance["pretrained"])
         names_a_file = expected_sha is not None and pretrained.lower() not in ("default", "none")
         if names_a_file and cfg.store_checkpoint is None:
@@ -240,13 +241,13 @@ def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | Non
                 "file with --store-checkpoint, so that predict computes the same features"
             )
     backbone = Backbone(BackboneConfig(model=model_name, pretrained=pretrained, layers=layers, device=str(device),
-                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
+                                       model_config=model_config, trust_checkpoint_code=cfg.trust_checkpoint_code))
     if expected_sha is not None and backbone.checkpoint_sha256 != expected_sha:
         raise ClipreelError(f"{pretrained}: its sha256 is {str(backbone.checkpoint_sha256)[:12]}..., but the run's "
                             f"features came from a checkpoint with {expected_sha[:12]}...: give that checkpoint")
     text_model = None
     if entry.scores_text:
-        text_model = TextModel(backbone.clip, open_clip.get_tokenizer(resolve_model_name(model_name)), model_name)
+        text_model = TextModel(backbone.clip, open_clip.get_tokenizer(backbone.model_name), backbone.model_name)
     classnames = _classes_for(run, classes, entry.scores_text)
     head = trained_head(run, classnames, text_model).to(device)
     sampling = SamplingConfig.from_dict(provenance["sampling"]) if "sampling" in provenance else SamplingConfig(frames=provenance["frames"])

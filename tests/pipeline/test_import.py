@@ -562,3 +562,12 @@ def test_ezclip_import_scores_100_cosine_against_the_descriptions(ezclip_files, 
     cosine = F.normalize(out["video_embeds"], dim=-1) @ F.normalize(text, dim=-1).t()
     assert_scores(answer["videos"][0], 100.0 * cosine, tolerance=1e-4)
     assert math.isclose(max(answer["videos"][0]["scores"]), 100.0 * float(cosine.max()), rel_tol=1e-4)
+
+    # zero-shot transfer of the imported run to a list's own classes (its names stand in for descriptions)
+    listing = tmp_path / "videos.csv"
+    listing.write_text("path,label,label_name,split\n" + "".join(
+        f"{video},{index},{name},test\n" for index, (video, name) in enumerate(zip(encoded_videos, ["a", "b", "c"]))))
+    scored = invoke("zeroshot", "--videos", listing, "--run", run, "--split", "test", "--frames", EZ_FRAMES,
+                    "--workers", 0, "--report", tmp_path / "zs.json")
+    assert scored.exit_code == 0, (scored.output, scored.exception)
+    assert json.loads((tmp_path / "zs.json").read_text())["n"] == 3

@@ -146,6 +146,15 @@ def test_a_raw_frame_run_predicts_with_its_model_and_any_classes(world, encoded_
     with torch.no_grad():
         assert_scores(json.loads(out.read_text())["videos"][0], model(clips)["logits"])
 
+    # A ViFi-CLIP run trained here exports to open_clip as well.
+    exported = invoke("export", run, "--out", tmp_path / "vifi-synth.safetensors")
+    assert exported.exit_code == 0, (exported.output, exported.exception)
+    open_clip.add_model_config(tmp_path / "vifi-synth.json")
+    plain = open_clip.create_model("vifi-synth", pretrained=str(tmp_path / "vifi-synth.safetensors")).eval()
+    with torch.no_grad():
+        frames = plain.encode_image(clips.flatten(0, 1)).unflatten(0, clips.shape[:2])
+        torch.testing.assert_close(frames, model(clips)["frame_embeds"], rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.slow
 def test_start_end_columns_of_a_list_sample_inside_segments_in_predict_and_extract(ray_local, encoded_videos, tmp_path):
