@@ -440,20 +440,19 @@ class ClipPlan:
     short_side: int | None
 
 
-def run_clip_plan(run, *, frames: int | None = None, policy: str | None = None, views: int | None = None,
-                  crops: int | None = None, short_side: int | None = None) -> ClipPlan:
+def run_clip_plan(run, *, views: int | None = None, crops: int | None = None) -> ClipPlan:
     """The test clips of a raw-frame run: what its import recorded (the reference's own test), with
-    the given settings put in; a run of `clipreel finetune` tests on TSN segment centres, 1 view, 1 crop."""
+    the given views and crops put in; a run of `clipreel finetune` tests on TSN segment centres, 1 view, 1 crop."""
     record = (run.imported or {}).get("preprocessing") or {}
     sampling = SamplingConfig(
-        policy=policy or record.get("sampling", "tsn"),
-        frames=frames or run.head_config["frames"],
+        policy=record.get("sampling", "tsn"),
+        frames=run.head_config["frames"],
         stride=record.get("stride") or SamplingConfig().stride,
         views=views or record.get("views", 1),
     )
-    short = short_side or record.get("short_side")
+    short_side = record.get("short_side")
     return ClipPlan(sampling=sampling, crops=crops or record.get("crops", 1),
-                    short_side=short if short != run.head_config["image_size"] else None)
+                    short_side=short_side if short_side != run.head_config["image_size"] else None)
 
 
 def zero_shot_raw(method: str, videos: str, split: str, model: str = DEFAULT_MODEL, pretrained: str = "default",

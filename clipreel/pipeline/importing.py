@@ -25,8 +25,8 @@ The recipe, top to bottom:
    reference's conventions and its evaluation preprocessing (`heads.convert.common.Preprocessing`),
    which `eval` and `predict` use by default.
 
-May import: torch, open_clip, safetensors, clipreel.errors, clipreel.heads, clipreel.stores,
-clipreel.pipeline.data.
+May import: torch, open_clip, clipreel.errors, clipreel.heads, clipreel.stores, clipreel.pipeline (data,
+models).
 """
 
 from __future__ import annotations
