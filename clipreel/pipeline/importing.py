@@ -198,6 +198,7 @@ def _convert(method: str, checkpoint: Mapping, base: Mapping | None, user: UserC
 
 
 def _holds_hf_keys(checkpoint: Mapping) -> bool:
+    """Whether the checkpoint's weights carry transformers' X-CLIP key names."""
     weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else {}
     return isinstance(weights, Mapping) and any(str(key).startswith(HF_KEY_PREFIXES) for key in weights)
 

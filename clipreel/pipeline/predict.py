@@ -325,7 +325,8 @@ def videos_to_predict(cfg: PredictConfig) -> list[VideoJob]:
     return jobs
 
 
-def _check_segment(start, end, where: str) -> None:
+def _check_segment(start: float | None, end: float | None, where: str) -> None:
+    """Refuse a segment that starts before the video or ends before it starts."""
     if start is not None and start < 0:
         raise ClipreelError(f"{where}: --start {start} is negative; give seconds from the start of the video")
     if start is not None and end is not None and end <= start:

@@ -51,6 +51,10 @@ def test_names_on_the_command_line_and_refusals(tmp_path):
     header.write_text("index,word\n0,a\n")
     with pytest.raises(ClipreelError, match="needs a header naming its class-name column"):
         read_class_list(header)
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text('{"archery": 0, "bowling": 1}')
+    with pytest.raises(ClipreelError, match="a JSON object; a JSON class list is a list of names"):
+        read_class_list(mapping)
 
 
 def test_a_plain_csv_with_start_end_columns_names_each_segment(tmp_path):

@@ -53,6 +53,7 @@ def read_class_list(spec: str | Path) -> ClassList:
 
 
 def _read_file(path: Path) -> ClassList:
+    """A class list file: a JSON list, a CSV with a header, or one name per line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -66,6 +67,9 @@ def _read_file(path: Path) -> ClassList:
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise ClipreelError(f"{path}: a JSON class list is a list of strings, e.g. [\"archery\", \"bowling\"]")
         return ClassList(names=[name.strip() for name in names], source=str(path))
+    if stripped.startswith("{"):
+        raise ClipreelError(f"{path}: a JSON object; a JSON class list is a list of names in class order, "
+                            "e.g. [\"archery\", \"bowling\"]")
     if path.suffix.lower() == ".csv":
         return _read_csv(path, text)
     names = [line.strip() for line in text.splitlines() if line.strip()]
@@ -101,6 +105,7 @@ def _read_csv(path: Path, text: str) -> ClassList:
 
 
 def _checked(classes: ClassList, where: str) -> ClassList:
+    """The class list, refused if it is empty or a name is empty or repeated."""
     if not classes.names:
         raise ClipreelError(f"{where}: no class names; give one name per line, a JSON list, or a CSV with a name column")
     for index, name in enumerate(classes.names):
