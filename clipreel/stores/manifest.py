@@ -10,8 +10,6 @@ A label map is a small text file that fixes the order of class names (line i = l
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,27 +107,13 @@ def _check_unique_ids(table: pd.DataFrame) -> None:
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path | str:
-    """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then
-    os.replace; behind a URL one whole-object write."""
+    """Write the manifest to `path` (Parquet, zstd) atomically (StoreObjects.replace: a fsynced
+    temporary file and os.replace on a local disk, one whole-object write behind a URL)."""
     data = manifest_to_parquet(new_manifest(df))
     location = store_location(path)
-    if is_remote(location):
-        folder, name = location.rsplit("/", 1)
-        StoreObjects(folder).replace(name, data)
-        return location
-    path = location
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    folder, name = location.rsplit("/", 1) if is_remote(location) else (location.parent, location.name)
+    StoreObjects(folder).replace(name, data)
+    return location
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
