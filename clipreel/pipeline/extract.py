@@ -357,7 +357,8 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
     workers = cfg.workers or (gpus if gpus else max(1, cpus))
     on_a_cluster = sum(1 for node in ray.nodes() if node["Alive"]) > 1
     items = [
-        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
+        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"],
+         "start": float(manifest.at[row, "start"]), "end": float(manifest.at[row, "end"])}
         for row in todo
     ]
     # Where frames are decoded: in the backbone actors with DALI (its pipelines are expensive to

@@ -32,7 +32,13 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "fps": "float64",  # NaN until the video is probed
     "status": "str",  # one of STATUSES
     "error": "str",  # why the video failed, "" otherwise
+    "start": "float64",  # seconds: frames are sampled from here on (NaN: from the first frame)
+    "end": "float64",  # seconds: ... up to here (NaN: to the last frame)
 }
+# Columns a manifest written before they existed lacks; they read back as their default.
+OPTIONAL_COLUMNS = ("start", "end")
+# Columns whose NaN is a real value ("unknown", "the whole video"), not "not given".
+NAN_VALUED = ("fps", "start", "end")
 STATUSES = ("pending", "done", "failed")
 
 # value used for a column that a record leaves out (video_id and path have no default: they are required)
@@ -44,6 +50,8 @@ _DEFAULTS = {
     "fps": np.nan,
     "status": "pending",
     "error": "",
+    "start": np.nan,
+    "end": np.nan,
 }
 _REQUIRED = ("video_id", "path")
 ORPHAN_MARK = "<orphaned row "  # video_id and path of a placeholder row: "<orphaned row 37>"
@@ -68,7 +76,7 @@ def new_manifest(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
     for name, default in _DEFAULTS.items():
         if name not in table.columns:
             table[name] = default
-        elif name != "fps":  # NaN is the real "unknown" of fps; elsewhere it means "not given"
+        elif name not in NAN_VALUED:  # NaN is a real value of these; elsewhere it means "not given"
             table[name] = table[name].where(table[name].notna(), default)
     try:
         table = table[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
@@ -153,6 +161,9 @@ def manifest_from_parquet(data: bytes, where: str) -> pd.DataFrame:
         table = pq.read_table(pa.BufferReader(data)).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise ClipreelError(f"{where} is not a Parquet manifest ({exc}); write one with `clipreel manifest`") from exc
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.columns:
+            table[name] = _DEFAULTS[name]
     missing = [name for name in MANIFEST_COLUMNS if name not in table.columns]
     if missing:
         raise ClipreelError(
