@@ -148,10 +148,8 @@ def labelled_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
 
 def augment_config(image_size: int, norm: str, settings: dict | None = None) -> AugmentConfig:
     """The training augmentation of a run (and, through its preprocess_config, its evaluation transform),
-    with the user's `--augment` settings."""
-    try:
-        return AugmentConfig(**{**(settings or {}), "image_size": image_size, "norm": norm})
-    except TypeError as error:  # a setting AugmentConfig does not have
-        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.data.augment."
-                            "AugmentConfig (crop, scales, flip, color_jitter, grayscale, ...)") from None
+    with the user's `--augment` settings (names, types and ranges checked)."""
+    settings = AugmentConfig.checked_options(settings or {}, "the training augmentation", flag="--augment",
+                                             not_options=("image_size", "norm"))
+    return AugmentConfig(**settings, image_size=image_size, norm=norm)
 
