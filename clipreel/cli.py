@@ -57,6 +57,7 @@ def extract(
     out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     frames: int = typer.Option(8, help="Frames per clip (T)."),
     views: int = typer.Option(1, help="Temporal views per video (V)."),
     sampling: str = typer.Option("tsn", help="tsn (segment centres), dense (T frames at --stride, EVL), or uniform."),
@@ -68,7 +69,7 @@ def extract(
     decoder: str = typer.Option("auto", help="auto (DALI on GPU, else PyAV), pyav, or dali (DALI-CPU: VP8/VP9/MJPEG only)."),
     batch_size: int = typer.Option(4, help="Videos per backbone batch."),
     workers: Optional[int] = typer.Option(None, help="Backbone actors (default: one per GPU, else one per CPU)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local Ray)."),
+    address: Optional[str] = typer.Option(None, help=options.ADDRESS_HELP),
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths in the list are under (default: the list's folder)."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
@@ -86,6 +87,7 @@ def extract(
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
         skip_missing=skip_missing, wait=wait, force=force, recheck=recheck, repair=repair,
+        trust_checkpoint_code=trust_checkpoint_code,
     )
     summary = run_extract(cfg, progress=progress)
     for change in summary.repairs:
@@ -193,10 +195,11 @@ def train(
     seed: int = options.SEED,
     option: list[str] = options.OPTION,
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     classes: Optional[Path] = options.CLASSES,
     device: str = options.DEVICE,
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join when --workers > 1."),
+    address: Optional[str] = typer.Option(None, help="With --workers > 1: " + options.ADDRESS_HELP),
     progress: bool = options.PROGRESS,
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
@@ -206,8 +209,8 @@ def train(
         kind=head, store=str(store), out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, seed=seed, options=options.parse_options(option),
-        store_checkpoint=store_checkpoint, classes=str(classes) if classes else None, device=device, workers=workers,
-        address=address,
+        store_checkpoint=store_checkpoint, trust_checkpoint_code=trust_checkpoint_code,
+        classes=str(classes) if classes else None, device=device, workers=workers, address=address,
     ), progress=progress)
     console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
     console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
@@ -226,6 +229,7 @@ def finetune(
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     epochs: int = typer.Option(10, help="Passes over the training videos."),
     lr: Optional[float] = options.LR,
     batch_size: int = typer.Option(8, help="Clips per micro-batch."),
@@ -236,7 +240,7 @@ def finetune(
     workers: int = options.DECODE_WORKERS_OPTION,
     decoder: str = options.DECODER,
     loader: str = options.LOADER,
-    address: Optional[str] = typer.Option(None, help="Ray cluster for --loader ray (default: a local Ray)."),
+    address: Optional[str] = typer.Option(None, help="With --loader ray: " + options.ADDRESS_HELP),
     seed: int = options.SEED,
     option: list[str] = options.OPTION,
     device: str = options.DEVICE,
@@ -250,7 +254,8 @@ def finetune(
         method=method, videos=videos, out=str(out), model=model, pretrained=pretrained, epochs=epochs, lr=lr,
         batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup,
         augment=options.parse_options(augment, "--augment"), workers=workers, decoder=decoder, loader=loader,
-        address=address, seed=seed, options=options.parse_options(option), device=device, on_bad_video=on_bad_video,
+        address=address, seed=seed, options=options.parse_options(option), device=device,
+        trust_checkpoint_code=trust_checkpoint_code, on_bad_video=on_bad_video,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
     console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)
@@ -273,6 +278,7 @@ def eval_(
     crops: int = typer.Option(1, help="Raw videos: spatial crops per view (1 or 3)."),
     report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     classes: Optional[Path] = options.CLASSES,
     batch_size: int = typer.Option(8, help="Videos per batch (all their views at once)."),
     workers: int = options.DECODE_WORKERS_OPTION,
@@ -291,8 +297,9 @@ def eval_(
     scores, path = evaluate(EvalConfig(
         run=str(run_dir), store=str(store) if store else None, videos=videos, split=split,
         report=str(report) if report else None, store_checkpoint=store_checkpoint,
-        classes=str(classes) if classes else None, views=views, crops=crops, batch_size=batch_size, workers=workers,
-        decoder=decoder, loader=loader, device=device, on_bad_video=on_bad_video,
+        trust_checkpoint_code=trust_checkpoint_code, classes=str(classes) if classes else None, views=views,
+        crops=crops, batch_size=batch_size, workers=workers, decoder=decoder, loader=loader, device=device,
+        on_bad_video=on_bad_video,
     ))
     if scores["classes_matched_by_name"]:
         console.print("classes matched by name: the labels number the run's classes otherwise", highlight=False)
@@ -313,6 +320,7 @@ def zeroshot(
     template: str = typer.Option("ensemble", help="--store: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON report (and confusion PNG) here."),
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
     frames: int = options.FRAMES,
@@ -332,7 +340,8 @@ def zeroshot(
     scores = zero_shot(ZeroShotEvalConfig(
         store=str(store) if store else None, videos=videos, method=method, run=str(run) if run else None,
         split=split, classes=str(classes) if classes else None, template=template,
-        report=str(report) if report else None, store_checkpoint=store_checkpoint, model=model,
+        report=str(report) if report else None, store_checkpoint=store_checkpoint,
+        trust_checkpoint_code=trust_checkpoint_code, model=model,
         pretrained=pretrained, frames=frames, views=views, options=options.parse_options(option), workers=workers,
         device=device,
     ))
@@ -351,6 +360,7 @@ def fewshot(
     lr: Optional[float] = options.LR,
     option: list[str] = options.OPTION,
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
     frames: int = options.FRAMES,
@@ -364,7 +374,8 @@ def fewshot(
     few_shot(head, options.protocol_source(store, videos), out, shots=options.numbers(shots, "--shots"),
              seeds=options.numbers(seeds, "--seeds"), epochs=epochs, lr=lr, batch_size=batch_size,
              options=options.parse_options(option), store_checkpoint=store_checkpoint,
-             finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
+             finetune=options.raw_settings(model, pretrained, frames, augment, workers),
+             trust_code=trust_checkpoint_code, console=console)
 
 
 @app.command()
@@ -380,6 +391,7 @@ def base2novel(
     lr: Optional[float] = options.LR,
     option: list[str] = options.OPTION,
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
     frames: int = options.FRAMES,
@@ -397,7 +409,8 @@ def base2novel(
                   seeds=options.numbers(seeds, "--seeds"), base_classes=base, epochs=epochs, lr=lr,
                   batch_size=batch_size, options=options.parse_options(option),
                   store_checkpoint=store_checkpoint,
-                  finetune=options.raw_settings(model, pretrained, frames, augment, workers), console=console)
+                  finetune=options.raw_settings(model, pretrained, frames, augment, workers),
+                  trust_code=trust_checkpoint_code, console=console)
 
 
 @app.command()

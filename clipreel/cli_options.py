@@ -60,13 +60,18 @@ LOADER_HELP = ("How clips reach the model: workers (decode processes), ray (Ray 
                "(decode + augment on the model's device: DALI on a GPU); auto: device for DALI on a GPU, else workers.")
 
 # --- the CLIP
-MODEL = typer.Option(DEFAULT_MODEL, help="open_clip model: a ViT (ViT-B-16, ViT-L-14, ...) or a built-in tiny one "
-                                         "(clipreel-tiny, clipreel-synth).")
+MODEL = typer.Option(DEFAULT_MODEL, help="open_clip model: a ViT (ViT-B-16, ViT-L-14, ...), a built-in tiny one "
+                                         "(clipreel-tiny, clipreel-synth), or an open_clip config file (NAME.json).")
 PRETRAINED = typer.Option("default", help="The CLIP's weights: default (the model's built-in file, else its openai "
                                           "tag), an open_clip tag, a local checkpoint file, none (random init), or, "
                                           "for a raw-frame method, a `finetune vifi` run directory (ViFi-CLIP's bridge).")
 STORE_CHECKPOINT = typer.Option(None, help="The local checkpoint file the store was extracted from, when it was "
                                            "(text heads need its text tower; a store records only its sha256).")
+TRUST_CODE = typer.Option(
+    False, "--trust-checkpoint-code",
+    help="Let a checkpoint file that is a TorchScript archive other than an OpenAI CLIP archive run the code it "
+         "carries (it runs while the file loads). Only for files from a source you trust.",
+)
 FRAMES = typer.Option(8, help="Frames per clip (T).")
 
 # --- where and how it runs
@@ -81,6 +86,8 @@ ON_BAD_VIDEO = typer.Option("stop", help="A video that cannot be decoded (or is 
                                          "the command, naming its row in the list), or skip (left out of its batch; "
                                          "the rest go on). finetune lists the skipped videos in RUN_DIR/skipped.csv "
                                          "(video_id, path, split, error), eval in its report (skipped_videos).")
+ADDRESS_HELP = ("Ray cluster to join: auto (the cluster `ray start` runs on this machine) or HOST:PORT "
+                "(default: a private local Ray; RAY_ADDRESS, when set, is joined instead).")
 
 # --- what trains, and how
 OPTION = typer.Option([], help="Head or method option key=value, repeatable (e.g. n_ctx=4, variant=image).")

@@ -24,10 +24,11 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray shared by every test that needs one (start-up dominates small jobs)."""
+    """A private local Ray shared by every test that needs one (start-up dominates small jobs);
+    never a cluster that /tmp/ray/ray_current_cluster names."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

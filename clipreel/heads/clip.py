@@ -6,18 +6,26 @@ weights ("none"). `load_text_model` loads the CLIP whose image tower made a feat
 the text heads score against the matching text tower. NORMS are the two input normalisations the
 reference methods use.
 
-May import: torch, open_clip, clipreel.errors. Nothing from pipeline/ or stores/.
+A model is named by an open_clip config name ("ViT-B-16"), one of the package's tiny configs, or
+the path of an open_clip config JSON file ("configs/MyViT.json"). A file's config is registered
+with open_clip under its stem and the start of its content's sha256 ("MyViT-1a2b3c4d"), so that
+two different files never share a name and the same content always gets the same one; stores and
+runs record that content (`user_model_config`), from which `register_model_config` rebuilds it.
+
+May import: torch, open_clip, clipreel.errors, clipreel.heads.checkpoints. Nothing from pipeline/
+or stores/.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import hashlib
+import json
 import logging
 import os
 import socket
-import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -25,11 +33,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import open_clip
+import open_clip.factory
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.pretrained import has_hf_hub
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS, read_state_dict
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 # Weights shipped in the package (clipreel/weights/), used by --pretrained default:
@@ -42,14 +53,17 @@ NORMS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-# OpenAI's released checkpoints are TorchScript archives whose state dict carries these entries;
-# they mark a model trained with QuickGELU.
-OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 HUB_PROBE_SECONDS = 3.0  # an offline machine fails this fast instead of ~45 s of download retries
 LOCAL_WEIGHTS_HINT = (
     "Pass a local checkpoint file instead (--pretrained /path/to/checkpoint: .pt, .pth, .bin or "
     ".safetensors) or --pretrained none for random weights"
 )
+
+
+# The open_clip configs registered from JSON files in this process: registered name -> config.
+_USER_CONFIGS: dict[str, dict] = {}
+# What an open_clip model config holds at least (open_clip.factory._rescan_model_configs checks the same).
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
 def register_builtin_models() -> list[str]:
@@ -110,16 +124,17 @@ def default_pretrained(model_name: str) -> str:
 
 
 def load_clip(
-    model_name: str, pretrained: str, device: str | torch.device = "cpu"
+    model_name: str, pretrained: str, device: str | torch.device = "cpu", trust_code: bool = False
 ) -> tuple[torch.nn.Module, str | None]:
     """The full open_clip CLIP (both towers), frozen and in eval mode, on `device`.
 
     Returns (model, checkpoint sha256 or None). `pretrained` is an open_clip tag, a local file,
     "none" or "default" (the model's built-in weights file, else its "openai" tag: see
-    `default_pretrained`). Local files are read here rather than by open_clip, because open_clip
-    3.3 cannot open OpenAI's TorchScript archives (it loads with weights_only=True) and does not
-    notice that OpenAI weights need QuickGELU; for the same reason a tag whose weights were
-    trained with QuickGELU (e.g. "openai") gets it, whatever the model config says.
+    `default_pretrained`). Local files are read here (clipreel.heads.checkpoints: no code in them
+    runs unless `trust_code`) rather than by open_clip, because open_clip 3.3 cannot open OpenAI's
+    TorchScript archives (it loads with weights_only=True) and does not notice that OpenAI
+    weights need QuickGELU; for the same reason a tag whose weights were trained with QuickGELU
+    (e.g. "openai") gets it, whatever the model config says.
     """
     name = resolve_model_name(model_name)
     sha256 = None
@@ -132,7 +147,7 @@ def load_clip(
             model = _untrained_model(name)
     elif Path(pretrained).expanduser().is_file():
         path = Path(pretrained).expanduser()
-        model = _model_from_file(name, path)
+        model = _model_from_file(name, path, trust_code)
         sha256 = file_sha256(path)
     elif _looks_like_path(pretrained):
         raise ClipreelError(f"--pretrained {pretrained}: no such file. {LOCAL_WEIGHTS_HINT}.")
@@ -144,8 +159,16 @@ def load_clip(
 
 
 def resolve_model_name(model_name: str) -> str:
-    """The open_clip config name for `model_name` ("ViT-B/16" -> "ViT-B-16"), or a helpful error."""
+    """The open_clip config name for `model_name` ("ViT-B/16" -> "ViT-B-16"), or a helpful error.
+
+    A path ending in .json is an open_clip config file: it is registered (`register_model_config`)
+    and its registered name returned.
+    """
     builtin = register_builtin_models()
+    if model_name.lower().endswith(".json"):
+        path = Path(model_name).expanduser()
+        config = read_model_config(path)
+        return register_model_config(f"{path.stem}-{config_digest(config)}", config)
     name = model_name.replace("/", "-")
     known = open_clip.list_models()
     if name in known:
@@ -154,8 +177,75 @@ def resolve_model_name(model_name: str) -> str:
     raise ClipreelError(
         f"--model {model_name!r} is not an open_clip model. "
         f"Close names: {', '.join(close) or 'none'}. Built-in tiny models: {', '.join(builtin)}. "
+        "Or give the path of an open_clip model config file (NAME.json). "
         "All names: python -c 'import open_clip; print(open_clip.list_models())'"
     )
+
+
+def read_model_config(path: Path) -> dict:
+    """The open_clip model config in a JSON file, checked (a clear error for anything else)."""
+    if not path.is_file():
+        raise ClipreelError(f"--model {path}: no such file; give an open_clip model config file (NAME.json) or a model name")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ClipreelError(f"--model {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise ClipreelError(f"--model {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    check_model_config(config, str(path))
+    return config
+
+
+def check_model_config(config, source: str) -> None:
+    """Refuse what open_clip could not build a model from, naming what is wrong."""
+    example = "see open_clip's model_configs/ViT-B-16.json for an example"
+    if not isinstance(config, dict) or not all(key in config for key in CONFIG_KEYS):
+        missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+        raise ClipreelError(
+            f"--model {source}: not an open_clip model config (it lacks {', '.join(missing)}); a model config "
+            f"holds embed_dim, vision_cfg and text_cfg: {example}"
+        )
+    if not isinstance(config["embed_dim"], int) or isinstance(config["embed_dim"], bool) or config["embed_dim"] < 1:
+        raise ClipreelError(f"--model {source}: embed_dim must be a positive whole number, not {config['embed_dim']!r}")
+    for key, settings in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        if not isinstance(config[key], dict):
+            raise ClipreelError(f"--model {source}: {key} must be an object of settings, not {config[key]!r}; {example}")
+        known = {field.name for field in dataclasses.fields(settings)}
+        unknown = sorted(set(config[key]) - known)
+        if unknown:
+            raise ClipreelError(
+                f"--model {source}: {key} has settings open_clip does not know: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+
+
+def config_digest(config: Mapping) -> str:
+    """The first 8 hex digits of the sha256 of `config` written canonically (sorted keys)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def register_model_config(name: str, config: Mapping) -> str:
+    """Make `config` (an open_clip model config, checked) known to open_clip as `name`; returns `name`.
+
+    open_clip registers configs only from files, by file stem (`add_model_config`); clipreel
+    registers them by content under a name of its choice, so it writes open_clip's registry (a
+    dict that open_clip rebinds when it rescans, so it is looked up on every call) itself.
+    """
+    check_model_config(config, name)
+    config = copy.deepcopy(dict(config))
+    registry = open_clip.factory._MODEL_CONFIGS
+    if name in registry and _USER_CONFIGS.get(name) != config:
+        raise ClipreelError(f"--model: the name {name!r} is taken by another open_clip config; rename the file")
+    registry[name] = config
+    _USER_CONFIGS[name] = copy.deepcopy(config)
+    return name
+
+
+def user_model_config(name: str) -> dict | None:
+    """The config of a model registered from a JSON file (what rebuilds it elsewhere), else None."""
+    config = _USER_CONFIGS.get(name)
+    return copy.deepcopy(config) if config is not None else None
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -225,11 +315,12 @@ def _untrained_model(name: str, **options) -> torch.nn.Module:
         root.setLevel(level)
 
 
-def _model_from_file(name: str, path: Path) -> torch.nn.Module:
+def _model_from_file(name: str, path: Path, trust_code: bool) -> torch.nn.Module:
     """Build `name` and load a local checkpoint into it (strict: every tensor must fit)."""
-    state_dict = _read_state_dict(path)
-    openai_format = OPENAI_METADATA_KEYS[0] in state_dict
-    for key in OPENAI_METADATA_KEYS:
+    state_dict = read_state_dict(path, trust_code=trust_code)
+    # OpenAI's released weights carry these entries, and were trained with QuickGELU.
+    openai_format = OPENAI_ARCHIVE_BUFFERS[0] in state_dict
+    for key in OPENAI_ARCHIVE_BUFFERS:
         state_dict.pop(key, None)
     model = _untrained_model(name, force_quick_gelu=openai_format)
     # TorchScript archives also hold non-persistent buffers (e.g. the text causal mask); the
@@ -248,45 +339,6 @@ def _model_from_file(name: str, path: Path) -> torch.nn.Module:
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint file -> its state dict: .safetensors, a torch.save file, or a TorchScript archive.
-
-    Training checkpoints that wrap the weights as {"state_dict": ...} and DDP "module." prefixes
-    are unwrapped.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path, device="cpu")
-        elif _is_torchscript_archive(path):
-            with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the only reader
-                warnings.simplefilter("ignore", FutureWarning)
-                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ClipreelError(
-            f"{path}: cannot read it as a checkpoint ({type(exc).__name__}: {exc}). Expected a "
-            "state dict saved with torch.save, a TorchScript archive (OpenAI CLIP) or a .safetensors file."
-        ) from exc
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise ClipreelError(f"{path}: holds no state dict (got {type(state_dict).__name__}).")
-    if all(key.startswith("module.") for key in state_dict):
-        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
-    return dict(state_dict)
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    """TorchScript zips hold a constants.pkl record; torch.save zips do not."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(record.split("/")[-1] == "constants.pkl" for record in archive.namelist())
-
-
 # --------------------------------------------------------------------------- the text tower
 
 # The pretrained values that name no file: load_clip resolves them by itself.
@@ -302,15 +354,20 @@ class TextModel:
     model_name: str
 
 
-def load_text_model(provenance: Mapping, pretrained_override: str | None = None) -> TextModel:
+def load_text_model(
+    provenance: Mapping, store_checkpoint: str | None = None, trust_code: bool = False
+) -> TextModel:
     """Load the CLIP whose image tower made the store, so its text tower matches the features.
 
-    The store's provenance names the model and the weights. Tags, "default" and "none" load as
-    they are. A local checkpoint file is recorded only by its name and sha256, so the caller must
-    pass the file (`--pretrained FILE`); its sha256 must equal the recorded one.
+    The store's provenance names the model (and holds its config when it came from a JSON file)
+    and the weights. Tags, "default" and "none" load as they are. A local checkpoint file is
+    recorded only by its name and sha256, so the caller must pass the file (`--store-checkpoint FILE`);
+    its sha256 must equal the recorded one. `trust_code`: see `load_clip`.
     """
     register_builtin_models()
     model_name = provenance.get("model")
+    if provenance.get("model_config") is not None:
+        register_model_config(model_name, provenance["model_config"])
     recorded = provenance.get("pretrained")
     recorded_sha = provenance.get("checkpoint_sha256")
     if not model_name or recorded is None:
@@ -319,21 +376,21 @@ def load_text_model(provenance: Mapping, pretrained_override: str | None = None)
             "extract`, so the matching text tower is unknown. Re-extract the store with clipreel."
         )
     names_a_file = recorded_sha is not None and str(recorded).lower() not in _NON_FILE_PRETRAINED
-    if pretrained_override is None and names_a_file:
+    if store_checkpoint is None and names_a_file:
         raise ClipreelError(
             f"the store was extracted with the local checkpoint {recorded!r} (sha256 {recorded_sha[:12]}...): "
-            f"pass that file with --pretrained PATH so that the text tower matches the image features."
+            f"pass that file with --store-checkpoint PATH so that the text tower matches the image features."
         )
-    pretrained = pretrained_override if pretrained_override is not None else str(recorded)
-    clip, sha256 = load_clip(model_name, pretrained)
+    pretrained = store_checkpoint if store_checkpoint is not None else str(recorded)
+    clip, sha256 = load_clip(model_name, pretrained, trust_code=trust_code)
     if recorded_sha is not None and sha256 != recorded_sha:
         raise ClipreelError(
-            f"--pretrained {pretrained}: its sha256 is {str(sha256)[:12]}..., but the store was extracted "
+            f"--store-checkpoint {pretrained}: its sha256 is {str(sha256)[:12]}..., but the store was extracted "
             f"with {recorded!r} (sha256 {recorded_sha[:12]}...). Pass the checkpoint the store was made with."
         )
     if recorded_sha is None and sha256 is not None:
         raise ClipreelError(
-            f"--pretrained {pretrained}: the store was extracted with the weights {recorded!r}, which a "
-            "file cannot be checked against. Drop --pretrained to load those weights."
+            f"--store-checkpoint {pretrained}: the store was extracted with the weights {recorded!r}, which a "
+            "file cannot be checked against. Drop --store-checkpoint to load those weights."
         )
     return TextModel(clip=clip, tokenizer=open_clip.get_tokenizer(model_name), model_name=model_name)

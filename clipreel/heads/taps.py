@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +32,13 @@ from torch import nn
 from clipreel.config import DEFAULT_MODEL
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import NORMS, load_clip, resolve_model_name
+from clipreel.heads.clip import (
+    NORMS,
+    load_clip,
+    register_model_config,
+    resolve_model_name,
+    user_model_config,
+)
 from clipreel.heads.layers import check_standard_block, check_standard_vit
 
 TOKEN_LAYOUT = "cls+patches, row-major, outputs of the feature blocks"
@@ -43,12 +49,16 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # na
 class BackboneConfig:
     """Which model, which weights, which blocks to tap, and where and how to run it."""
 
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # an open_clip model name or config file (NAME.json)
     pretrained: str = "openai"  # an open_clip tag, a local checkpoint file, or "none" (random init)
     layers: str = "4"  # "4" = the last four blocks; "3,7,11" or "-1,-2" = explicit block indices
     norm: str | None = None  # "clip" | "imagenet"; None = the model's own statistics
     device: str = "cpu"
     precision: str = "auto"  # auto = fp32 on CPU, bf16 autocast on CUDA; or "fp32", "bf16", "fp16"
+    # The open_clip config of a model that came from a JSON file, registered as `model` first:
+    # a Backbone fills it in its own config, so that a copy built elsewhere needs no file.
+    model_config: dict | None = None
+    trust_checkpoint_code: bool = False  # let a non-OpenAI TorchScript checkpoint run its code
 
 
 def parse_layers(spec: str, num_blocks: int) -> tuple[int, ...]:
@@ -114,15 +124,20 @@ class Backbone:
 
     Read-only facts: model_name, image_size (S), patch_size, num_blocks, width (D), num_heads,
     tokens (L, incl. CLS), embed_dim (E), feature_blocks, tapped_blocks, mean, std, device,
-    autocast_dtype (None = plain fp32), checkpoint_sha256, config.
+    autocast_dtype (None = plain fp32), checkpoint_sha256, config (as given, with `model` resolved
+    to its open_clip name and `model_config` filled in).
     """
 
     def __init__(self, cfg: BackboneConfig):
-        self.config = cfg
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = _resolve_autocast_dtype(cfg.precision, self.device)
+        if cfg.model_config is not None:
+            register_model_config(cfg.model, cfg.model_config)
         self.model_name = resolve_model_name(cfg.model)
-        self.clip, self.checkpoint_sha256 = load_clip(self.model_name, cfg.pretrained, self.device)
+        self.config = replace(cfg, model=self.model_name, model_config=user_model_config(self.model_name))
+        self.clip, self.checkpoint_sha256 = load_clip(
+            self.model_name, cfg.pretrained, self.device, trust_code=cfg.trust_checkpoint_code
+        )
         self.visual = self.clip.visual
         check_standard_vit(self.visual, f"--model {self.model_name}", pooled_by_cls=False)
 
@@ -231,8 +246,11 @@ class Backbone:
         pretrained = self.config.pretrained
         if Path(pretrained).expanduser().is_file():
             pretrained = Path(pretrained).name
+        # A model from a config file is recorded with its config, which rebuilds it elsewhere.
+        model_config = {"model_config": self.config.model_config} if self.config.model_config is not None else {}
         return {
             "model": self.model_name,
+            **model_config,
             "pretrained": pretrained,
             "checkpoint_sha256": self.checkpoint_sha256,
             "activation": "quick_gelu" if self.quick_gelu else "gelu",

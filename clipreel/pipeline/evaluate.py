@@ -76,6 +76,7 @@ class EvalConfig:
     split: str = "test"
     report: str | None = None  # the JSON report (default RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it
     store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from (text heads)
+    trust_checkpoint_code: bool = False  # let a checkpoint that is a TorchScript archive (not OpenAI's) run its code
     classes: str | None = None  # a label map naming the store's (or list's) label ids, when they are not its own names
     views: int = 1  # raw videos: temporal views per video
     crops: int = 1  # raw videos: spatial crops per view (1 or 3)
@@ -94,12 +95,13 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
     path = Path(cfg.report) if cfg.report is not None else Path(cfg.run) / f"eval-{cfg.split}.json"
     if cfg.store is not None:
         report = evaluate_store_run(cfg.run, cfg.store, cfg.split, path, store_checkpoint=cfg.store_checkpoint,
-                                    classes=cfg.classes, batch_size=cfg.batch_size, device=cfg.device)
+                                    classes=cfg.classes, batch_size=cfg.batch_size, device=cfg.device,
+                                    trust_code=cfg.trust_checkpoint_code)
     else:
         report = evaluate_raw_run(cfg.run, cfg.videos, cfg.split, path, label_map=cfg.classes, views=cfg.views,
                                   crops=cfg.crops, batch_size=cfg.batch_size, workers=cfg.workers,
                                   decoder=cfg.decoder, loader=cfg.loader, device=cfg.device,
-                                  on_bad_video=cfg.on_bad_video)
+                                  trust_code=cfg.trust_checkpoint_code, on_bad_video=cfg.on_bad_video)
     return report, path
 
 
@@ -116,6 +118,7 @@ class ZeroShotEvalConfig:
     template: str = "ensemble"  # store: a template set of heads/cache/zeroshot.py or one literal template
     report: str | None = None  # the JSON report (and its confusion PNG); default: none written
     store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from
+    trust_checkpoint_code: bool = False  # let a checkpoint that is a TorchScript archive (not OpenAI's) run its code
     model: str = DEFAULT_MODEL  # method: the open_clip model
     pretrained: str = "default"  # method: the CLIP's weights
     frames: int = 8  # method: frames per clip
@@ -132,7 +135,8 @@ def zero_shot(cfg: ZeroShotEvalConfig) -> dict:
     report_path = Path(cfg.report) if cfg.report is not None else None
     if cfg.store is not None:
         return zero_shot_store(cfg.store, cfg.split, classes_file=cfg.classes, template=cfg.template,
-                               report_path=report_path, store_checkpoint=cfg.store_checkpoint, device=cfg.device)
+                               report_path=report_path, store_checkpoint=cfg.store_checkpoint, device=cfg.device,
+                               trust_code=cfg.trust_checkpoint_code)
     if (cfg.method is None) == (cfg.run is None):
         raise ClipreelError("clipreel zeroshot --videos: give either --method (an untrained model) or --run "
                             "(a finetune run)")
@@ -140,9 +144,9 @@ def zero_shot(cfg: ZeroShotEvalConfig) -> dict:
     if cfg.method is not None:
         return zero_shot_raw(cfg.method, cfg.videos, cfg.split, cfg.model, cfg.pretrained, frames=cfg.frames,
                              options=cfg.options, views=cfg.views, workers=cfg.workers, device=cfg.device,
-                             classes=classnames, report_path=report_path)
+                             classes=classnames, report_path=report_path, trust_code=cfg.trust_checkpoint_code)
     return evaluate_raw_run(cfg.run, cfg.videos, cfg.split, report_path, classes=classnames, views=cfg.views,
-                            workers=cfg.workers, device=cfg.device)
+                            workers=cfg.workers, device=cfg.device, trust_code=cfg.trust_checkpoint_code)
 
 
 # ---------------------------------------------------------------------- from a feature store
@@ -312,7 +316,8 @@ def score_store(store: FeatureStore, videos: EvalVideos, name: str, head: nn.Mod
 
 def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike, split: str,
                        report_path: Path | None = None, *, store_checkpoint: str | None = None,
-                       classes: str | None = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto") -> dict:
+                       classes: str | None = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
+                       trust_code: bool = False) -> dict:
     """A `clipreel train` run's report on `split` of a store (the JSON + PNG written at `report_path`).
 
     The store's features must mean the same as those the head was trained on (same model, weights,
@@ -334,7 +339,7 @@ def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike
     label_map = read_label_map(classes) if classes is not None else None
     by_name = match_classes(run.classnames, label_names(store.manifest(), label_map), store_path, run_dir)
     videos = select_videos(store, split, run.classnames, label_map=label_map, others="refuse")
-    head = trained_head(run, text_model=text_model_for(run.kind, store.provenance, store_checkpoint))
+    head = trained_head(run, text_model=text_model_for(run.kind, store.provenance, store_checkpoint, trust_code))
     report = {"kind": run.kind, "run": str(run_dir), "classes_matched_by_name": by_name,
               **score_store(store, videos, run.kind, head, batch_size=batch_size, device=device)}
     if report_path is not None:
@@ -344,7 +349,7 @@ def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike
 
 def zero_shot_store(store_path: str | os.PathLike, split: str, *, classes_file: str | os.PathLike | None = None,
                     template: str = "ensemble", report_path: Path | None = None, store_checkpoint: str | None = None,
-                    batch_size: int = EVAL_BATCH_SIZE, device: str = "auto") -> dict:
+                    batch_size: int = EVAL_BATCH_SIZE, device: str = "auto", trust_code: bool = False) -> dict:
     """CLIP zero-shot recognition of a store's videos, no training.
 
     A video is the mean over frames of its stored projected embeddings; a class is the text
@@ -360,7 +365,7 @@ def zero_shot_store(store_path: str | os.PathLike, split: str, *, classes_file: 
     store = FeatureStore.open(store_path)
     classnames, label_map = _zero_shot_classes(store, classes_file)
     videos = select_videos(store, split, classnames, label_map=label_map, others="leave out")
-    text_model = load_text_model(store.provenance, store_checkpoint)
+    text_model = load_text_model(store.provenance, store_checkpoint, trust_code=trust_code)
     classifier, _ = create_head("zeroshot", store_layout=store.layout, provenance=store.provenance,
                                 classnames=classnames, options={"templates": template}, text_model=text_model)
     report = {
@@ -447,7 +452,8 @@ def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report
                      classes: Sequence[str] | None = None, label_map: str | None = None, views: int = 1,
                      crops: int = 1,
                      batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
-                     loader: str = "auto", device: str = "auto", on_bad_video: str = "stop") -> dict:
+                     loader: str = "auto", device: str = "auto", trust_code: bool = False,
+                     on_bad_video: str = "stop") -> dict:
     """A `clipreel finetune` run's report on the raw videos of `split` (the JSON + PNG written at `report_path`).
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
@@ -466,7 +472,7 @@ def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report
     if classes is None:
         by_name = match_classes(run.classnames, label_names(manifest), videos, run_dir)
     torch_device = resolve_device(device)
-    model = trained_method_model(run.path, torch_device)
+    model = trained_method_model(run.path, torch_device, trust_code)
     if classes is not None:
         model.set_classnames(list(classes))
     classnames = list(classes) if classes is not None else run.classnames
@@ -490,7 +496,8 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = DEFAULT_MOD
                   *, frames: int = 8, options: dict | None = None, norm: str | None = None, seed: int = 0,
                   classes: Sequence[str] | None = None, views: int = 1, crops: int = 1,
                   batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
-                  loader: str = "auto", device: str = "auto", report_path: Path | None = None) -> dict:
+                  loader: str = "auto", device: str = "auto", report_path: Path | None = None,
+                  trust_code: bool = False) -> dict:
     """The untrained method model's report on `split`: where fine-tuning starts from.
 
     classes None: among the list's classes; else among `classes`, leaving out videos of other classes.
@@ -499,7 +506,8 @@ def zero_shot_raw(method: str, videos: str, split: str, model: str = DEFAULT_MOD
     torch_device = resolve_device(device)
     manifest = read_sources(videos)
     classnames = list(classes) if classes is not None else classnames_from_manifest(manifest, videos)
-    network, _, _ = new_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device)
+    network, _, _ = new_method_model(method, model, pretrained, classnames, frames, options or {}, seed, torch_device,
+                                     trust_code)
     rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
     report = {"method": method, "model": model, "pretrained": pretrained, "split": split,
               **score_raw(network, rows, classnames, frames=frames, image_size=image_size_of(network), norm=norm,

@@ -2,10 +2,12 @@
 
 It is a Ray Data pipeline:
 
-    manifest rows (pending) --map--> probe + sample + decode (CPU tasks: PyAV, or DALI-CPU)
+    manifest rows (pending) --map--> probe + sample (tasks), and decode there with PyAV ahead of
+                                     GPU actors
                             --map_batches--> backbone actor pool (one GPU per actor where there are
-                                             GPUs): preprocess on the model's device, forward, and
-                                             write each video's chunks into the store
+                                             GPUs): decode (DALI, or PyAV on CPU-only clusters),
+                                             preprocess on the model's device, forward, and write
+                                             each video's chunks into the store
                             --> the driver: progress bar, manifest status, summary
 
 Each video owns its chunks in the store and its `done` flag is written last, so a crash (even a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,8 +63,9 @@ class ExtractConfig:
 
     videos: str
     out: str
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16"  # an open_clip model name or config file (NAME.json)
     pretrained: str = "default"
+    trust_checkpoint_code: bool = False  # let a --pretrained TorchScript file that is not OpenAI's run its code
     layers: str = "4"
     norm: str | None = None
     frames: int = 8
@@ -125,7 +129,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     register_builtin_models()
     # The driver builds the backbone once on the CPU: it refuses a bad model, weights, blocks or norm,
     # and gives the shapes and provenance the store records.
-    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm))
+    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
     preprocess = PreprocessConfig(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops)
     provenance = _provenance(backbone, sampling, preprocess)
     if FeatureStore.exists(cfg.out):  # checked again under the lease, where the store is opened for writing
@@ -305,7 +310,7 @@ def _save_results(store: FeatureStore, lease: WriterLease, finished: dict[str, d
 
 def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray):
     """Build the Ray Data pipeline over the rows in `todo` and yield one status dict per video."""
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from clipreel.pipeline.extract_workers import ExtractActor
 
@@ -318,30 +323,50 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
         {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
         for row in todo
     ]
-    # DALI pipelines are expensive to build: with DALI, the actors decode (once-built pipelines,
-    # NVDEC on their GPU); with PyAV, decoding runs in plain CPU tasks before the actors.
+    # Where frames are decoded: in the backbone actors with DALI (its pipelines are expensive to
+    # build: each actor builds one, NVDEC on its GPU) and on CPU-only clusters (where the actors
+    # hold every CPU); in CPU tasks ahead of the GPU actors otherwise. Tasks that only probe and
+    # sample ask for no CPU, so they run next to actors that hold them all.
     decoder = choose_decoder(cfg.decoder, "cuda" if gpus else "cpu")  # auto: DALI on GPU clusters
-    decode_in_actor = decoder == "dali"
+    decode_in_actor = decoder == "dali" or not gpus
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * workers))
     dataset = dataset.map(
         decode_video,
         fn_kwargs={"sampling": sampling.to_dict(), "decode": not decode_in_actor},
-        num_cpus=1,
+        compute=TaskPoolStrategy(size=workers) if decode_in_actor else None,
+        num_cpus=0 if decode_in_actor else 1,
     )
-    dataset = dataset.map_batches(
-        ExtractActor,
-        fn_constructor_kwargs={
-            "store_path": str(cfg.out),
-            "backbone": asdict(backbone.config),
-            "preprocess": preprocess.to_dict(),
-            "decoder": decoder if decode_in_actor else None,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=workers),
-        num_cpus=0 if gpus else 1,
-        num_gpus=1 if gpus else 0,
-    )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["row"])):
-            yield {key: values[i] for key, values in batch.items()}
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the `ray_remote_args` it marks deprecated (for
+        # 2.64) and has no named parameter for it yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        dataset = dataset.map_batches(
+            ExtractActor,
+            fn_constructor_kwargs={
+                "store_path": str(cfg.out),
+                "backbone": asdict(backbone.config),
+                "preprocess": preprocess.to_dict(),
+                "decoder": decoder if decode_in_actor else None,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_cpus=0 if gpus else 1,
+            num_gpus=1 if gpus else 0,
+            # No restarts: Ray Data hands its actors their constructor arguments through the
+            # object store, and Ray prints an error line for every such actor that may restart
+            # (ray-project/ray#53727). An actor that dies ends the job instead; re-running the
+            # same command computes only the videos that are not stored yet.
+            max_restarts=0,
+        )
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["row"])):
+                yield {key: values[i] for key, values in batch.items()}
+    except ray.exceptions.RayActorError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClipreelError(
+            f"a backbone worker of the extraction died ({reason}). The videos stored so far are kept: "
+            "run the same command again to compute the others (fewer --workers or a smaller --batch-size "
+            "if it ran out of memory)."
+        ) from None

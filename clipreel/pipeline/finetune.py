@@ -44,6 +44,7 @@ from torch import nn
 from clipreel.config import DECODE_WORKERS, DEFAULT_MODEL, DEFAULT_VAL_SPLIT
 from clipreel.devices import resolve_device
 from clipreel.errors import ClipreelError
+from clipreel.heads.clip import resolve_model_name, user_model_config
 from clipreel.heads.layers import image_size_of, trainable_parameter_count
 from clipreel.heads.registry import method_entry
 from clipreel.pipeline.data.augment import mix_batch, stable_generator
@@ -78,8 +79,9 @@ class FinetuneConfig:
     method: str  # the raw-frame method (`clipreel.heads.registry.list_methods()`)
     videos: str  # the video list (anything read_sources reads: CSV, "path label" list, class folders)
     out: str  # the run directory; re-running the same command resumes it
-    model: str = DEFAULT_MODEL  # open_clip model name
+    model: str = DEFAULT_MODEL  # open_clip model name or config file (NAME.json)
     pretrained: str = "default"  # open_clip tag, local checkpoint file, "none", "default", or a vifi run directory
+    trust_checkpoint_code: bool = False  # let a --pretrained TorchScript file that is not OpenAI's run its code
     split: str = "train"
     # validated after every epoch; a list without the default split trains without validation
     val_split: str | None = DEFAULT_VAL_SPLIT
@@ -165,7 +167,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
         raise ClipreelError(f"{cfg.videos}: no labelled video in the validation split {cfg.val_split!r}; its splits "
                             f"are {splits}. Choose one with --val-split, or validate on none.")
     model, method_config, sha256 = new_method_model(cfg.method, cfg.model, cfg.pretrained, classnames, cfg.frames,
-                                                    cfg.options, cfg.seed, device)
+                                                    cfg.options, cfg.seed, device, cfg.trust_checkpoint_code)
     trainable = trainable_parameter_count(model)
     if progress:
         print(f"{cfg.method}: {trainable:,} trainable parameters")
@@ -259,13 +261,16 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneSummary:
         write_skipped(run_dir, list(skipped.values()))
     write_log(run_dir / LOG_FILE, history)
     plot_curves(run_dir / CURVES_FILE, history)
+    model_name = resolve_model_name(cfg.model)
     head_config = {
-        "method": cfg.method, "model": cfg.model, "pretrained": cfg.pretrained, "checkpoint_sha256": sha256,
+        "method": cfg.method, "model": model_name, "pretrained": cfg.pretrained, "checkpoint_sha256": sha256,
         "frames": cfg.frames, "image_size": image_size, "norm": recipe.norm, "method_config": method_config,
+        # a model from a config file: its config, which rebuilds the run's model without the file
+        "model_config": user_model_config(model_name),
     }
     save_run(
         run_dir, kind=RUN_KIND_PREFIX + cfg.method, head=model, head_config=head_config, classnames=classnames,
-        provenance={"source": "raw frames", "model": cfg.model, "pretrained": cfg.pretrained,
+        provenance={"source": "raw frames", "model": model_name, "pretrained": cfg.pretrained,
                     "checkpoint_sha256": sha256, "image_size": image_size, "norm": recipe.norm, "frames": cfg.frames},
         store_path=cfg.videos, train_config={**asdict(cfg), "resolved": recipe_dict(recipe)},
         metrics={name: getattr(summary, name) for name in METRIC_NAMES},

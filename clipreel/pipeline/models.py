@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import TextModel, file_sha256, load_clip, load_text_model, resolve_model_name
+from clipreel.heads.clip import (
+    TextModel,
+    file_sha256,
+    load_clip,
+    load_text_model,
+    register_model_config,
+    resolve_model_name,
+)
 from clipreel.heads.registry import create_method, head_entry, rebuild_head, rebuild_method
 from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run, load_weights
 
@@ -32,15 +39,16 @@ RUN_KIND_PREFIX = "finetune-"
 # --------------------------------------------------------------------------- cache heads
 
 
-def text_model_for(name: str, provenance: Mapping, store_checkpoint: str | None = None) -> TextModel | None:
+def text_model_for(name: str, provenance: Mapping, store_checkpoint: str | None = None,
+                   trust_code: bool = False) -> TextModel | None:
     """The CLIP that made the store, for a head that scores against class text (else None).
 
     store_checkpoint: the local checkpoint file a store was extracted from (its provenance records
-    only the file's name and sha256).
+    only the file's name and sha256). trust_code: see `heads.clip.load_clip`.
     """
     if not head_entry(name).scores_text:
         return None
-    return load_text_model(provenance, store_checkpoint)
+    return load_text_model(provenance, store_checkpoint, trust_code=trust_code)
 
 
 def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: TextModel | None = None) -> nn.Module:
@@ -60,16 +68,17 @@ def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: 
 # --------------------------------------------------------------------------- raw-frame methods
 
 
-def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu"
+def load_method_clip(model_name: str, pretrained: str, device: torch.device | str = "cpu", trust_code: bool = False
                      ) -> tuple[nn.Module, str | None]:
     """`load_clip`, and one more source of weights: the run directory of a `clipreel finetune vifi`.
 
     That is ViFi-CLIP's "bridge": its fine-tuned CLIP is where bridge-and-prompt starts (``finetune
     prompt --pretrained RUN_DIR``), or any other method. The sha256 is that of the run's weights file.
+    trust_code: see `heads.clip.load_clip`.
     """
     run_dir = Path(pretrained).expanduser()
     if not run_dir.is_dir():
-        return load_clip(model_name, pretrained, device=device)
+        return load_clip(model_name, pretrained, device=device, trust_code=trust_code)
     run = load_run(run_dir)
     prefix = "clip."  # a run that fine-tuned a whole CLIP (ViFi-CLIP) keeps all of it, and only it, under this prefix
     if not run.kind.startswith(RUN_KIND_PREFIX) or not all(key.startswith(prefix) for key in run.state_dict):
@@ -86,16 +95,18 @@ def load_method_clip(model_name: str, pretrained: str, device: torch.device | st
 
 
 def new_method_model(method: str, model_name: str, pretrained: str, classnames: Sequence[str], frames: int,
-                     options: Mapping, seed: int, device: torch.device) -> tuple[nn.Module, dict, str | None]:
+                     options: Mapping, seed: int, device: torch.device, trust_code: bool = False
+                     ) -> tuple[nn.Module, dict, str | None]:
     """A fresh CLIP (a new copy every call) wrapped by the method -> (model, its config, weights sha256)."""
-    clip_model, sha256 = load_method_clip(model_name, pretrained, device)
+    clip_model, sha256 = load_method_clip(model_name, pretrained, device, trust_code)
     tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     torch.manual_seed(seed)  # the new modules' initialisation
     model, method_config = create_method(method, clip_model, tokenizer, classnames, frames, options)
     return model.to(device), method_config, sha256
 
 
-def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                         trust_code: bool = False) -> nn.Module:
     """The trained model of a `clipreel finetune` run, in eval mode, around the CLIP it was trained
     from (refused when that CLIP's checkpoint has changed)."""
     run = load_run(run_dir)
@@ -103,7 +114,9 @@ def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str 
         raise ClipreelError(f"{run_dir} is a {run.kind!r} run, not a `clipreel finetune` run: evaluate it with "
                             "`clipreel eval` on a feature store.")
     config = run.head_config
-    clip_model, sha256 = load_method_clip(config["model"], config["pretrained"], device)
+    if config.get("model_config") is not None:  # a model from a config file, rebuilt without the file
+        register_model_config(config["model"], config["model_config"])
+    clip_model, sha256 = load_method_clip(config["model"], config["pretrained"], device, trust_code)
     if config["checkpoint_sha256"] and sha256 != config["checkpoint_sha256"]:
         raise ClipreelError(f"{run_dir} was trained from a CLIP checkpoint with sha256 {config['checkpoint_sha256']}, "
                             f"but {config['pretrained']} now has {sha256}: give the run's original weights file.")

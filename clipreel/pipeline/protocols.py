@@ -155,7 +155,7 @@ class StoreVideos:
     """A protocol's videos in a feature store: cache heads train on protocol stores (links + a manifest)."""
 
     def __init__(self, kind: str, store_path: str | Path, *, lr: float | None = None, batch_size: int | None = None,
-                 options: dict | None = None, store_checkpoint: str | None = None):
+                 options: dict | None = None, store_checkpoint: str | None = None, trust_code: bool = False):
         head_entry(kind)  # an unknown head fails here, before any work
         self.kind, self.source = kind, str(store_path)
         self.store = FeatureStore.open(store_path)
@@ -164,8 +164,8 @@ class StoreVideos:
         self.lr, self.options = lr, dict(options or {})
         # TrainConfig settings of every run: the batch size, when one is given (else TrainConfig's default)
         self.train_settings = {"batch_size": batch_size} if batch_size is not None else {}
-        self.store_checkpoint = store_checkpoint
-        self.text_model = text_model_for(kind, self.store.provenance, store_checkpoint)
+        self.store_checkpoint, self.trust_code = store_checkpoint, trust_code
+        self.text_model = text_model_for(kind, self.store.provenance, store_checkpoint, trust_code)
 
     def check_split(self, split: str) -> None:
         """Fail early on a split that cannot be scored."""
@@ -180,6 +180,7 @@ class StoreVideos:
             TrainConfig(
                 kind=self.kind, store=str(shots_store), out=str(run_dir), split=SHOTS_SPLIT, val_split=None,
                 epochs=epochs, lr=self.lr, seed=seed, options=self.options, store_checkpoint=self.store_checkpoint,
+                trust_checkpoint_code=self.trust_code,
                 **self.train_settings,
             ),
             progress=progress,
@@ -232,7 +233,7 @@ class RawVideos:
     def score(self, run_dir: Path, split: str, classnames: Sequence[str], report_name: str) -> dict:
         settings = {key: self.finetune[key] for key in ("batch_size", "workers", "device") if key in self.finetune}
         return evaluate_raw_run(run_dir, self.source, split, run_dir / f"{report_name}.json", classes=classnames,
-                                **settings)
+                                trust_code=self.finetune.get("trust_checkpoint_code", False), **settings)
 
 
 def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: Sequence[str], path: Path) -> Path:
@@ -248,14 +249,16 @@ def _write_shots_list(rows: pd.DataFrame, class_ids: Sequence[int], classnames: 
 
 def protocol_videos(kind: str, source: str | Path, *, lr: float | None = None, batch_size: int | None = None,
                     options: dict | None = None, store_checkpoint: str | None = None,
-                    finetune: dict | None = None) -> StoreVideos | RawVideos:
+                    finetune: dict | None = None, trust_code: bool = False) -> StoreVideos | RawVideos:
     """Where a protocol's videos are for `kind`: a video list for a fine-tuning method, else a feature store.
 
     batch_size None: each trainer's default (16 cache videos, 8 raw clips)."""
     if kind in list_methods():
-        settings = {**(finetune or {}), **({"batch_size": batch_size} if batch_size is not None else {})}
+        settings = {**(finetune or {}), "trust_checkpoint_code": trust_code,
+                    **({"batch_size": batch_size} if batch_size is not None else {})}
         return RawVideos(kind, source, lr=lr, options=options, finetune=settings)
-    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, store_checkpoint=store_checkpoint)
+    return StoreVideos(kind, source, lr=lr, batch_size=batch_size, options=options, store_checkpoint=store_checkpoint,
+                       trust_code=trust_code)
 
 
 def _run_numbers(seed: int, run_dir: Path, train_videos: int, report: dict) -> dict:
@@ -297,6 +300,7 @@ def few_shot(
     options: dict | None = None,
     store_checkpoint: str | None = None,
     finetune: dict | None = None,
+    trust_code: bool = False,
     allow_fewer: bool = False,
     console=None,
 ) -> dict:
@@ -307,12 +311,13 @@ def few_shot(
     `shots` and each seed: draw K videos per class from `train_split`, train `kind` for `epochs` (lr:
     the kind's default when None; options: head or method hyper-parameters), score on the whole
     `test_split`. store_checkpoint: the local checkpoint file a store was extracted from (text heads).
+    trust_code: let a checkpoint that is a TorchScript archive (not OpenAI's) run its code.
     Writes OUT_DIR/few_shot.json and a plot of top-1 against K (few_shot.png); returns the report.
     """
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
     videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options,
-                             store_checkpoint=store_checkpoint, finetune=finetune)
+                             store_checkpoint=store_checkpoint, finetune=finetune, trust_code=trust_code)
     classnames = videos.classnames
     class_ids = list(range(len(classnames)))
     videos.check_split(test_split)  # fail early on a bad test split
@@ -392,12 +397,13 @@ def base_to_novel(
     options: dict | None = None,
     store_checkpoint: str | None = None,
     finetune: dict | None = None,
+    trust_code: bool = False,
     allow_fewer: bool = False,
     console=None,
 ) -> dict:
     """`clipreel base2novel KIND --store STORE --out OUT_DIR`: generalisation to unseen classes.
 
-    source, store_checkpoint, finetune: as for `few_shot`. base_classes: class ids or names (default:
+    source, store_checkpoint, finetune, trust_code: as for `few_shot`. base_classes: class ids or names (default:
     the first half of the class ids, rounded up); the other classes are novel. For each seed: train
     on `shots` videos per base class of `train_split`, then score the `test_split` videos of the base
     classes among the base names and those of the novel classes among the novel names. Only heads
@@ -414,7 +420,7 @@ def base_to_novel(
     out_dir = Path(out_dir)
     _check_common(seeds, epochs)
     videos = protocol_videos(kind, source, lr=lr, batch_size=batch_size, options=options,
-                             store_checkpoint=store_checkpoint, finetune=finetune)
+                             store_checkpoint=store_checkpoint, finetune=finetune, trust_code=trust_code)
     classnames = videos.classnames
     base_ids = _base_class_ids(base_classes, classnames)
     novel_ids = [class_id for class_id in range(len(classnames)) if class_id not in base_ids]

@@ -92,6 +92,7 @@ class TrainConfig:
     seed: int = 0  # seeds the head's initialisation, the batch order, the views and dropout
     options: dict = field(default_factory=dict)  # head hyper-parameters, e.g. {"n_ctx": 4} or {"mlp_dropout": 0.1}
     store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from (text heads)
+    trust_checkpoint_code: bool = False  # let a store checkpoint that is a TorchScript archive (not OpenAI's) run its code
     classes: str | None = None  # label map (one class name per line); default: the manifest's label names
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N (one process)
     workers: int = 1  # data-parallel workers; > 1 trains through Ray Train
@@ -220,7 +221,7 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     # 1. The data and the head, built from the store (and its text tower, for text heads).
     data = _training_data(cfg)
     store = data.store
-    text_model = text_model_for(cfg.kind, store.provenance, cfg.store_checkpoint)
+    text_model = text_model_for(cfg.kind, store.provenance, cfg.store_checkpoint, cfg.trust_checkpoint_code)
     torch.manual_seed(cfg.seed)
     head, head_config = create_head(cfg.kind, store_layout=store.layout, provenance=store.provenance,
                                     classnames=data.classnames, options=cfg.options, text_model=text_model)

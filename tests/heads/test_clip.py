@@ -6,9 +6,13 @@ Everything runs the real tiny open_clip ViT (clipreel-tiny: 112 px, patch 16, wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import socket
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -16,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from clipreel.cli import main
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpoints import read_state_dict
 from clipreel.heads.clip import (
+    MODEL_CONFIG_DIR,
     NORMS,
     load_clip,
     register_builtin_models,
@@ -29,6 +36,19 @@ TINY = "clipreel-tiny"
 TINY_BLOCKS = 6
 TINY_SIZE = 112
 TINY_TOKENS = (112 // 16) ** 2 + 1  # 49 patches + CLS
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run the `clipreel` entry point in this process; returns its exit code."""
+    old_argv = sys.argv
+    sys.argv = ["clipreel", *argv]
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = old_argv
+    return 0
 
 
 def tiny_backbone(**overrides) -> Backbone:
@@ -195,18 +215,33 @@ def test_local_checkpoint_loads_identical_weights(tmp_path, kind):
     assert not backbone.clip.training
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
-def test_openai_torchscript_archive_loads_with_quick_gelu(tmp_path, frames):
-    """OpenAI ships traced TorchScript archives (with input_resolution & co.) of QuickGELU models."""
+def openai_layout_archive(path, frames: torch.Tensor) -> torch.nn.Module:
+    """Write a TorchScript archive laid out like OpenAI's CLIP releases: a traced QuickGELU CLIP
+    whose top module also holds input_resolution, context_length and vocab_size buffers.
+    Returns the source model."""
     register_builtin_models()
     source = open_clip.create_model(TINY, force_quick_gelu=True).eval()
-    # OpenAI's archives also hold context_length and vocab_size, plain attributes of open_clip's CLIP.
-    source.register_buffer("input_resolution", torch.tensor(TINY_SIZE))
+    for name, value in (("input_resolution", TINY_SIZE), ("context_length", 77), ("vocab_size", 49408)):
+        if hasattr(source, name):  # open_clip keeps the last two as plain ints
+            delattr(source, name)
+        source.register_buffer(name, torch.tensor(value))
     text = torch.zeros(1, 77, dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(source, (frames[:1], text), check_trace=False)
-    path = tmp_path / "ViT-tiny.pt"
     traced.save(str(path))
+    return source
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_openai_torchscript_archive_loads_with_quick_gelu_without_running_it(tmp_path, frames):
+    path = tmp_path / "ViT-tiny.pt"
+    source = openai_layout_archive(path, frames)
+
+    read = read_state_dict(path)  # no code of the archive runs
+    scripted = torch.jit.load(path).state_dict()
+    assert list(read) == list(scripted)  # the same names, in the same order
+    for key, value in scripted.items():
+        assert torch.equal(read[key], value), key
 
     backbone = tiny_backbone(pretrained=str(path))
     assert backbone.provenance()["activation"] == "quick_gelu"
@@ -216,6 +251,66 @@ def test_openai_torchscript_archive_loads_with_quick_gelu(tmp_path, frames):
     _, embeds = backbone.forward(frames)
     with torch.no_grad():
         torch.testing.assert_close(embeds, source.encode_image(frames))
+
+
+class MarkerOnLoad(torch.nn.Module):
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) creates the file at `marker`."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.touched = torch.zeros(1, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+        return (self.marker, self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+        self.marker = state[0]
+        self.weight = state[1]
+        self.training = state[2]
+        # A shared file mapping creates the file: proof that loading ran this code.
+        self.touched = torch.from_file(self.marker, shared=True, size=1, dtype=torch.uint8)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_archive_that_runs_code_at_load_is_refused_unless_trusted(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "model.pt"
+    torch.jit.script(MarkerOnLoad(str(marker))).save(str(path))
+
+    with pytest.raises(ClipreelError, match="--trust-checkpoint-code") as error:
+        tiny_backbone(pretrained=str(path))
+    assert "not an OpenAI CLIP archive" in str(error.value) and "__setstate__" in str(error.value)
+    with pytest.raises(ClipreelError, match="--trust-checkpoint-code"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+    # Trusted, it is read by torch.jit.load, which runs the archive's code: the test file is real.
+    assert list(read_state_dict(path, trust_code=True)) == ["weight"]
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_cli_refuses_the_archive_with_exit_2_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "model.pt"
+    torch.jit.script(MarkerOnLoad(str(marker))).save(str(path))
+    videos = tmp_path / "videos.csv"
+    videos.write_text("path,label_name,split\na.mp4,one,test\nb.mp4,two,test\n")
+    for name in ("a.mp4", "b.mp4"):  # the checkpoint is refused before any video is opened
+        (tmp_path / name).touch()
+    code = run_cli(["zeroshot", "--videos", str(videos), "--method", "vifi", "--model", TINY,
+                    "--pretrained", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--trust-checkpoint-code" in err and "Traceback" not in err
+    assert not marker.exists()
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -410,3 +505,95 @@ def test_missing_built_in_file_says_how_to_rebuild_it(monkeypatch):
     with pytest.raises(ClipreelError, match="missing from this installation") as error:
         load_clip(TINY, "default")
     assert "python -m clipreel.pipeline.data.synth.train_clip" in str(error.value)
+
+
+# --- Models defined by an open_clip config file (--model path/to/NAME.json) ---
+
+
+def small_config(layers: int = 3) -> dict:
+    """clipreel-tiny's config with fewer image blocks."""
+    config = json.loads((MODEL_CONFIG_DIR / f"{TINY}.json").read_text())
+    config["vision_cfg"]["layers"] = layers
+    return config
+
+
+def test_a_config_file_names_a_model_by_its_content(tmp_path):
+    path = tmp_path / "MyViT.json"
+    path.write_text(json.dumps(small_config()))
+    name = resolve_model_name(str(path))
+    assert re.fullmatch(r"MyViT-[0-9a-f]{8}", name)
+    assert name in open_clip.list_models()
+    same = tmp_path / "elsewhere" / "MyViT.json"
+    same.parent.mkdir()
+    same.write_text(json.dumps(small_config(), indent=4))  # same content, other spelling
+    assert resolve_model_name(str(same)) == name
+    other = tmp_path / "other" / "MyViT.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(small_config(layers=2)))
+    assert resolve_model_name(str(other)) not in (name, TINY)
+
+    backbone = Backbone(BackboneConfig(model=str(path), pretrained="none", layers="2"))
+    assert backbone.num_blocks == 3
+    provenance = backbone.provenance()
+    assert provenance["model"] == name and provenance["model_config"] == small_config()
+    assert backbone.config.model == name and backbone.config.model_config == small_config()
+    assert "model_config" not in tiny_backbone().provenance()  # named models record their name only
+
+
+def test_a_store_or_actor_rebuilds_a_config_model_without_the_file(tmp_path):
+    """What a store's provenance and an extraction actor's config carry is enough, in a new process."""
+    path = tmp_path / "MyViT.json"
+    path.write_text(json.dumps(small_config()))
+    backbone = Backbone(BackboneConfig(model=str(path), pretrained="none", layers="2"))
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"config": dataclasses.asdict(backbone.config), "provenance": backbone.provenance()}))
+    path.unlink()
+    script = (
+        "import json, sys, torch\n"
+        "from clipreel.heads.clip import load_text_model\n"
+        "from clipreel.heads.taps import Backbone, BackboneConfig\n"
+        "recorded = json.load(open(sys.argv[1]))\n"
+        "backbone = Backbone(BackboneConfig(**recorded['config']))\n"
+        "text = load_text_model(recorded['provenance'])\n"
+        "print(backbone.num_blocks, backbone.model_name, text.model_name, len(text.clip.visual.transformer.resblocks))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(recorded)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", backbone.model_name, backbone.model_name, "3"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", "not valid JSON (line 1, column 2"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "not an open_clip model config"),
+        (json.dumps({"embed_dim": 64, "vision_cfg": {}}).encode(), "it lacks text_cfg"),
+        (json.dumps({**small_config(), "embed_dim": "64"}).encode(), "embed_dim must be a positive whole number"),
+        (json.dumps({**small_config(), "text_cfg": [64]}).encode(), "text_cfg must be an object"),
+        (
+            json.dumps({**small_config(), "vision_cfg": {**small_config()["vision_cfg"], "layerz": 2}}).encode(),
+            "vision_cfg has settings open_clip does not know: layerz",
+        ),
+    ],
+    ids=["syntax", "encoding", "list", "missing-key", "embed-dim", "text-cfg", "unknown-setting"],
+)
+def test_a_file_that_is_not_a_model_config_is_refused_clearly(tmp_path, content, message):
+    path = tmp_path / "Broken.json"
+    path.write_bytes(content)
+    with pytest.raises(ClipreelError, match=re.escape(message)) as error:
+        resolve_model_name(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_cli_exits_2_for_a_bad_or_missing_config_file(tmp_path, capsys):
+    videos = tmp_path / "videos.csv"
+    videos.write_text("path,label_name,split\na.mp4,one,test\nb.mp4,two,test\n")
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).touch()
+    broken = tmp_path / "Broken.json"
+    broken.write_text('{"embed_dim": 64}')
+    for model, message in ((broken, "not an open_clip model config"), (tmp_path / "Missing.json", "no such file")):
+        code = run_cli(["zeroshot", "--videos", str(videos), "--method", "vifi", "--model", str(model)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err

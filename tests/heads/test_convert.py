@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.evl import EVLConfig, EVLHead
-from clipreel.heads.clip import OPENAI_METADATA_KEYS
+from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
 from clipreel.heads.convert.clip_layout import build_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
@@ -129,7 +129,7 @@ def evl_source(configs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("evl")
     clip = tiny_clip(seed=1)
     base = dict(clip.state_dict())
-    base.update({key: torch.tensor(value) for key, value in zip(OPENAI_METADATA_KEYS, (64, 77, 49408))})
+    base.update({key: torch.tensor(value) for key, value in zip(OPENAI_ARCHIVE_BUFFERS, (64, 77, 49408))})
     torch.save(base, folder / "base.pt")
     torch.manual_seed(2)
     head = EVLHead(EVLConfig(width=128, heads=2, layers=EVL_LAYERS, frames=EVL_FRAMES, grid=4, num_classes=EVL_CLASSES)).eval()

@@ -121,7 +121,7 @@ CASES = {
     "train resumes a truncated checkpoint": (
         lambda i: ["train", "linear", "--store", i.store, "--out", i.truncated_checkpoint_run, "--epochs", "1",
                    "--val-split", "", "--no-progress"],
-        ["checkpoint.pt cannot be read", "delete", "new --out"]),
+        ["checkpoint.pt: cannot read it as a checkpoint", "damaged (truncated?)", "delete", "new --out"]),
     "train resumes a foreign checkpoint": (
         lambda i: ["train", "linear", "--store", i.store, "--out", i.foreign_checkpoint_run, "--no-progress"],
         ["not a checkpoint of this clipreel", "'identity'"]),

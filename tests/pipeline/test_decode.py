@@ -243,7 +243,7 @@ def test_every_failure_is_a_decode_error_naming_the_file(broken, failure):
 
 @pytest.mark.parametrize("index", [NUM_FRAMES, -1])
 def test_an_index_outside_the_video_is_a_decode_error(clips, index):
-    with pytest.raises(DecodeError, match="outside the 40 decodable frames"):
+    with pytest.raises(DecodeError, match="outside the 40 frames of the video"):
         PyAVDecoder().read(clips["h264"], np.array([0, index]))
 
 
@@ -290,6 +290,92 @@ def test_choose_decoder_names_what_make_decoder_builds():
         choose_decoder("opencv")
 
 
+# --------------------------------------------------------------- null frames and timestamp gaps
+
+# The frame from which each written picture is shown: the frames between repeat the last picture.
+SLOTS = [0, 1, 4, 5, 9, 10, 15, 20, 21, 29]
+GAPPED = {  # name -> (PyAV encoder, pixel format, suffix)
+    "mjpeg-avi": ("mjpeg", "yuvj420p", ".avi"),
+    "cinepak-avi": ("cinepak", "rgb24", ".avi"),  # the codec of OpenCV's tree.avi sample
+    "vp9-webm": ("libvpx-vp9", "yuv420p", ".webm"),
+}
+
+
+def write_with_gaps(path: Path, pictures: np.ndarray, slots: list[int], encoder: str, pix_fmt: str) -> Path:
+    """Encode pictures[p] to be shown from frame slots[p] on, at FPS. The AVI muxer fills each
+    gap with null frames (empty chunks, counted in the header); WebM leaves a gap in the
+    timestamps, as variable-rate files and files with dropped frames do."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, pix_fmt
+        for picture, slot in zip(pictures, slots):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = slot
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def player_frames(path: Path, count: int) -> np.ndarray:
+    """What a player shows at frames 0..count-1: at time i / fps, the last picture decoded whose
+    timestamp is not later (each picture decoded the plain PyAV way, with its timestamp)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate)
+        decoded = [(frame.time, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+    shown = []
+    for index in range(count):
+        now = index / rate
+        shown.append([picture for time, picture in decoded if time <= now + 1e-9][-1])
+    return np.stack(shown)
+
+
+@pytest.fixture(scope="module")
+def gapped(tmp_path_factory, source) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("gapped")
+    pictures = source[: len(SLOTS)]
+    return {
+        name: write_with_gaps(folder / f"{name}{suffix}", pictures, SLOTS, encoder, pix_fmt)
+        for name, (encoder, pix_fmt, suffix) in GAPPED.items()
+    }
+
+
+def test_the_avi_files_hold_null_frames(gapped):
+    for name in ("mjpeg-avi", "cinepak-avi"):
+        with av.open(str(gapped[name])) as container:
+            stream = container.streams.video[0]
+            pictures = [packet for packet in container.demux(stream) if packet.size]
+            assert stream.frames == SLOTS[-1] + 1 and len(pictures) == len(SLOTS)
+
+
+@pytest.mark.parametrize("name", list(GAPPED))
+def test_frames_are_what_a_player_shows(gapped, source, name):
+    path = gapped[name]
+    info = probe(path)
+    assert info.num_frames == SLOTS[-1] + 1
+    assert info.fps == pytest.approx(FPS)
+    frames = PyAVDecoder().read(path, np.arange(info.num_frames), info)
+    assert np.array_equal(frames, player_frames(path, info.num_frames))
+    written = [max(p for p, slot in enumerate(SLOTS) if slot <= index) for index in range(info.num_frames)]
+    assert nearest_source_frame(frames, source).tolist() == written
+    backwards = np.arange(info.num_frames)[::-1]
+    assert np.array_equal(PyAVDecoder().read(path, backwards), frames[backwards])
+    indices = sample_indices(info.num_frames, SamplingConfig("tsn", frames=8, views=2), key=name)
+    assert np.array_equal(PyAVDecoder().read(path, indices.reshape(-1), info), frames[indices.reshape(-1)])
+
+
+def test_a_null_frame_avi_that_ends_early_is_truncated(gapped, tmp_path):
+    """Cut after its sixth picture (frame 10 of 30): the last timestamp falls short of the duration."""
+    path = gapped["mjpeg-avi"]
+    offset, size = packet_spans(path)[5]
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(path.read_bytes()[: offset + size])
+    with pytest.raises(DecodeError, match="truncated: the frames stop at 0.44 s"):
+        probe(cut)
+
+
 # ------------------------------------------------------------------------------------------ DALI
 
 
@@ -318,6 +404,18 @@ def test_dali_cpu_agrees_with_pyav(clips, source, codec, sampling):
     cfg = PreprocessConfig(image_size=32, crops=3)
     difference = (preprocess(from_dali, cfg) - preprocess(from_pyav, cfg)).abs().mean()
     assert difference < 0.05
+
+
+@pytest.mark.dali
+@needs_dali
+@pytest.mark.parametrize("name", ["mjpeg-avi", "vp9-webm"])
+def test_dali_cpu_agrees_with_pyav_on_null_frames_and_gaps(gapped, source, name):
+    indices = np.arange(SLOTS[-1] + 1)
+    from_pyav = PyAVDecoder().read(gapped[name], indices)
+    from_dali = DaliDecoder().read(gapped[name], indices)
+    assert nearest_source_frame(from_dali, source).tolist() == nearest_source_frame(from_pyav, source).tolist()
+    cfg = PreprocessConfig(image_size=32)
+    assert (preprocess(from_dali, cfg) - preprocess(from_pyav, cfg)).abs().mean() < 0.05
 
 
 @pytest.mark.dali

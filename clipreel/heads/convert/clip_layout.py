@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.clip import OPENAI_METADATA_KEYS, resolve_model_name
+from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
+from clipreel.heads.clip import resolve_model_name
 from clipreel.heads.convert.common import (
     Shape,
     Tensors,
@@ -289,7 +290,7 @@ def read_base_clip(checkpoint: Mapping, source: str = "--clip") -> Tensors:
     layout, or an open_clip checkpoint. OpenAI's archive metadata entries and the text causal mask
     (which traced archives keep, and open_clip rebuilds) are dropped."""
     tensors = unwrap_checkpoint(checkpoint, source)
-    for key in (*OPENAI_METADATA_KEYS, "attn_mask"):
+    for key in (*OPENAI_ARCHIVE_BUFFERS, "attn_mask"):
         tensors.pop(key, None)
     return tensors
 

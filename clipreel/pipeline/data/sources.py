@@ -13,14 +13,17 @@ Formats (detected from the source itself):
 
 Relative paths resolve against `root` if given, else the list file's folder. A video's id is its path
 relative to that root without the extension (Kinetics: `youtube_id_start_end`; a plain CSV may name it
-in a `video_id` column). Every problem the user
-can fix raises `ClipreelError` naming the file, the line and the fix.
+in a `video_id` column). Lists and label maps are UTF-8 text. Every problem the user can fix raises
+`ClipreelError` naming the file, the line and the fix.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,9 @@ from clipreel.stores.manifest import new_manifest, read_label_map
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end")
 MAX_LISTED = 10  # problems listed one by one in an error message before "... and N more"
+INT64_MAX = 2**63 - 1  # the manifest's integer columns are int64
+LIST_FIX = "give a list file (CSV or 'path label') or a folder"
+LABEL_MAP_FIX = "give a text file with one class name per line"
 
 
 @dataclass
@@ -61,6 +67,8 @@ def read_sources(
     (error `missing file: <path>`); without it, they are all reported in one error.
     """
     source = Path(source).expanduser()
+    if label_map is not None:
+        read_text(Path(label_map), "label map", LABEL_MAP_FIX)  # clear errors where read_label_map has none
     class_names = read_label_map(label_map) if label_map is not None else None
     names_from = f"the label map {label_map}"  # where class_names come from, for messages
     missing_hint = ""
@@ -74,6 +82,8 @@ def read_sources(
             raise ClipreelError(f"--root {root} is not a folder; give the folder the paths in {source} are under")
         base = Path(os.path.abspath(Path(root).expanduser() if root is not None else source.parent))
         header = _first_row(source)
+        if not header:
+            raise ClipreelError(f"{source} lists no videos; add at least one row")
         if set(KINETICS_COLUMNS) <= set(header):
             rows = _read_kinetics(source, base, default_split)
             missing_hint = (
@@ -90,7 +100,7 @@ def read_sources(
         else:
             rows = _read_path_label_list(source, default_split)
     else:
-        raise ClipreelError(f"video list {source} does not exist; give a list file (CSV or 'path label') or a folder")
+        read_text(source, "video list", LIST_FIX)  # raises: the source is missing or not a regular file
 
     if not rows:
         if source.is_dir():
@@ -223,7 +233,7 @@ def _read_path_label_list(path: Path, default_split: str) -> list[_Row]:
     """Rows of a whitespace-separated list: `path`, `path label` or `path num_frames label` per line."""
     rows = []
     first_width = None
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "video list", LIST_FIX).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -246,18 +256,36 @@ def _read_path_label_list(path: Path, default_split: str) -> list[_Row]:
 # --- small parsing helpers ------------------------------------------------------------------------------
 
 
+def read_text(path: Path, what: str, fix: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped), with clear errors for a path that is
+    missing or not a regular file and for bytes that are not UTF-8; `fix` says what to give instead."""
+    kind = _file_kind(path)
+    if kind == "missing":
+        raise ClipreelError(f"{what} {path} does not exist; {fix}")
+    if kind != "file":
+        raise ClipreelError(f"{what} {path} is not a regular file ({kind}); {fix}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ClipreelError(
+            f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; save the {what} as UTF-8 "
+            "(for example: iconv -f latin1 -t utf-8 OLD > NEW)"
+        ) from None
+
+
 def _first_row(path: Path) -> list[str]:
     """The first non-blank line of a file, split as CSV, stripped and lower-cased (a header, if any)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        for line in handle:
-            if line.strip():
-                return [field.strip().lower() for field in next(csv.reader([line]))]
+    for line in read_text(path, "video list", LIST_FIX).splitlines():
+        if line.strip():
+            return [field.strip().lower() for field in next(csv.reader([line]))]
     return []
 
 
 def _csv_records(path: Path):
     """Yield (where, {lower-cased column: stripped value}) for each data row of a CSV with a header."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_text(path, "video list", LIST_FIX), newline="") as handle:
         reader = csv.reader(handle)
         header = None
         for fields in reader:
@@ -287,9 +315,12 @@ def _parse_label(text: str, where: str) -> int | None:
 
 def _parse_int(text: str, column: str, where: str) -> int:
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
         raise ClipreelError(f"{where}: {column} {text!r} is not an integer; fix the row") from None
+    if abs(number) > INT64_MAX:
+        raise ClipreelError(f"{where}: {column} {text} is too large (at most {INT64_MAX}); fix the row")
+    return number
 
 
 # --- labels, paths, ids ---------------------------------------------------------------------------------
@@ -366,17 +397,24 @@ def _labels_from_ids(rows: list[_Row]) -> None:
 
 
 def _records(rows: list[_Row], base: Path, source: Path, skip_missing: bool, missing_hint: str) -> list[dict]:
-    """Manifest records: absolute paths, unique ids, missing files refused or recorded as failed."""
+    """Manifest records: absolute paths, unique ids; paths that are not video files refused, or
+    recorded as failed (`skip_missing`)."""
     records = []
-    first_where: dict[str, str] = {}
-    duplicates = []
-    missing = []
+    first: dict[str, tuple[str, Path]] = {}  # video id -> (where, path) of its first row
+    repeated, clashing = [], []
+    missing, not_files = [], []
     for row in rows:
-        path = Path(os.path.abspath(base / Path(row.path).expanduser()))
+        path = Path(os.path.abspath(base / _expand_user(row)))
         video_id = row.video_id or _video_id(path, base)
-        if video_id in first_where:
-            duplicates.append(f"{video_id!r} at {first_where[video_id]} and {row.where}")
-        first_where.setdefault(video_id, row.where)
+        if video_id in first:
+            first_where, first_path = first[video_id]
+            if first_path == path:
+                repeated.append(f"{video_id!r} at {first_where} and {row.where}")
+            elif first_where == str(first_path):  # rows of a folder tree are named by their paths
+                clashing.append(f"{video_id!r}: {first_path} and {path}")
+            else:
+                clashing.append(f"{video_id!r} at {first_where} and {row.where} ({first_path.name}, {path.name})")
+        first.setdefault(video_id, (row.where, path))
         record = {
             "video_id": video_id,
             "path": str(path),
@@ -384,23 +422,69 @@ def _records(rows: list[_Row], base: Path, source: Path, skip_missing: bool, mis
             "label_name": row.label_name,
             "split": row.split,
         }
-        if not path.is_file():
+        kind = _file_kind(path)
+        if kind == "missing":
             missing.append(f"{row.where}: {path}")
             record.update(status="failed", error=f"missing file: {path}")
+        elif kind != "file":
+            not_files.append(f"{row.where}: {path} ({kind})")
+            record.update(status="failed", error=f"not a regular file ({kind}): {path}")
         records.append(record)
 
-    if duplicates:
+    if repeated or clashing:
+        fixes = []
+        if repeated:
+            fixes.append("remove the repeated lines")
+        if clashing:
+            fixes.append(
+                "files whose paths differ only in the extension get the same id (the path without it): "
+                "rename or remove one of each pair"
+            )
         raise ClipreelError(
-            f"{len(duplicates)} video(s) of {source} appear more than once:\n{_listing(duplicates)}\n"
-            "Every video must appear once: remove the repeated lines."
+            f"{len(repeated) + len(clashing)} video id(s) of {source} are taken more than once:\n"
+            f"{_listing(repeated + clashing)}\nEvery video needs an id of its own: {'; '.join(fixes)}."
         )
-    if missing and not skip_missing:
-        raise ClipreelError(
-            f"{len(missing)} video file(s) listed in {source} do not exist:\n{_listing(missing)}\n"
-            f"{missing_hint}Relative paths resolve against {base}: if they are under another folder pass "
-            "--root FOLDER, or pass --skip-missing to record them as failed and go on."
-        )
+    if (missing or not_files) and not skip_missing:
+        problems = []
+        if not_files:
+            problems.append(
+                f"{len(not_files)} path(s) listed in {source} are not regular files:\n{_listing(not_files)}\n"
+                "List the video files themselves (a folder with a subfolder per class is read with --videos FOLDER)."
+            )
+        if missing:
+            problems.append(
+                f"{len(missing)} video file(s) listed in {source} do not exist:\n{_listing(missing)}\n"
+                f"{missing_hint}Relative paths resolve against {base}: if they are under another folder pass "
+                "--root FOLDER."
+            )
+        raise ClipreelError("\n".join(problems) + "\nOr pass --skip-missing to record them as failed and go on.")
     return records
+
+
+def _expand_user(row: _Row) -> Path:
+    """The row's path with a leading ~ or ~user expanded; clear errors for paths no file can have."""
+    if "\x00" in row.path:
+        raise ClipreelError(f"{row.where}: the path {row.path!r} holds a NUL character; fix the row")
+    try:
+        return Path(row.path).expanduser()
+    except RuntimeError:
+        user = row.path.split("/", 1)[0]
+        raise ClipreelError(f"{row.where}: {user} in {row.path!r} names no user of this machine; write the path out") from None
+
+
+def _file_kind(path: Path) -> str:
+    """"file" for a regular file, "missing", or what else is there ("a directory", ...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing"
+        return f"cannot be looked at: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return "file"
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _video_id(path: Path, base: Path) -> str:

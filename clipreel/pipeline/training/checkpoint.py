@@ -12,7 +12,7 @@ A checkpoint holds finite weights only: `save_checkpoint` refuses to write other
 that cannot be read (truncated), that is not clipreel's, or whose weights are not finite is refused
 with what is wrong and what to do.
 
-May import: torch, clipreel.errors, clipreel.stores.runs.
+May import: torch, clipreel.errors, clipreel.heads.checkpoints, clipreel.stores.runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.checkpoints import read_checkpoint
 from clipreel.stores.runs import CONFIG_FILE, load_weights, nonfinite_tensors
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,7 +35,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # nothing a run trains on for a given seed; the decoder does (pixels), so it must match. A run that a
 # bad video stopped ("stop") continues skipping it ("skip").
 MAY_CHANGE_ON_RESUME = ("out", "epochs", "val_split", "device", "workers", "address", "prefetch", "loader",
-                        "on_bad_video")
+                        "trust_checkpoint_code", "on_bad_video")
 _ABSENT = "(not set)"
 # What a checkpoint.pt of this clipreel holds.
 CHECKPOINT_KEYS = ("epoch", "identity", "model", "optimizer", "scheduler", "history")
@@ -113,14 +114,12 @@ def save_checkpoint(run_dir: Path, identity: dict, model: nn.Module, optimizer, 
 
 
 def _read_checkpoint(path: Path) -> dict:
-    """checkpoint.pt, read without running code (`weights_only`), checked to be clipreel's and finite."""
+    """checkpoint.pt, read without running code (`heads.checkpoints`), checked to be clipreel's and finite."""
     fix = f"delete {path} to train the run from its start, or choose a new --out"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for a truncated zip or a foreign pickle
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClipreelError(f"{path} cannot be read ({first_line}): it is damaged (truncated?) or not a "
-                            f"checkpoint of clipreel; {fix}.") from None
+        checkpoint = read_checkpoint(path)
+    except ClipreelError as error:
+        raise ClipreelError(f"{error} This checkpoint.pt is damaged (truncated?) or not clipreel's: {fix}.") from None
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else None
     if missing is None or missing:
         holds = f"lacks {missing}" if missing else f"holds a {type(checkpoint).__name__}"

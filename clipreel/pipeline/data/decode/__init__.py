@@ -3,9 +3,10 @@
 - `PyAVDecoder` (CPU, every FFmpeg codec): the default and the reference.
 - `DaliDecoder` (NVDEC on a GPU; on the CPU only VP8/VP9/MJPEG).
 
-Both call `probe` first, so a frame index means the same frame for both: the i-th frame of the
-video stream in presentation order, counting from 0. Both return (n, H, W, 3) uint8 RGB with
-row i = frame indices[i], and raise `DecodeError` (a ClipreelError naming the file) on failure.
+Both call `probe` first, so a frame index means the same frame for both: the picture a player
+shows at time i / fps (the i-th picture in presentation order, counting from 0, in files with
+one picture per frame). Both return (n, H, W, 3) uint8 RGB with row i = frame indices[i], and
+raise `DecodeError` (a ClipreelError naming the file) on failure.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Decoding selected frames with NVIDIA DALI: NVDEC on a GPU, or DALI's FFmpeg on the CPU.
 
-DALI's `fn.decoders.video` takes the encoded file bytes and a list of frame indices (any
-order, repeats allowed) and decodes just those frames, so one pipeline with two external
-inputs serves every file: it is built once per decoder and reused.
+DALI's `fn.decoders.video` takes the encoded file bytes and a list of picture positions (any
+order, repeats allowed; position p = the p-th decoded picture, which is frame p except in files
+with null frames or a variable rate: see probe) and decodes just those pictures, so one
+pipeline with two external inputs serves every file: it is built once per decoder and reused.
 
 On the CPU (`device_id=None`) DALI's bundled FFmpeg decodes only VP8, VP9 and MJPEG; on a GPU
 ("mixed" backend, NVDEC) also H.264, HEVC, AV1 and MPEG-4.
@@ -84,7 +85,8 @@ class DaliDecoder:
         pipeline = self._get_pipeline()
         try:
             pipeline.feed_input("encoded", [encoded])
-            pipeline.feed_input("frame_indices", [indices.astype(np.int32)])
+            # DALI counts the decoded pictures (in presentation order), as PyAVDecoder does.
+            pipeline.feed_input("frame_indices", [info.pictures(indices).astype(np.int32)])
             (batch,) = pipeline.run()
         except RuntimeError as error:
             self._pipeline = None  # a DALI pipeline that failed cannot run again: rebuild next time

@@ -1,20 +1,27 @@
-"""What a video file holds: how many frames can really be decoded, at what rate and size.
+"""What a video file holds: which pictures a player shows at which frame, at what rate and size.
 
-Every decoder calls `probe` before decoding, so PyAV and DALI agree on what frame index i means
-(the i-th frame of the video stream in presentation order, 0-based) and on how many exist.
+Every decoder calls `probe` before decoding, so PyAV and DALI agree on what frame index i means:
+the picture a player shows at time i / fps from the first picture, fps being the stream's
+average rate. Most files hold one picture per frame, and frame i is the i-th picture in
+presentation order. Some do not: an AVI stores a frame that repeats the previous picture as an
+empty "null" chunk (a player keeps showing the last picture), and variable-rate files space
+their pictures unevenly. For those, `VideoInfo.picture_slots` says from which frame on each
+picture is shown, and `VideoInfo.pictures` maps frame indices to pictures.
 
-Why count packets instead of trusting the header: a header frame count is only a claim. WebM
-has none, a truncated file keeps the count of the complete one, and a wrong count breaks the
-sampling of every later stage. Demuxing (reading packets without decoding them) costs a few
-milliseconds and gives the number of frames the decoder will deliver: one per packet, except
-packets the container marks to be discarded (edit lists), which the decoder drops. The header's
-count and declared duration are then used as checks: a file holding fewer packets than its
-header lists, or whose packets stop well before its declared duration, is truncated.
+Why demux instead of trusting the header: a header frame count is only a claim. WebM has none,
+a truncated file keeps the count of the complete one, and a wrong count breaks the sampling of
+every later stage. Demuxing (reading packets without decoding them) costs a few milliseconds and
+gives each picture the decoder will deliver with its presentation timestamp: one per packet,
+except packets the container marks to be discarded (edit lists), which the decoder drops. The
+header's count and declared duration are then used as checks: a file that holds fewer packets
+than its header lists and whose pictures stop well before its declared duration, or (without a
+header count) whose pictures stop well before its declared duration, is truncated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -32,13 +39,23 @@ TRUNCATION_SLACK_FRAMES = 2
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What `probe` found: decodable frame count, frame rate, picture size, FFmpeg codec name."""
+    """What `probe` found: frame count and rate, picture size, FFmpeg codec name, and which
+    decoded picture each frame shows."""
 
-    num_frames: int
+    num_frames: int  # frames from the first picture to the end of the last, at `fps`
     fps: float
     width: int
     height: int
     codec: str = ""
+    # (P,) increasing: the frame from which decoded picture p (in presentation order) is shown,
+    # until the next picture's. None: one picture per frame (picture p is frame p).
+    picture_slots: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def pictures(self, indices: np.ndarray) -> np.ndarray:
+        """The decoded picture (its position in presentation order) shown at each frame index."""
+        if self.picture_slots is None:
+            return indices
+        return np.searchsorted(self.picture_slots, indices, side="right") - 1
 
 
 class DecodeError(ClipreelError):
@@ -54,16 +71,18 @@ class DecodeError(ClipreelError):
 
 
 def probe(path: str | Path) -> VideoInfo:
-    """Open `path` with PyAV, count its decodable frames (demux only) and check it is complete."""
+    """Open `path` with PyAV, find its pictures and their timestamps (demux only), check it is
+    complete, and map its frames to pictures."""
     path = Path(path)
     _check_file(path)
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             stream = video_stream(container, path)
-            decodable, present, end_seconds = _scan_packets(container, stream, path)
+            packets = _scan_packets(container, stream, path)
             header_frames = stream.frames
             declared_seconds = _declared_seconds(stream)
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            rate = stream.average_rate or stream.guessed_rate
+            time_base = stream.time_base
             width, height = stream.codec_context.width, stream.codec_context.height
             codec = stream.codec_context.name
     except av.error.FFmpegError as error:
@@ -71,16 +90,16 @@ def probe(path: str | Path) -> VideoInfo:
             path, f"FFmpeg cannot read it as a video ({ffmpeg_reason(error)})"
         ) from error
 
-    if decodable == 0:
+    if not packets.starts:
         raise DecodeError(path, "the video stream holds no frames")
     if width <= 0 or height <= 0:
         raise DecodeError(path, f"the video stream has no picture size ({width}x{height})")
-    if header_frames > present:
-        raise DecodeError(
-            path,
-            f"truncated: the header lists {header_frames} frames but only {present} are present",
-        )
-    if header_frames == 0 and declared_seconds is not None and end_seconds is not None:
+    fps = float(rate or 0)
+    end_seconds = float(packets.end * time_base) if packets.end is not None and time_base else None
+    if declared_seconds is None and header_frames and fps:
+        declared_seconds = header_frames / fps
+    packets_missing = header_frames > packets.present
+    if end_seconds is not None and declared_seconds is not None and (packets_missing or not header_frames):
         slack = max(TRUNCATION_SLACK_SECONDS, TRUNCATION_SLACK_FRAMES / fps if fps else 0.0)
         if end_seconds < declared_seconds - slack:
             raise DecodeError(
@@ -88,7 +107,14 @@ def probe(path: str | Path) -> VideoInfo:
                 f"truncated: the frames stop at {end_seconds:.2f} s "
                 f"but the file declares {declared_seconds:.2f} s",
             )
-    return VideoInfo(num_frames=decodable, fps=fps, width=width, height=height, codec=codec)
+    elif packets_missing:
+        raise DecodeError(
+            path,
+            f"truncated: the header lists {header_frames} frames but only {packets.present} are present",
+        )
+    num_frames, slots = _frame_slots(packets, Fraction(time_base) if time_base else None,
+                                     Fraction(rate) if rate else None)
+    return VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height, codec=codec, picture_slots=slots)
 
 
 def video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
@@ -100,7 +126,7 @@ def video_stream(container: av.container.InputContainer, path: Path) -> av.Video
 
 
 def check_indices(path: str | Path, indices: np.ndarray, info: VideoInfo) -> np.ndarray:
-    """`indices` as a 1-D int64 array, after checking each one names a decodable frame."""
+    """`indices` as a 1-D int64 array, after checking each one names a frame of the video."""
     indices = np.asarray(indices)
     if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
         raise ValueError(
@@ -111,7 +137,7 @@ def check_indices(path: str | Path, indices: np.ndarray, info: VideoInfo) -> np.
     if outside.size:
         raise DecodeError(
             path,
-            f"frame index {int(outside[0])} is outside the {info.num_frames} decodable frames "
+            f"frame index {int(outside[0])} is outside the {info.num_frames} frames of the video "
             f"(0..{info.num_frames - 1})",
             fix="sample indices from probe(path).num_frames",
         )
@@ -136,28 +162,57 @@ def _check_file(path: Path) -> None:
         raise DecodeError(path, "the file is empty (0 bytes)")
 
 
-def _scan_packets(
-    container: av.container.InputContainer, stream: av.VideoStream, path: Path
-) -> tuple[int, int, float | None]:
-    """Demux the stream without decoding: (decodable frames, packets present, end time in s)."""
-    decodable = present = 0
-    end_ticks = None  # latest pts + duration seen, in stream time-base ticks
+@dataclass
+class _Packets:
+    """What demuxing the stream found."""
+
+    present: int  # packets holding data
+    starts: list[int | None]  # presentation timestamp (ticks) of each picture the decoder delivers
+    end: int | None  # latest pts + duration of any packet (ticks); None without timestamps
+
+
+def _scan_packets(container: av.container.InputContainer, stream: av.VideoStream, path: Path) -> _Packets:
+    """Demux the stream without decoding."""
+    found = _Packets(present=0, starts=[], end=None)
     for packet in container.demux(stream):
         if packet.size == 0:
             continue  # the empty packet the demuxer yields to flush the decoder at the end
         if packet.is_corrupt:
             raise DecodeError(
-                path, f"packet {present} is damaged (the file is truncated or corrupt)"
+                path, f"packet {found.present} is damaged (the file is truncated or corrupt)"
             )
-        present += 1
+        found.present += 1
         if not packet.is_discard:
-            decodable += 1
+            found.starts.append(packet.pts)
         if packet.pts is not None:
             packet_end = packet.pts + (packet.duration or 0)
-            end_ticks = packet_end if end_ticks is None else max(end_ticks, packet_end)
-    if end_ticks is None or stream.time_base is None:
-        return decodable, present, None
-    return decodable, present, float(end_ticks * stream.time_base)
+            found.end = packet_end if found.end is None else max(found.end, packet_end)
+    return found
+
+
+def _frame_slots(
+    packets: _Packets, time_base: Fraction | None, rate: Fraction | None
+) -> tuple[int, np.ndarray | None]:
+    """(frame count, picture slots) from the pictures' timestamps (see VideoInfo).
+
+    Picture p is shown from frame round((pts_p - pts_first) * time_base * rate). A file without
+    timestamps or rate gets one frame per picture. Exact rational arithmetic: the pictures of a
+    constant-rate file land exactly on consecutive frames, however its time base rounds.
+    """
+    pictures = len(packets.starts)
+    if time_base is None or not rate or any(start is None for start in packets.starts):
+        return pictures, None
+    starts = np.sort(np.array(packets.starts, dtype=np.int64))  # presentation order
+    # ticks -> frames: multiply by time_base * rate = numerator / denominator, then round
+    scale = time_base * rate
+    numerator, denominator = scale.numerator, scale.denominator
+    slots = (2 * (starts - starts[0]) * numerator + denominator) // (2 * denominator)
+    last_end = packets.end if packets.end is not None and packets.end > starts[-1] else None
+    end_slot = (2 * (last_end - int(starts[0])) * numerator + denominator) // (2 * denominator) if last_end else 0
+    num_frames = max(int(slots[-1]) + 1, int(end_slot))
+    if num_frames == pictures and np.array_equal(slots, np.arange(pictures)):
+        return pictures, None
+    return num_frames, slots
 
 
 def _declared_seconds(stream: av.VideoStream) -> float | None:

@@ -20,8 +20,8 @@ from clipreel.pipeline.data.decode.probe import (
 class PyAVDecoder:
     """Reads chosen frames of a video file as RGB uint8 arrays.
 
-    It decodes sequentially from the start and stops at the last frame asked for; only the
-    frames asked for are converted to RGB, so memory holds the output and nothing more.
+    It decodes sequentially from the start and stops at the last picture needed; only the
+    pictures asked for are converted to RGB, so memory holds the output and nothing more.
 
     `threads`: FFmpeg decoding threads. The default, 1, was measured fastest overall here:
     extraction runs one decode task per core, and even alone on 2 cores FFmpeg's automatic
@@ -37,10 +37,11 @@ class PyAVDecoder:
         self.threads = threads
 
     def read(self, path: str | Path, indices: np.ndarray, info: VideoInfo | None = None) -> np.ndarray:
-        """Frames `indices` of `path`: (n, H, W, 3) uint8 RGB, row i = frame indices[i].
+        """Frames `indices` of `path`: (n, H, W, 3) uint8 RGB, row i = frame indices[i] (the
+        picture a player shows at that frame: see probe).
 
         Indices may repeat and come in any order. Raises DecodeError for a missing, empty,
-        truncated, corrupt or non-video file and for an index beyond the decodable frames.
+        truncated, corrupt or non-video file and for an index beyond the video's frames.
         """
         path = Path(path)
         info = info or probe(path)  # callers that sampled from a probe pass it, saving a second pass
@@ -49,10 +50,10 @@ class PyAVDecoder:
         frames = np.empty((len(indices), info.height, info.width, 3), dtype=np.uint8)
         if len(indices) == 0:
             return frames
-        rows_of_frame: dict[int, list[int]] = {}  # frame index -> output rows that want it
-        for row, index in enumerate(indices.tolist()):
-            rows_of_frame.setdefault(index, []).append(row)
-        last_needed = max(rows_of_frame)
+        rows_of_picture: dict[int, list[int]] = {}  # picture (presentation order) -> output rows that show it
+        for row, picture in enumerate(info.pictures(indices).tolist()):
+            rows_of_picture.setdefault(picture, []).append(row)
+        last_needed = max(rows_of_picture)
 
         delivered = 0
         try:
@@ -61,7 +62,7 @@ class PyAVDecoder:
                 self._configure_threads(stream)
                 for position, frame in enumerate(container.decode(stream)):
                     delivered = position + 1
-                    rows = rows_of_frame.get(position)
+                    rows = rows_of_picture.get(position)
                     if rows is not None:
                         # Frames whose size changed mid-stream are scaled back to the probed size.
                         frames[rows] = frame.to_ndarray(
@@ -71,12 +72,12 @@ class PyAVDecoder:
                         return frames
         except av.error.FFmpegError as error:
             raise DecodeError(
-                path, f"decoding failed after {delivered} frames ({ffmpeg_reason(error)})"
+                path, f"decoding failed after {delivered} pictures ({ffmpeg_reason(error)})"
             ) from error
         raise DecodeError(
             path,
-            f"the decoder delivered {delivered} frames but frame {last_needed} was asked for "
-            f"(probe counted {info.num_frames})",
+            f"the decoder delivered {delivered} pictures but picture {last_needed} was needed "
+            f"(probe found {info.num_frames} frames)",
         )
 
     def _configure_threads(self, stream: av.VideoStream) -> None:
