@@ -11,18 +11,28 @@ Measured side by side in one run (these machines are noisy):
 Prints a table, then `RESULT` lines: pipeline efficiency (steady-state extract videos/s over the
 backbone-alone videos/s), start-up seconds, videos/s, bytes stored per video.
 
+With --url, only this: extraction into that object-store URL and into a local folder, side by
+side (the local one first, then the remote one, then each once more in the other order), each measured
+from `clipreel extract`'s own summary in the same way: videos after the first stored one / the
+seconds after it. RESULT extract_remote_vs_local is the ratio of those throughputs. `--url moto`
+starts an S3 server (moto) on 127.0.0.1 for the run.
+
     python bench/extract.py                      # ViT-B-16 at 224, 8 frames, 32 videos
     python bench/extract.py --model clipreel-tiny --videos 40   # a quick run
+    python bench/extract.py --url moto --videos 16              # local folder vs S3 on loopback
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +92,64 @@ def run_extract(videos_csv: Path, store: Path, model: str, frames: int, workers:
     }
 
 
+def extract_summary(videos_csv: Path, out: str, model: str, frames: int, workers: int | None, batch_size: int,
+                    storage_options: list[str]) -> dict:
+    """Run `clipreel extract` into `out` (a folder or URL); its throughput after the first stored video."""
+    command = [sys.executable, "-m", "clipreel", "extract", "--videos", str(videos_csv), "--out", out,
+               "--model", model, "--pretrained", "none", "--frames", str(frames), "--batch-size", str(batch_size),
+               "--no-progress", *[f"--storage-option={item}" for item in storage_options]]
+    if workers:
+        command += ["--workers", str(workers)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        sys.exit(f"extract into {out} failed:\n{finished.stdout}\n{finished.stderr}")
+    done = int(re.search(r"done\s+(\d+)", finished.stdout)[1])
+    seconds, startup = (float(value) for value in re.search(r"seconds\s+([\d.]+) \(([\d.]+) to the first", finished.stdout).groups())
+    return {"videos": done, "total_s": seconds, "startup_s": startup, "videos_per_s": (done - 1) / (seconds - startup)}
+
+
+def compare_remote(videos_csv: Path, work: Path, url: str, args, storage_options: list[str]) -> None:
+    """Extraction into `url` against into a local folder, alternating, two runs each."""
+    runs: dict[str, list[dict]] = {"local": [], "remote": []}
+    for order in (("local", "remote"), ("remote", "local")):
+        for kind in order:
+            out = str(work / f"{kind}-{uuid.uuid4().hex[:6]}.zarr") if kind == "local" else f"{url}/bench-{uuid.uuid4().hex[:8]}.zarr"
+            runs[kind].append(extract_summary(videos_csv, out, args.model, args.frames, args.workers, args.batch_size,
+                                              storage_options if kind == "remote" else []))
+    for kind, results in runs.items():
+        for result in results:
+            print(f"extract into {kind:<6}: {result['videos_per_s']:7.3f} videos/s after the first "
+                  f"(start-up {result['startup_s']:.1f} s, total {result['total_s']:.1f} s)")
+    local = sum(result["videos_per_s"] for result in runs["local"]) / 2
+    remote = sum(result["videos_per_s"] for result in runs["remote"]) / 2
+    print(f"RESULT extract_remote_vs_local {remote / local:.3f}")
+    print(f"RESULT extract_local_videos_per_s {local:.3f}")
+    print(f"RESULT extract_remote_videos_per_s {remote:.3f}")
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in its own process on 127.0.0.1 with a bucket; (process, s3:// prefix)."""
+    import socket
+
+    import fsspec
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+    fsspec.filesystem("s3").mkdir("clipreel-bench")
+    return server, "s3://clipreel-bench"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
@@ -90,21 +158,35 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="synthetic video side in pixels")
     parser.add_argument("--workers", type=int, default=None, help="extract --workers (default: its own)")
+    parser.add_argument("--url", default=None, help="also extract into this object-store URL prefix ('moto': an S3 "
+                                                    "server started on 127.0.0.1), against a local folder")
+    parser.add_argument("--storage-option", action="append", default=[], help="key=value for --url, repeatable")
     args = parser.parse_args()
 
     from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 
     cores = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="clipreel-bench-extract-"))
+    server = None
     try:
         classes = 4
         videos_csv = make_world(work / "world", SynthConfig(
             classes=classes, videos_per_class=max(1, args.videos // classes), frames=32, size=args.size))
+        if args.url:  # only the local-versus-remote comparison
+            url = args.url
+            if url == "moto":
+                server, url = start_moto()
+            print(f"model {args.model}, {args.frames} frames, {args.videos} videos of {args.size} px")
+            compare_remote(videos_csv, work, url, args, args.storage_option)
+            return
         alone_all_cores = backbone_alone(videos_csv, args.model, args.frames, threads=cores)
         alone_one_thread = backbone_alone(videos_csv, args.model, args.frames, threads=1)
         extract = run_extract(videos_csv, work / "f.zarr", args.model, args.frames, args.workers, args.batch_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if server is not None:
+            server.kill()
+            server.wait()
 
     best_alone = max(alone_all_cores, alone_one_thread)
     efficiency = extract["steady_videos_per_s"] / best_alone

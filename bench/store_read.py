@@ -1,7 +1,10 @@
-"""Random mini-batch reads from the feature store, against a raw numpy memmap of the same bytes.
+"""Random mini-batch reads from the feature store, against a raw numpy memmap of the same bytes,
+and (with --url) from the same store on object storage.
 
     python bench/store_read.py                 # ViT-B/16 shapes: 8 frames x 5 layers x 197 x 768 fp16
     python bench/store_read.py --small         # a quick run with small videos
+    python bench/store_read.py --url moto      # also from an S3 server (moto) started on 127.0.0.1
+    python bench/store_read.py --url s3://bucket/prefix --storage-option endpoint_url=http://127.0.0.1:9000
 
 It builds a store with random fp16 tokens in a temporary folder, writes the same bytes to a
 .npy file, reads everything once (so both sit in the page cache: we time reading, not the disk),
@@ -12,7 +15,16 @@ that machine noise hits all of them alike:
     store.read   FeatureStore.read(rows, fields=("tokens",))
     stock zarr   a per-row loop over zarr's own array (faster than arr.oindex[rows] here)
 
-It ends with RESULT lines for scripts to grep, and removes its temporary files.
+With --url the store is copied there (`clipreel copy`) and three more readers join the rotation:
+
+    remote read    FeatureStore.read on the URL: concurrent ranged GETs (obstore where it serves)
+    remote fsspec  the same through fsspec's cat_ranges (the other client, for comparison)
+    remote zarr    zarr's own path on the URL (FeatureStore.open(url, fast_read=False))
+
+A moto server runs in a process of its own; on a 2-core machine it competes with the reader for
+the cores, so the remote figures are a floor, not what a real object store gives.
+
+It ends with RESULT lines for scripts to grep, and removes its temporary files (and the copy).
 """
 
 from __future__ import annotations
@@ -20,16 +32,22 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from clipreel.stores import fastread
+from clipreel.stores import fastread, objectread
+from clipreel.stores.copy import copy_store
 from clipreel.stores.features import FeatureStore, StoreLayout
+from clipreel.stores.location import apply_storage_option_items, filesystem, store_location
 from clipreel.stores.manifest import new_manifest
 
 
@@ -42,7 +60,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=fastread.READ_THREADS, help="store reader threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="parent folder for the temporary files")
+    parser.add_argument("--url", default=None,
+                        help="also read from this object-store URL (a prefix the bench may write), or 'moto': "
+                             "an S3 server started on 127.0.0.1 for the run")
+    parser.add_argument("--storage-option", action="append", default=[], help="key=value for --url, repeatable")
     return parser.parse_args()
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in its own process on 127.0.0.1, with a bucket; (process, s3:// prefix)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+    filesystem("s3://clipreel-bench")[0].mkdir("clipreel-bench")
+    return server, "s3://clipreel-bench"
 
 
 def build(folder: Path, layout: StoreLayout, seed: int) -> tuple[Path, Path]:
@@ -74,6 +115,11 @@ def main() -> None:
     else:
         layout = StoreLayout(videos=args.videos, views=1, frames=8, layers=4, tokens=197, width=768, embed_dim=512)
     video_mb = np.prod(layout.row_shape("tokens")) * 2 / 1e6
+    server, remote_prefix, remote_url = None, args.url, None
+    if args.url == "moto":
+        server, remote_prefix = start_moto()
+    elif args.url:
+        apply_storage_option_items(args.storage_option, store_location(args.url))
     folder = Path(tempfile.mkdtemp(prefix="clipreel-bench-", dir=args.dir))
     try:
         started = time.perf_counter()
@@ -88,6 +134,21 @@ def main() -> None:
             "store.read": lambda rows: store.read(rows, fields=("tokens",))["tokens"],
             "stock zarr": lambda rows: np.stack([stock[int(row)] for row in rows]),
         }
+        if args.url:
+            remote_url = f"{remote_prefix}/bench-{uuid.uuid4().hex[:8]}.zarr"
+            started = time.perf_counter()
+            copy_store(store_path, remote_url)
+            print(f"copied to {remote_url} in {time.perf_counter() - started:.1f} s")
+            remote = FeatureStore.open(remote_url)
+            print(f"remote read path: {remote.read_path()}")
+            fsspec_tokens = objectread.RowChunkObjects(remote.array("tokens"),
+                                                       objectread.RangeClient(remote_url, use_obstore=False))
+            remote_zarr = FeatureStore.open(remote_url, fast_read=False)
+            readers.update({
+                "remote read": lambda rows: remote.read(rows, fields=("tokens",))["tokens"],
+                "remote fsspec": lambda rows: fastread.read_rows(fsspec_tokens, rows),
+                "remote zarr": lambda rows: remote_zarr.read(rows, fields=("tokens",))["tokens"],
+            })
         everything = np.arange(layout.videos)
         for start in range(0, layout.videos, 16):  # warm the page cache with both copies
             readers["memmap"](everything[start : start + 16])
@@ -97,7 +158,8 @@ def main() -> None:
         batches = [rng.choice(layout.videos, size=args.batch, replace=False) for _ in range(args.batches)]
         order = np.argsort(batches[0])
         same = np.array_equal(readers["store.read"](batches[0])[order], readers["memmap"](batches[0]))
-        if not same or not np.array_equal(readers["stock zarr"](batches[0]), readers["store.read"](batches[0])):
+        reference = readers["store.read"](batches[0])
+        if not same or any(not np.array_equal(readers[name](batches[0]), reference) for name in readers if name != "memmap"):
             raise SystemExit("the readers disagree: not timing")
 
         seconds = {name: [] for name in readers}
@@ -112,17 +174,30 @@ def main() -> None:
         videos_per_s = {name: args.batch * len(batches) / sum(times) for name, times in seconds.items()}
         print(f"\n{args.batches} random batches of {args.batch} from {layout.videos} videos, "
               f"{args.threads} store reader threads")
-        print(f"{'reader':<12} {'videos/s':>9} {'GB/s':>6} {'median batch ms':>16}")
+        print(f"{'reader':<14} {'videos/s':>9} {'GB/s':>6} {'median batch ms':>16}")
         for name, times in seconds.items():
             rate = videos_per_s[name]
-            print(f"{name:<12} {rate:9.1f} {rate * video_mb / 1e3:6.2f} {statistics.median(times) * 1e3:16.1f}")
+            print(f"{name:<14} {rate:9.1f} {rate * video_mb / 1e3:6.2f} {statistics.median(times) * 1e3:16.1f}")
         print()
         print(f"RESULT store_read_vs_memmap {videos_per_s['store.read'] / videos_per_s['memmap']:.3f}")
         print(f"RESULT store_read_videos_per_s {videos_per_s['store.read']:.1f}")
         print(f"RESULT memmap_videos_per_s {videos_per_s['memmap']:.1f}")
         print(f"RESULT stock_zarr_videos_per_s {videos_per_s['stock zarr']:.1f}")
+        if args.url:
+            print(f"RESULT remote_read_vs_local_read {videos_per_s['remote read'] / videos_per_s['store.read']:.3f}")
+            print(f"RESULT remote_read_vs_remote_zarr {videos_per_s['remote read'] / videos_per_s['remote zarr']:.3f}")
+            print(f"RESULT remote_fsspec_vs_remote_read {videos_per_s['remote fsspec'] / videos_per_s['remote read']:.3f}")
+            print(f"RESULT remote_read_videos_per_s {videos_per_s['remote read']:.1f}")
+            print(f"RESULT remote_fsspec_videos_per_s {videos_per_s['remote fsspec']:.1f}")
+            print(f"RESULT remote_zarr_videos_per_s {videos_per_s['remote zarr']:.1f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if remote_url is not None:
+            remote_fs, remote_root = filesystem(remote_url)
+            remote_fs.rm(remote_root, recursive=True)
+        if server is not None:
+            server.kill()
+            server.wait()
 
 
 if __name__ == "__main__":

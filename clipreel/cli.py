@@ -27,7 +27,6 @@ app = typer.Typer(
 )
 console = Console()
 
-
 @app.command()
 def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write videos/, videos.csv, labels.txt and captions.csv into."),
@@ -54,7 +53,7 @@ def synth(
 @app.command()
 def extract(
     videos: str = typer.Option(..., help="Video list: CSV (path,label[,label_name][,split]), 'path label' list, Kinetics CSV, or a folder per class."),
-    out: Path = typer.Option(..., help="The feature store to create or complete (NAME.zarr)."),
+    out: str = typer.Option(..., help="The feature store to create or complete: a folder (NAME.zarr) or a URL (s3://bucket/NAME.zarr, gs://…)."),
     model: str = options.MODEL,
     pretrained: str = options.PRETRAINED,
     trust_checkpoint_code: bool = options.TRUST_CODE,
@@ -78,12 +77,15 @@ def extract(
     force: bool = typer.Option(False, help="Take over the store's writer lease if it has expired (its holder stopped renewing it)."),
     recheck: bool = typer.Option(False, help="Verify every done video first and compute again those that fail (missing or damaged chunks, NaN/inf)."),
     repair: bool = typer.Option(False, help="Repair the store first, as `clipreel verify --repair` does (includes --recheck)."),
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Extract multi-layer CLIP features of every video into a Zarr store (resumable; bad files are recorded, not fatal)."""
     from clipreel.pipeline.extract import ExtractConfig, run_extract
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, out)
     cfg = ExtractConfig(
-        videos=videos, out=str(out), model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
+        videos=videos, out=out, model=model, pretrained=pretrained, layers=layers, norm=norm, frames=frames,
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
         skip_missing=skip_missing, wait=wait, force=force, recheck=recheck, repair=repair,
@@ -108,11 +110,14 @@ def extract(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+def info(store: str = typer.Argument(..., help="A feature store (NAME.zarr, or a URL)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+         storage_option: list[str] = options.STORAGE_OPTION) -> None:
     """Summarise a feature store: videos done/failed/pending, shapes, bytes, provenance."""
     from clipreel.stores.features import FeatureStore, summarize
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     summary = summarize(FeatureStore.open(store))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -135,15 +140,18 @@ def info(store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="A feature store (NAME.zarr)."),
+    store: str = typer.Argument(..., help="A feature store (NAME.zarr, or a URL)."),
     repair: bool = typer.Option(False, help="Make the store consistent (holding its writer lease): restore lost manifest rows, and mark every video that fails the checks not done, for extract to compute again."),
     force: bool = typer.Option(False, help="With --repair: take over the store's writer lease if it has expired."),
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Check every done video's data: present, finite, consistent with the manifest. Exits 1 naming each problem."""
     from clipreel.stores.features import FeatureStore
     from clipreel.stores.features import verify as verify_store
+    from clipreel.stores.location import apply_storage_option_items
     from clipreel.stores.repair import repair_store_at
 
+    apply_storage_option_items(storage_option, store)
     if force and not repair:
         raise ClipreelError("clipreel verify: --force takes over the writer lease for --repair; give both, or neither")
     if repair:
@@ -161,17 +169,49 @@ def verify(
 
 
 @app.command()
+def copy(
+    source: str = typer.Argument(..., help="The store to copy: a folder (NAME.zarr) or a URL (s3://bucket/NAME.zarr, …)."),
+    destination: str = typer.Argument(..., help="Where the copy goes: a folder or a URL. Run again to resume or update it."),
+    check_values: bool = typer.Option(False, help="Also read every done video of the copy and check its values (as verify does)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    storage_option: list[str] = options.STORAGE_OPTION,
+) -> None:
+    """Copy a feature store between any two locations (local ↔ object store), resumably, then check the copy."""
+    from clipreel.pipeline.progress import progress_to
+    from clipreel.stores.copy import copy_store
+    from clipreel.stores.location import apply_storage_option_items
+
+    apply_storage_option_items(storage_option, source, destination)
+    with progress_to("copy", progress) as update:
+        report = copy_store(source, destination, check_values=check_values,
+                            progress=lambda done, total, size: update(done, total, f"{size / 1e6:,.0f} MB copied"))
+    console.print(f"copy {report.source} → {report.destination}", highlight=False)
+    console.print(f"  objects  {report.objects} ({report.copied} copied, {report.skipped} already there, "
+                  f"{len(report.deleted)} deleted)", highlight=False)
+    console.print(f"  copied   {report.copied_bytes / 1e6:,.1f} MB", highlight=False)
+    if report.problems:
+        for problem in report.problems:
+            console.print(f"[red]✗[/] {problem}")
+        console.print(f"[red]{len(report.problems)} problem(s) in the copy[/]")
+        raise typer.Exit(1)
+    console.print("[green]✓[/] the copy has every object of the source and verifies", highlight=False)
+
+
+@app.command()
 def manifest(
     videos: str = typer.Argument(..., help="Video list or folder (same formats as extract --videos)."),
-    out: Path = typer.Argument(..., help="Parquet file to write."),
+    out: str = typer.Argument(..., help="Parquet file to write (a path or a URL)."),
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths are under."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line."),
     skip_missing: bool = typer.Option(False, help="Record missing files as failed instead of refusing the list."),
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Read a video list and write its Parquet manifest (what extract does first), to check a list."""
     from clipreel.pipeline.data.sources import read_sources
+    from clipreel.stores.location import apply_storage_option_items
     from clipreel.stores.manifest import status_counts, write_manifest
 
+    apply_storage_option_items(storage_option, out)
     table = read_sources(videos, root=root, label_map=labels, skip_missing=skip_missing)
     write_manifest(table, out)
     console.print(f"{len(table)} videos → {out}  {status_counts(table)}")
@@ -180,7 +220,7 @@ def manifest(
 @app.command()
 def train(
     head: str = typer.Argument(..., help=options.HEAD_HELP),
-    store: Path = typer.Option(..., help="Feature store to train from (written by clipreel extract)."),
+    store: str = typer.Option(..., help="Feature store to train from (written by clipreel extract): a folder or a URL."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     split: str = typer.Option("train", help="Manifest split to train on."),
     val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' for none; a store "
@@ -201,12 +241,15 @@ def train(
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
     address: Optional[str] = typer.Option(None, help="With --workers > 1: " + options.ADDRESS_HELP),
     progress: bool = options.PROGRESS,
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Train a head from the feature cache (the backbone never runs): weights, config, log and plot in OUT."""
     from clipreel.pipeline.train import TrainConfig, run_training
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     summary = run_training(TrainConfig(
-        kind=head, store=str(store), out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
+        kind=head, store=store, out=str(out), split=split, val_split=val_split or None, epochs=epochs, lr=lr,
         weight_decay=weight_decay, batch_size=batch_size, accumulate=accumulate, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, seed=seed, options=options.parse_options(option),
         store_checkpoint=store_checkpoint, trust_checkpoint_code=trust_checkpoint_code,
@@ -271,7 +314,7 @@ def finetune(
 @app.command(name="eval")
 def eval_(
     run_dir: Path = typer.Argument(..., help="A run directory written by clipreel train or clipreel finetune."),
-    store: Optional[Path] = typer.Option(None, help="Feature store to evaluate a `train` run on (same model/frames/blocks/norm)."),
+    store: Optional[str] = typer.Option(None, help="Feature store (folder or URL) to evaluate a `train` run on (same model/frames/blocks/norm)."),
     videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
     split: str = options.SPLIT,
     views: int = options.VIEWS,
@@ -286,6 +329,7 @@ def eval_(
     loader: str = options.LOADER,
     device: str = options.DEVICE,
     on_bad_video: str = options.ON_BAD_VIDEO,
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Score a trained run on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
 
@@ -293,9 +337,11 @@ def eval_(
     fine-tuned models (`clipreel finetune`) on raw videos (--videos).
     """
     from clipreel.pipeline.evaluate import EvalConfig, evaluate
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     scores, path = evaluate(EvalConfig(
-        run=str(run_dir), store=str(store) if store else None, videos=videos, split=split,
+        run=str(run_dir), store=store, videos=videos, split=split,
         report=str(report) if report else None, store_checkpoint=store_checkpoint,
         trust_checkpoint_code=trust_checkpoint_code, classes=str(classes) if classes else None, views=views,
         crops=crops, batch_size=batch_size, workers=workers, decoder=decoder, loader=loader, device=device,
@@ -311,7 +357,7 @@ def eval_(
 
 @app.command()
 def zeroshot(
-    store: Optional[Path] = typer.Option(None, help="Feature store whose projected frame embeddings are scored."),
+    store: Optional[str] = typer.Option(None, help="Feature store (folder or URL) whose projected frame embeddings are scored."),
     videos: Optional[str] = typer.Option(None, help="Video list scored from raw frames, by --method (untrained) or --run."),
     method: Optional[str] = typer.Option(None, help="With --videos: an untrained raw-frame method (where `finetune` starts; `clipreel finetune --help` lists them)."),
     run: Optional[Path] = typer.Option(None, help="With --videos: a `finetune` run, scored among the list's classes (zero-shot transfer)."),
@@ -328,6 +374,7 @@ def zeroshot(
     option: list[str] = options.OPTION,
     workers: int = options.DECODE_WORKERS_OPTION,
     device: str = options.DEVICE,
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Zero-shot: class names as text, no training on these classes.
 
@@ -336,9 +383,11 @@ def zeroshot(
     the list's own classes, as X-CLIP and ViFi-CLIP test zero-shot transfer.
     """
     from clipreel.pipeline.evaluate import ZeroShotEvalConfig, zero_shot
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     scores = zero_shot(ZeroShotEvalConfig(
-        store=str(store) if store else None, videos=videos, method=method, run=str(run) if run else None,
+        store=store, videos=videos, method=method, run=str(run) if run else None,
         split=split, classes=str(classes) if classes else None, template=template,
         report=str(report) if report else None, store_checkpoint=store_checkpoint,
         trust_checkpoint_code=trust_checkpoint_code, model=model,
@@ -351,7 +400,7 @@ def zeroshot(
 @app.command()
 def fewshot(
     head: str = typer.Argument(..., help=options.HEAD_OR_METHOD_HELP),
-    store: Optional[Path] = options.PROTOCOL_STORE,
+    store: Optional[str] = options.PROTOCOL_STORE,
     videos: Optional[str] = options.PROTOCOL_VIDEOS,
     out: Path = options.PROTOCOL_OUT,
     shots: str = typer.Option("2,4,8,16", help="Videos per class K, comma-separated."),
@@ -367,10 +416,13 @@ def fewshot(
     batch_size: Optional[int] = options.PROTOCOL_BATCH_SIZE,
     augment: list[str] = options.AUGMENT,
     workers: int = options.DECODE_WORKERS_OPTION,
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """The few-shot protocol: K videos per class, several seeded draws, test top-1 averaged."""
     from clipreel.pipeline.protocols import few_shot
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     few_shot(head, options.protocol_source(store, videos), out, shots=options.numbers(shots, "--shots"),
              seeds=options.numbers(seeds, "--seeds"), epochs=epochs, lr=lr, batch_size=batch_size,
              options=options.parse_options(option), store_checkpoint=store_checkpoint,
@@ -381,7 +433,7 @@ def fewshot(
 @app.command()
 def base2novel(
     head: str = typer.Argument(..., help=options.TEXT_HEAD_OR_METHOD_HELP),
-    store: Optional[Path] = options.PROTOCOL_STORE,
+    store: Optional[str] = options.PROTOCOL_STORE,
     videos: Optional[str] = options.PROTOCOL_VIDEOS,
     out: Path = options.PROTOCOL_OUT,
     shots: int = typer.Option(16, help="Training videos per base class."),
@@ -398,10 +450,13 @@ def base2novel(
     batch_size: Optional[int] = options.PROTOCOL_BATCH_SIZE,
     augment: list[str] = options.AUGMENT,
     workers: int = options.DECODE_WORKERS_OPTION,
+    storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """The base-to-novel protocol: train on base classes, score base and novel classes, harmonic mean."""
     from clipreel.pipeline.protocols import base_to_novel
+    from clipreel.stores.location import apply_storage_option_items
 
+    apply_storage_option_items(storage_option, store)
     base = None
     if base_classes:
         base = [int(part) if part.strip().isdigit() else part.strip() for part in base_classes.split(",")]

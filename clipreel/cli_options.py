@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections import UserString
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -86,6 +85,11 @@ ON_BAD_VIDEO = typer.Option("stop", help="A video that cannot be decoded (or is 
                                          "the command, naming its row in the list), or skip (left out of its batch; "
                                          "the rest go on). finetune lists the skipped videos in RUN_DIR/skipped.csv "
                                          "(video_id, path, split, error), eval in its report (skipped_videos).")
+STORAGE_OPTION = typer.Option(
+    [], "--storage-option",
+    help="fsspec storage option key=value for object-store URLs, repeatable (endpoint_url=…, anon=true, "
+         "client_kwargs.region_name=…); also read: AWS_* variables and config files, fsspec config. Never recorded.",
+)
 ADDRESS_HELP = ("Ray cluster to join: auto (the cluster `ray start` runs on this machine) or HOST:PORT "
                 "(default: a private local Ray; RAY_ADDRESS, when set, is joined instead).")
 
@@ -104,7 +108,8 @@ REPORT = typer.Option(None, help="JSON report path; the confusion PNG goes next 
 VIEWS = typer.Option(1, help="Raw videos: temporal views per video (scores: mean softmax over views).")
 
 # --- the protocols (fewshot, base2novel)
-PROTOCOL_STORE = typer.Option(None, help="Feature store, for a cache head (its train and test splits are used).")
+PROTOCOL_STORE = typer.Option(None, help="Feature store, a folder or a URL, for a cache head (its train and test "
+                                          "splits are used).")
 PROTOCOL_VIDEOS = typer.Option(None, help="Video list, for a raw-frame method (its train and test splits are used).")
 PROTOCOL_OUT = typer.Option(..., help="Folder for the runs and the protocol's report.")
 SEEDS = typer.Option("1,2,3", help="Seeds of the draws (results are averaged over them).")
@@ -133,11 +138,11 @@ def numbers(text: str, what: str) -> tuple[int, ...]:
         raise ClipreelError(f"{what} {text!r}: write comma-separated whole numbers, e.g. 2,4,8") from None
 
 
-def protocol_source(store: Optional[Path], videos: Optional[str]) -> str:
+def protocol_source(store: Optional[str], videos: Optional[str]) -> str:
     """The protocol's videos: a store (cache heads) or a video list (raw-frame methods)."""
     if (store is None) == (videos is None):
         raise ClipreelError("give either --store (a cache head) or --videos (a raw-frame method)")
-    return str(store) if store is not None else videos
+    return store if store is not None else videos
 
 
 def raw_settings(model: str, pretrained: str, frames: int, augment: list[str], workers: int) -> dict:

@@ -1,12 +1,16 @@
 """Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP (shared,
 or fresh ones free to train, and one training step of a method on it), the synthetic world
-extracted once into a feature store, and the `clipreel` command run in this process."""
+extracted once into a feature store, a real S3 endpoint on 127.0.0.1, and the `clipreel` command run
+in this process."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +138,36 @@ def clipreel_cli(capsys, monkeypatch):
         return CliResult(exit_code, " ".join((printed.out + printed.err + uncaught).split()))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server, in a thread of this process): its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra has it)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(moto_endpoint, monkeypatch) -> str:
+    """A fresh bucket on the moto endpoint, reached through the standard AWS variables (as a user
+    reaches AWS); returns "s3://BUCKET". fsspec's configuration is restored afterwards."""
+    import fsspec.config
+
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (the test extra has it)")
+    for name, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ALLOW_HTTP": "true"}.items():
+        monkeypatch.setenv(name, value)
+    saved = copy.deepcopy(fsspec.config.conf)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"clipreel-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    yield f"s3://{bucket}"
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(saved)
+    s3fs.S3FileSystem.clear_instance_cache()

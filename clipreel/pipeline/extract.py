@@ -24,11 +24,20 @@ The driver holds the store's writer lease for the whole run (a second extract on
 waits or is refused), and merges statuses into the manifest in storage rather than overwriting
 it. Before computing it completes an interrupted append, and on request repairs the store
 (--repair) or clears the done flags of videos that verify rejects (--recheck).
+
+The store may be a local folder or an object-store URL. The actors open it themselves on
+whichever node they run, with the storage options and variables the driver hands them
+(StoreAccess). A local folder on a multi-node cluster is refused unless every node sees it
+(extract_nodes.py). Each run records which node and process wrote which rows in
+`extract_log/` inside the store.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,9 +52,12 @@ from clipreel.pipeline.data.sampling import SamplingConfig
 from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
+from clipreel.stores.audit import EXTRACT_LOG_FOLDER
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 from clipreel.stores.lease import WriterLease
+from clipreel.stores.location import StoreAccess, is_remote, store_location
 from clipreel.stores.manifest import orphan_mask
+from clipreel.stores.objects import StoreObjects
 from clipreel.stores.repair import (
     complete_append,
     recheck,
@@ -107,6 +119,30 @@ class ExtractSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error)
     repairs: list[str] = field(default_factory=list)  # what repair, recheck or append completion changed
     orphaned: int = 0  # orphan placeholder rows still waiting for a video
+    writers: dict[str, dict] = field(default_factory=dict)  # Ray node id -> {"host", "pids", "rows"} this run
+
+
+class WriterLog:
+    """Which Ray node (host, process) stored which rows in this run, kept in the store as
+    extract_log/<start time>-<driver pid>.json (rewritten whole at every manifest merge)."""
+
+    def __init__(self, out: str):
+        self._objects = StoreObjects(store_location(out))
+        self.started = time.time()
+        self.name = f"{EXTRACT_LOG_FOLDER}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime(self.started))}-{os.getpid()}.json"
+        self.writers: dict[str, dict] = {}
+
+    def add(self, result: dict) -> None:
+        writer = self.writers.setdefault(str(result["writer_node"]), {"host": str(result["writer_host"]),
+                                                                      "pids": [], "rows": []})
+        if int(result["writer_pid"]) not in writer["pids"]:
+            writer["pids"].append(int(result["writer_pid"]))
+        writer["rows"].append(int(result["row"]))
+
+    def save(self) -> None:
+        record = {"driver_host": socket.gethostname(), "driver_pid": os.getpid(), "started": self.started,
+                  "saved": time.time(), "writers": self.writers}
+        self._objects.replace(self.name, json.dumps(record, indent=1).encode())
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
@@ -135,9 +171,22 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     provenance = _provenance(backbone, sampling, preprocess)
     if FeatureStore.exists(cfg.out):  # checked again under the lease, where the store is opened for writing
         _refuse_other_settings(cfg.out, FeatureStore.open(cfg.out).provenance, provenance)
-    with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
-        return _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started,
-                                      progress)
+    location = store_location(cfg.out)
+    started_ray = False
+    try:
+        if cfg.address is not None and not is_remote(location):
+            from clipreel.pipeline.extract_nodes import check_every_node_sees
+
+            started_ray = ensure_ray(cfg.address)
+            check_every_node_sees(location)
+        with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
+            return _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started,
+                                          progress)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _check_numbers(cfg: ExtractConfig) -> None:
@@ -168,6 +217,7 @@ def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provena
         startup_seconds = None
         computed_now = failed_now = 0
         finished: dict[str, dict] = {}  # video_id -> its RESULT_COLUMNS, until merged into storage
+        writer_log = WriterLog(cfg.out)
         if len(todo):
             import ray
 
@@ -183,16 +233,21 @@ def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provena
                         finished[video_id] = {column: result[column] for column in RESULT_COLUMNS}
                         computed_now += result["status"] == "done"
                         failed_now += result["status"] == "failed"
+                        if result["status"] == "done":
+                            writer_log.add(result)
                         advance(f"done {computed_now}  failed {failed_now}")
                         if time.perf_counter() - last_flush > flush_every:
                             flush_started = time.perf_counter()
                             _save_results(store, lease, finished)
+                            writer_log.save()
                             last_flush = time.perf_counter()
                             # Merging into a big manifest takes a while (1.1 s at a million rows):
                             # keep it under a tenth of the driver's time.
                             flush_every = max(MANIFEST_FLUSH_SECONDS, 10 * (last_flush - flush_started))
             finally:
                 _save_results(store, lease, finished)
+                if writer_log.writers:
+                    writer_log.save()
     finally:
         if started_ray:
             import ray
@@ -213,6 +268,7 @@ def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provena
         failures=list(zip(failed["video_id"], failed["error"])),
         repairs=repairs,
         orphaned=int(orphan_mask(manifest).sum()),
+        writers=writer_log.writers,
     )
 
 
@@ -343,7 +399,7 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
         dataset = dataset.map_batches(
             ExtractActor,
             fn_constructor_kwargs={
-                "store_path": str(cfg.out),
+                "store_access": StoreAccess.of(store_location(cfg.out)),
                 "backbone": asdict(backbone.config),
                 "preprocess": preprocess.to_dict(),
                 "decoder": decoder if decode_in_actor else None,

@@ -49,9 +49,17 @@ def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
 
 
 class ExtractActor:
-    """One backbone on one device: preprocess, forward, and write each video's chunks."""
+    """One backbone on one device: preprocess, forward, and write each video's chunks.
 
-    def __init__(self, store_path: str, backbone: dict, preprocess: dict, decoder: str | None):
+    It opens the store itself, on whichever node it runs, with the driver's `store_access`
+    (storage options and variables: this node's environment need not have them).
+    """
+
+    def __init__(self, store_access, backbone: dict, preprocess: dict, decoder: str | None):
+        import os
+        import socket
+
+        import ray
         import torch
 
         from clipreel.heads.clip import register_builtin_models
@@ -65,7 +73,10 @@ class ExtractActor:
         register_builtin_models()
         self.backbone = Backbone(BackboneConfig(**{**backbone, "device": "cuda" if gpu else "cpu"}))
         self.preprocess = PreprocessConfig.from_dict(preprocess)
-        self.store = FeatureStore.open(store_path, mode="r+")
+        store_access.apply()
+        self.store = FeatureStore.open(store_access.location, mode="r+")
+        self.writer = {"writer_node": ray.get_runtime_context().get_node_id(), "writer_host": socket.gethostname(),
+                       "writer_pid": os.getpid()}
         self.decoder = None
         if decoder is not None:
             from clipreel.pipeline.data.decode import make_decoder
@@ -120,6 +131,7 @@ class ExtractActor:
             "error": errors,
             "num_frames": batch["num_frames"],
             "fps": batch["fps"],
+            **{name: np.array([value] * len(rows)) for name, value in self.writer.items()},
         }
 
 

@@ -118,16 +118,21 @@ def protocol_store(
 ) -> Path:
     """Make (or refresh) the protocol store at `path` over `store`; returns `path`.
 
-    It links to the store's arrays and root metadata (same features, same provenance) and has
-    its own manifest: `train_rows` form the split SHOTS_SPLIT (the other rows keep their split),
+    It links to the store's arrays and root metadata (same features, same provenance: symbolic
+    links for a local store, a linked store for one behind a URL) and has its own manifest: `train_rows` form the split SHOTS_SPLIT (the other rows keep their split),
     and class `class_ids[i]` becomes label i named `classnames[i]`; videos of other classes are
     unlabelled (label -1), so the trainer neither trains nor validates on them.
     """
-    if not isinstance(store.path, Path):
-        raise ClipreelError(
-            f"{store.path}: the few-shot and base-to-novel protocols need a local store (they link to its "
-            "files); copy the store to a local folder first"
-        )
+    manifest = store.manifest()
+    new_label = {int(class_id): index for index, class_id in enumerate(class_ids)}
+    labels = np.array([new_label.get(int(label), -1) for label in manifest["label"]], dtype=np.int64)
+    manifest["label"] = labels
+    manifest["label_name"] = [classnames[label] if label >= 0 else "" for label in labels]
+    manifest.loc[manifest["split"] == SHOTS_SPLIT, "split"] = f"{SHOTS_SPLIT}-original"  # keep the name free
+    manifest.loc[train_rows, "split"] = SHOTS_SPLIT
+    if not isinstance(store.path, Path):  # a store behind a URL: a linked store names its location
+        FeatureStore.link(path, store.path, manifest)
+        return path
     source = store.path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     for name in ("zarr.json", *store.layout.array_names):
@@ -136,14 +141,6 @@ def protocol_store(
             link.symlink_to(source / name, target_is_directory=(source / name).is_dir())
         elif Path(os.readlink(link)) != source / name:
             raise ClipreelError(f"{link} links to {os.readlink(link)}, not to {source / name}: use a new out_dir")
-
-    manifest = store.manifest()
-    new_label = {int(class_id): index for index, class_id in enumerate(class_ids)}
-    labels = np.array([new_label.get(int(label), -1) for label in manifest["label"]], dtype=np.int64)
-    manifest["label"] = labels
-    manifest["label_name"] = [classnames[label] if label >= 0 else "" for label in labels]
-    manifest.loc[manifest["split"] == SHOTS_SPLIT, "split"] = f"{SHOTS_SPLIT}-original"  # keep the name free
-    manifest.loc[train_rows, "split"] = SHOTS_SPLIT
     write_manifest(manifest, path / MANIFEST_FILE)
     return path
 

@@ -64,6 +64,7 @@ from clipreel.pipeline.training.optim import (
 from clipreel.pipeline.training.ray_train import train_with_ray, worker_context
 from clipreel.stores.audit import require_done_videos
 from clipreel.stores.features import FeatureStore
+from clipreel.stores.location import StoreAccess, store_location
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import METRICS_FILE, save_run
 
@@ -131,7 +132,9 @@ def run_training(
     recipe = checked_recipe(cfg)  # bad settings fail here, before any worker starts
     if cfg.workers > 1 and head_entry(cfg.kind).trains:
         started = time.perf_counter()
-        train_with_ray(_ray_worker, {"cfg": asdict(cfg)}, cfg.workers, cfg.address)
+        # The workers may run on other nodes: they get the store's storage options and variables.
+        train_with_ray(_ray_worker, {"cfg": asdict(cfg), "store_access": StoreAccess.of(store_location(cfg.store))},
+                       cfg.workers, cfg.address)
         return _summary_from_run_dir(cfg, time.perf_counter() - started)
     return _train(cfg, recipe, rank=0, world_size=1, device=resolve_device(cfg.device), progress=progress,
                   on_epoch_end=on_epoch_end)
@@ -320,6 +323,7 @@ def _ray_worker(config: dict) -> None:
     """One Ray Train worker: the training on its rank, the head wrapped in DDP."""
     cfg = TrainConfig(**config["cfg"])
     context = worker_context()
+    config["store_access"].apply()  # the store's storage options, on whichever node this worker runs
     _train(cfg, checked_recipe(cfg), rank=context.rank, world_size=context.world_size, device=context.device,
            progress=False, wrap_model=context.prepare_model)
 

@@ -20,6 +20,9 @@ import pandas as pd
 from clipreel.errors import ClipreelError
 from clipreel.stores.lease import lease_status
 from clipreel.stores.manifest import orphan_mask
+from clipreel.stores.objects import StoreObjects
+
+EXTRACT_LOG_FOLDER = "extract_log"  # written by clipreel extract: who stored which rows, per run
 
 if TYPE_CHECKING:
     from clipreel.stores.features import FeatureStore
@@ -121,6 +124,7 @@ def summarize(store: "FeatureStore") -> dict:
         "arrays": arrays,
         "bytes_on_disk": _bytes_on_disk(store.path),
         "bytes_per_video": store.layout.bytes_per_video(),
+        "extract_runs": _extract_runs(store.path),
         "provenance": store.provenance,
     }
 
@@ -137,6 +141,23 @@ def require_done_videos(store: "FeatureStore") -> None:
         f"({failed} failed, {len(done) - failed} pending). Run `clipreel extract` with the same settings to "
         "compute the pending ones; the failed ones' errors are in its manifest (`clipreel info` counts them)."
     )
+
+
+def _extract_runs(location: Path | str) -> list[dict]:
+    """Per extract run recorded in the store's extract_log/: its record name and, per writer node,
+    the host, processes and number of videos it stored."""
+    objects = StoreObjects(location)
+    runs = []
+    for name in objects.list(EXTRACT_LOG_FOLDER):
+        data = objects.read(f"{EXTRACT_LOG_FOLDER}/{name}")
+        try:
+            writers = json.loads(data)["writers"] if data is not None else {}
+        except (ValueError, KeyError, TypeError):
+            continue  # a record damaged by hand says nothing
+        runs.append({"record": name, "writers": {node: {"host": writer["host"], "pids": writer["pids"],
+                                                        "videos": len(writer["rows"])}
+                                                 for node, writer in writers.items()}})
+    return runs
 
 
 def _bytes_on_disk(location: Path | str) -> int:
@@ -201,10 +222,13 @@ def rejected_videos(store: "FeatureStore", check_values: bool = True) -> dict[in
     """{row: what is wrong} for every done video whose data verify rejects (see `verify`)."""
     manifest = store.manifest()
     num_frames = pd.to_numeric(manifest["num_frames"], errors="coerce").to_numpy()
+    data_arrays = [name for name in store.layout.array_names if name != "done"]
+    # Behind a URL: every chunk object's size from one listing per array (None for local files).
+    object_sizes = {name: store.chunk_object_sizes(name) for name in data_arrays}
     rejected = {}
     for row in np.flatnonzero(store.done_mask()):
         known_frames = num_frames[row] if row < len(manifest) else np.nan
-        problems = _video_problems(store, int(row), known_frames, check_values)
+        problems = _video_problems(store, int(row), known_frames, check_values, object_sizes)
         if problems:
             rejected[int(row)] = problems
     return rejected
@@ -227,15 +251,24 @@ def _layout_problems(store: "FeatureStore") -> list[str]:
     return problems
 
 
-def _video_problems(store: "FeatureStore", row: int, num_frames: float, check_values: bool) -> list[str]:
-    """What is wrong with one done video's data."""
+def _video_problems(
+    store: "FeatureStore", row: int, num_frames: float, check_values: bool, object_sizes: dict[str, dict | None]
+) -> list[str]:
+    """What is wrong with one done video's data (object_sizes: see rejected_videos)."""
     problems = []
     data_arrays = [name for name in store.layout.array_names if name != "done"]
     for name in data_arrays:
-        path = store.chunk_file(name, row)
-        if path is None:  # not a raw local file: the value checks below still see missing data
-            continue
         expected = int(np.prod(store.array(name).shape[1:])) * store.array(name).dtype.itemsize
+        sizes = object_sizes[name]
+        if sizes is not None:
+            if row not in sizes:
+                problems.append(f"{name} chunk object missing ({store.path}/{name})")
+            elif sizes[row] != expected:
+                problems.append(f"{name} chunk object has {sizes[row]} bytes, expected {expected} ({store.path}/{name})")
+            continue
+        path = store.chunk_file(name, row)
+        if path is None:  # read through zarr: the value checks below still see missing data
+            continue
         if not os.path.exists(path):
             problems.append(f"{name} chunk file missing ({path})")
         elif os.path.getsize(path) != expected:

@@ -2,16 +2,18 @@
 
 Why this exists: the feature store keeps one uncompressed chunk per video, so a chunk file is
 nothing but the row's bytes in C order. Stock zarr reads a random mini-batch several times
-slower than a numpy memmap of the same bytes (DESIGN.md: ~7 videos/s with `oindex`, 25-58 with
-a per-video loop, 232 for the memmap), because of per-chunk decode machinery and copies. Here
+slower than a numpy memmap of the same bytes (measured on a 2-core VM: ~7 videos/s with `oindex`,
+25-58 with a per-video loop, 232 for the memmap; docs/store.md, "The read path"), because of per-chunk decode machinery and copies. Here
 each chunk file is read with `os.preadv` directly into its slot of a preallocated output
 array, on a small thread pool (file reads release the GIL).
 
 This is only correct for arrays whose chunks really are raw bytes: `direct_read_obstacle`
 checks the array metadata (one row per chunk, a single little-endian `bytes` codec, no
 compressor, filter, checksum or storage transformer, a plain numeric dtype, a local
-directory store) and says why not otherwise; callers then fall back to zarr itself.
-Chunk file names come from the array's own chunk key encoding, never a hard-coded pattern.
+directory store or an fsspec one) and says why not otherwise; callers then fall back to zarr
+itself. Chunk file names come from the array's own chunk key encoding, never a hard-coded
+pattern. The chunk objects of a store behind a URL are read by objectread.RowChunkObjects, with
+the same `read_into` interface; `read_rows` serves both.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from zarr.codecs import BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from clipreel.errors import ClipreelError
 
@@ -53,8 +55,8 @@ class ChunkFileError(ClipreelError):
 
 def direct_read_obstacle(array) -> str | None:
     """Why the chunks of this zarr array cannot be read straight from files; None if they can."""
-    if not isinstance(array.store, LocalStore):
-        return f"its store is {type(array.store).__name__}, not a local directory"
+    if not isinstance(array.store, (LocalStore, FsspecStore)):
+        return f"its store is {type(array.store).__name__}, not a local directory or an fsspec URL"
     metadata = array.metadata
     if metadata.zarr_format != 3:
         return f"it is Zarr format {metadata.zarr_format}, not 3"
@@ -117,6 +119,24 @@ class RowChunkFiles:
                     rows.append(int(number))
         return np.asarray(rows, dtype=np.int64)
 
+    def read_into(self, rows: Sequence[int], slots: Sequence[memoryview], segments: Sequence[Sequence[Segment]]) -> None:
+        """Copy `segments[i]` of row `rows[i]`'s file into `slots[i]`; large rows on the reader threads.
+
+        Raises ChunkFileError for the first failing row (in order), after every read has ended.
+        """
+        if len(rows) <= 1 or len(slots[0]) < THREADED_ROW_BYTES:
+            for row, slot, row_segments in zip(rows, slots, segments, strict=True):
+                self.read_row_into(int(row), slot, row_segments)
+            return
+        tasks = [
+            _pool().submit(self.read_row_into, int(row), slot, row_segments)
+            for row, slot, row_segments in zip(rows, slots, segments, strict=True)
+        ]
+        errors = [task.exception() for task in tasks]  # waits for every task before raising
+        for error in errors:
+            if error is not None:
+                raise error
+
     def read_row_into(self, row: int, out: memoryview, segments: Sequence[Segment]) -> None:
         """Copy the `segments` of `row`'s chunk file into `out` (that row's output bytes)."""
         path = self.path(row)
@@ -159,8 +179,9 @@ def selection_segments(row_shape: tuple[int, ...], itemsize: int, axis: int | No
     return segments
 
 
-def read_rows(files: RowChunkFiles, rows: Sequence[int], axis: int | None = None, keep=None) -> np.ndarray:
-    """Rows `rows` (in that order) of a raw-chunk array, optionally keeping `keep` along `axis`.
+def read_rows(files, rows: Sequence[int], axis: int | None = None, keep=None) -> np.ndarray:
+    """Rows `rows` (in that order) of a raw-chunk array (RowChunkFiles or objectread.RowChunkObjects),
+    optionally keeping `keep` along `axis`.
 
     axis counts within a row (0 = the first axis after the row axis). Returns (len(rows), ...).
     Raises ChunkFileError (the first failing row in `rows` order) for missing or mis-sized files.
@@ -175,18 +196,7 @@ def read_rows(files: RowChunkFiles, rows: Sequence[int], axis: int | None = None
     out_bytes = memoryview(out).cast("B")
     row_out_nbytes = out.nbytes // len(rows)
     slots = [out_bytes[i * row_out_nbytes : (i + 1) * row_out_nbytes] for i in range(len(rows))]
-    if row_out_nbytes < THREADED_ROW_BYTES or len(rows) == 1:
-        for row, slot in zip(rows, slots, strict=True):
-            files.read_row_into(int(row), slot, segments)
-        return out
-    tasks = [
-        _pool().submit(files.read_row_into, int(row), slot, segments)
-        for row, slot in zip(rows, slots, strict=True)
-    ]
-    errors = [task.exception() for task in tasks]  # waits for every task before raising
-    for error in errors:
-        if error is not None:
-            raise error
+    files.read_into(rows, slots, [segments] * len(rows))
     return out
 
 

@@ -22,12 +22,18 @@ chunk files, and writers in different processes never touch the same file (zarr'
 read-modify-write of a shared chunk loses updates). A video's `done` chunk is written last, so
 a crash can leave a half-written video but never one that reads as done.
 
+A linked store is a local folder holding only its own manifest.parquet and linked_arrays.json,
+which names another store whose root metadata and arrays it reads (the few-shot and base-to-novel
+protocols give a remote store's videos other splits and labels this way; for a local store they
+use symbolic links). It is read-only.
+
 One process at a time holds the store's writer lease (lease.py) and alone adds rows or rewrites
 the manifest. Even so, every manifest write reads the manifest and the arrays' extent again from
 storage and refuses to drop, move or miscount a row, so no stale view can shrink the manifest.
 
-Reading goes straight to the chunk files when the store is a local folder (see fastread.py),
-and through zarr otherwise (fsspec URLs, or any array whose encoding is not raw bytes).
+Reading goes straight to the chunk files when the store is a local folder (fastread.py), and
+straight to the chunk objects with concurrent ranged GETs behind a URL (objectread.py); through
+zarr only for an array whose encoding is not raw bytes, or when asked (fast_read=False).
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ import zarr.errors
 
 from clipreel import __version__
 from clipreel.errors import ClipreelError
-from clipreel.stores import fastread
+from clipreel.stores import fastread, objectread
 from clipreel.stores.audit import provenance_diff, summarize, verify
 from clipreel.stores.lease import LEASE_FOLDER
+from clipreel.stores.location import StoreAccess, is_remote, store_location
 from clipreel.stores.manifest import (
     manifest_from_parquet,
     manifest_to_parquet,
@@ -69,6 +76,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
+LINK_FILE = "linked_arrays.json"  # a linked store: {"arrays": location of the store whose arrays it reads}
 READABLE_FIELDS = ("tokens", "embeds", "attention", "frame_indices")
 # Where the layer axis K sits within one video's slice of each array that has one.
 LAYER_AXIS = {"tokens": 2, "attention": 3}
@@ -164,12 +172,15 @@ ARRAYS = {
 class FeatureStore:
     """A feature store on disk (a local folder) or behind an fsspec URL. Use create() or open()."""
 
-    def __init__(self, path: Path | str, group: zarr.Group, mode: str, fast_read: bool):
+    def __init__(self, path: Path | str, group: zarr.Group, mode: str, fast_read: bool,
+                 arrays_location: Path | str | None = None):
         self.path = path  # Path for a local folder, str for a URL
+        self.arrays_location = arrays_location if arrays_location is not None else path  # other for a linked store
         self.mode = mode
         self._group = group
         self._fast_read = fast_read
         self._objects = StoreObjects(path)
+        self._ranges = objectread.RangeClient(self.arrays_location) if is_remote(self.arrays_location) else None
         attributes = group.attrs.asdict()
         self.provenance: dict = dict(attributes.get("provenance", {}))
         self.schema_version: int = attributes["schema_version"]
@@ -192,9 +203,15 @@ class FeatureStore:
             if (obstacle := fastread.direct_read_obstacle(array)) is not None
         }
         self._files = {
-            name: None if name in self.direct_read_obstacles else fastread.RowChunkFiles(array)
+            name: None if name in self.direct_read_obstacles else self._chunk_files(array)
             for name, array in self._arrays.items()
         }
+
+    def _chunk_files(self, array):
+        """The reader of one raw-chunk array: local files, or objects behind the store's URL."""
+        if self._ranges is not None:
+            return objectread.RowChunkObjects(array, self._ranges)
+        return fastread.RowChunkFiles(array)
 
     # ------------------------------------------------------------------ create / open
 
@@ -207,7 +224,7 @@ class FeatureStore:
         manifest: pd.DataFrame,
     ) -> "FeatureStore":
         """Create a new store at `path` (which must not exist, or be an empty folder but for its writer lease)."""
-        location = _location(path)
+        location = store_location(path)
         if isinstance(location, Path) and location.exists() and any(
             entry.name != LEASE_FOLDER for entry in location.iterdir()
         ):
@@ -245,7 +262,7 @@ class FeatureStore:
                 shape=(layout.videos, *row_shape),
                 chunks=(1, *row_shape),  # one chunk per video: a writer owns its video's files
                 dtype=spec.dtype,
-                compressors=None,  # fp16 activations compress by < 10% (DESIGN.md)
+                compressors=None,  # fp16 activations compress by < 10% (docs/store.md, "Arrays")
                 filters=None,
                 fill_value=spec.fill_value,
                 dimension_names=spec.dimension_names,
@@ -257,8 +274,23 @@ class FeatureStore:
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
-        """Whether `path` holds a store (its root zarr.json), complete or not."""
-        return StoreObjects(_location(path)).exists("zarr.json")
+        """Whether `path` holds a store (its root zarr.json, or a link to another store's), complete or not."""
+        objects = StoreObjects(store_location(path))
+        return objects.exists("zarr.json") or objects.exists(LINK_FILE)
+
+    @staticmethod
+    def link(path: Path, arrays: str | os.PathLike, manifest: pd.DataFrame) -> None:
+        """Make (or refresh) at the local folder `path` a linked store: `manifest` over the arrays of
+        the store at `arrays` (a folder or URL), which must have one row per manifest row."""
+        source = FeatureStore.open(arrays)
+        if len(manifest) != source.layout.videos:
+            raise ClipreelError(
+                f"{path}: a linked store's manifest needs one row per row of {arrays} ({source.layout.videos}), "
+                f"got {len(manifest)}"
+            )
+        objects = StoreObjects(path)
+        objects.replace(LINK_FILE, json.dumps({"arrays": str(source.path)}).encode())
+        objects.replace(MANIFEST_FILE, manifest_to_parquet(new_manifest(manifest)))
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", fast_read: bool = True) -> "FeatureStore":
@@ -268,7 +300,7 @@ class FeatureStore:
         """
         if mode not in ("r", "r+"):
             raise ClipreelError(f"FeatureStore.open: mode {mode!r} must be 'r' or 'r+'")
-        location = _location(path)
+        location = store_location(path)
         if isinstance(location, Path) and location.exists() and not location.is_dir():
             raise ClipreelError(
                 f"{location} is a file, not a feature store: a store is the folder `clipreel extract --out` "
@@ -278,8 +310,14 @@ class FeatureStore:
             raise ClipreelError(
                 f"{location} is not a feature store: no such folder. Create one with `clipreel extract`."
             )
+        arrays_location = location
+        link = StoreObjects(location).read(LINK_FILE)
+        if link is not None:
+            if mode != "r":
+                raise ClipreelError(f"{location} is a linked store (it reads another store's arrays): open it read-only")
+            arrays_location = store_location(json.loads(link)["arrays"])
         try:
-            group = zarr.open_group(str(location), mode=mode, zarr_format=3)
+            group = zarr.open_group(str(arrays_location), mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError) as exc:
             raise ClipreelError(
                 f"{location} is not a clipreel feature store: it holds no Zarr v3 group (zarr.json) ({exc})"
@@ -307,11 +345,13 @@ class FeatureStore:
                 f"{location} is an incomplete clipreel feature store: {', '.join(missing)} missing "
                 "(an interrupted create?). Delete it and extract again."
             )
-        return cls(location, group, mode, fast_read)
+        return cls(location, group, mode, fast_read, arrays_location)
 
     def __reduce__(self):
-        """Pickle as "open the same path again" (e.g. to hand a store to Ray workers)."""
-        return (FeatureStore.open, (self.path, self.mode, self._fast_read))
+        """Pickle as "open the same path again" (e.g. to hand a store to Ray workers), carrying the
+        storage options and variables that reach its arrays (StoreAccess), since a worker on another
+        node has neither this process's configuration nor its environment."""
+        return (_reopen, (StoreAccess.of(self.arrays_location), str(self.path), self.mode, self._fast_read))
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, videos={self.layout.videos}, mode={self.mode!r})"
@@ -452,7 +492,7 @@ class FeatureStore:
     def done_mask(self) -> np.ndarray:
         """(N,) bool: True where the video's done flag is set.
 
-        Locally this is one listing of the done/ chunk folder (a done chunk exists exactly when
+        This is one listing of the done/ chunk folder or prefix (a done chunk exists exactly when
         the flag is 1), not N chunk reads.
         """
         files = self._files["done"] if self._fast_read else None
@@ -514,13 +554,32 @@ class FeatureStore:
 
     @property
     def uses_direct_read(self) -> bool:
-        """True when read() and done_mask() go straight to the chunk files, not through zarr."""
+        """True when read() and done_mask() go straight to the chunk files or objects, not through zarr."""
         return self._fast_read and not self.direct_read_obstacles
+
+    def read_path(self) -> str:
+        """How read() reaches the data, for `clipreel info` and benchmarks."""
+        if not self._fast_read:
+            return "zarr (fast_read=False)"
+        if self.direct_read_obstacles:
+            return "zarr for " + "; ".join(f"{name}: {why}" for name, why in self.direct_read_obstacles.items())
+        return self._ranges.describe() if self._ranges is not None else "direct local file reads"
+
+    def chunk_reader(self, name: str):
+        """The raw-chunk reader of array `name` (fastread.RowChunkFiles or objectread.RowChunkObjects),
+        or None when it is read through zarr."""
+        return self._files[name] if self._fast_read else None
 
     def chunk_file(self, name: str, row: int) -> str | None:
         """The local file holding row `row` of array `name`, or None if it is not a raw local file."""
         files = self._files[name]
-        return files.path(row) if files is not None else None
+        return files.path(row) if isinstance(files, fastread.RowChunkFiles) else None
+
+    def chunk_object_sizes(self, name: str) -> dict[int, int] | None:
+        """{row: size} of the chunk objects of array `name` behind a URL (one listing), or None for
+        a local store or an array read through zarr."""
+        files = self._files[name]
+        return files.object_sizes() if isinstance(files, objectread.RowChunkObjects) else None
 
     # ------------------------------------------------------------------ helpers
 
@@ -580,6 +639,8 @@ class FeatureStore:
             return np.zeros(0, dtype=bool)
         if files is None:
             return self._arrays["done"].get_orthogonal_selection(rows) == 1
+        if isinstance(files, objectread.RowChunkObjects):
+            return files.exist(rows)
         return np.array([os.path.exists(files.path(int(row))) for row in rows], dtype=bool)
 
     def _checked_rows(self, rows) -> np.ndarray:
@@ -624,14 +685,10 @@ class FeatureStore:
 # ---------------------------------------------------------------------- module helpers
 
 
-def _location(path: str | os.PathLike) -> Path | str:
-    """A local Path, or the URL string for any other fsspec protocol ("file://" becomes local)."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        return Path(text[len("file://") :])
-    if "://" in text:
-        return text.rstrip("/")
-    return Path(text)
+def _reopen(access: StoreAccess, path: str, mode: str, fast_read: bool) -> FeatureStore:
+    """Open a pickled store again in this process, with the access it was pickled with."""
+    access.apply()
+    return FeatureStore.open(path, mode, fast_read)
 
 
 def _has_member(group: zarr.Group, name: str) -> bool:

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipreel.errors import ClipreelError
+from clipreel.stores.location import is_remote, store_location
+from clipreel.stores.objects import StoreObjects
 
 # column name -> pandas dtype ("str" is pandas' string dtype), in manifest order
 MANIFEST_COLUMNS: dict[str, str] = {
@@ -98,10 +100,16 @@ def _check_unique_ids(table: pd.DataFrame) -> None:
     )
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then os.replace."""
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path | str:
+    """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then
+    os.replace; behind a URL one whole-object write."""
     data = manifest_to_parquet(new_manifest(df))
-    path = Path(path)
+    location = store_location(path)
+    if is_remote(location):
+        folder, name = location.rsplit("/", 1)
+        StoreObjects(folder).replace(name, data)
+        return location
+    path = location
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -117,8 +125,16 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest written by `write_manifest`, checking that it has the manifest's columns and dtypes."""
-    path = Path(path)
+    """Read a manifest written by `write_manifest` (a file or a URL), checking that it has the
+    manifest's columns and dtypes."""
+    location = store_location(path)
+    if is_remote(location):
+        folder, name = location.rsplit("/", 1)
+        data = StoreObjects(folder).read(name)
+        if data is None:
+            raise ClipreelError(f"manifest {location} does not exist; write one with `clipreel manifest VIDEOS {location}`")
+        return manifest_from_parquet(data, location)
+    path = location
     if not path.is_file():
         raise ClipreelError(f"manifest {path} does not exist; write one with `clipreel manifest VIDEOS {path}`")
     return manifest_from_parquet(path.read_bytes(), str(path))

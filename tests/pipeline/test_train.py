@@ -293,7 +293,7 @@ def test_text_model_of_a_file_extracted_store_needs_that_file(tmp_path):
     weights = tmp_path / "tiny.safetensors"
     save_file(open_clip.create_model("clipreel-tiny", pretrained=None).state_dict(), str(weights))
     provenance = {"model": "clipreel-tiny", "pretrained": "tiny.safetensors", "checkpoint_sha256": file_sha256(weights)}
-    with pytest.raises(ClipreelError, match="--pretrained"):
+    with pytest.raises(ClipreelError, match="--store-checkpoint"):
         load_text_model(provenance)
     other = tmp_path / "other.safetensors"
     torch.manual_seed(1)

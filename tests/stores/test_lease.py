@@ -159,24 +159,6 @@ def test_exactly_one_of_several_simultaneous_writers_gets_the_lease(tmp_path):
     assert outcomes == ["held", "refused", "refused", "refused"]
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server) with a bucket, reached through s3fs."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("clipreel-test")
-    yield "s3://clipreel-test"
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
 def test_on_s3_conditional_writes_let_exactly_one_racer_take_the_lease(s3_endpoint):
     store = f"{s3_endpoint}/feats.zarr"
     leases, refusals = [], []

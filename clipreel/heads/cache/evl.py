@@ -126,7 +126,7 @@ class TemporalCrossAttention(nn.Module):
     matmul over the g*g/c blocks, (B*T*c, 2g(g+c-1)) @ (2g(g+c-1), D), yields every frame's
     update (frame 0 has no backward map and frame T-1 no forward map: those bins stay zero).
     c = g/2 for even g (c = g for odd g): the bins are then 70% non-zero for g=14, against 27%
-    when binning into all (2g-1)^2 offsets (the previous version).
+    when binning into all (2g-1)^2 offsets.
 
     Measured per block (both maps, forward + backward, B=4, T=8, g=14, D=768, 1 thread): dense
     (2g-1)^2 bins 169 ms, one window per query row (c = g) 123 ms, c = g/2 106-115 ms. A sparse

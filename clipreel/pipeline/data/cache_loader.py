@@ -21,9 +21,11 @@
   thread is raised in the consumer.
 
 Only the requested fields and feature blocks are read, and with views="random" only the chosen
-view's bytes: when the store's chunk files can be read directly, the loader copies just that
-view's byte ranges out of each file (the store's own `read` has no view selection; with zarr
-fallbacks the whole row is read and the view picked afterwards).
+view's bytes: when the store's chunks can be read directly (local files, or objects behind a URL
+with ranged GETs), the loader asks for just that view's byte ranges of each row (the store's own
+`read` has no view selection; with zarr fallbacks the whole row is read and the view picked
+afterwards). A batch's reads happen in the prefetch thread, so a remote store's request latency
+overlaps the training step.
 
 May import: torch, numpy, clipreel.errors, clipreel.stores, clipreel.pipeline.data.
 """
@@ -138,14 +140,15 @@ class CacheLoader:
         self.batches_read += 1
         return batch
 
-    def _direct_view_files(self, field: str) -> fastread.RowChunkFiles | None:
-        """The raw chunk files of `field`, when one view of a row can be read from them alone.
+    def _direct_view_files(self, field: str):
+        """The raw chunk reader of `field` (local files or remote objects), when one view of a row
+        can be read from it alone.
 
         Only worth it with several views and views="random": otherwise the store reads whole rows.
         """
         if self.views != "random" or self.store.layout.views == 1 or not self.store.uses_direct_read:
             return None
-        return fastread.RowChunkFiles(self.store.array(field))
+        return self.store.chunk_reader(field)
 
     def _read_single_views(self, field: str, rows: np.ndarray, chosen_views: np.ndarray) -> np.ndarray:
         """(B, ...) one view per row, copying only that view's bytes (and kept layers) from each file."""
@@ -160,24 +163,18 @@ class CacheLoader:
         out = np.empty((len(rows), *out_shape), dtype=files.dtype)  # (B, ...)
         out_bytes = memoryview(out).cast("B")
         slot_nbytes = out.nbytes // max(1, len(rows))
-
-        def read_one(index: int) -> None:
-            start = int(chosen_views[index]) * view_nbytes
-            shifted = [(start + file_offset, out_offset, nbytes) for file_offset, out_offset, nbytes in segments]
-            slot = out_bytes[index * slot_nbytes : (index + 1) * slot_nbytes]
-            try:
-                files.read_row_into(int(rows[index]), slot, shifted)
-            except fastread.ChunkFileError as error:
-                raise ClipreelError(
-                    f"{self.store.path}: row {error.row} is marked done but its {field} {error.problem} "
-                    f"({error.path}). The store is damaged: run `clipreel verify`, then extract that video again."
-                ) from None
-
-        if slot_nbytes < fastread.THREADED_ROW_BYTES:
-            for index in range(len(rows)):
-                read_one(index)
-        else:
-            fastread.map_threads(read_one, range(len(rows)))
+        slots = [out_bytes[index * slot_nbytes : (index + 1) * slot_nbytes] for index in range(len(rows))]
+        shifted = [
+            [(int(view) * view_nbytes + file_offset, out_offset, nbytes) for file_offset, out_offset, nbytes in segments]
+            for view in chosen_views
+        ]
+        try:
+            files.read_into(rows, slots, shifted)
+        except fastread.ChunkFileError as error:
+            raise ClipreelError(
+                f"{self.store.path}: row {error.row} is marked done but its {field} {error.problem} "
+                f"({error.path}). The store is damaged: run `clipreel verify`, then extract that video again."
+            ) from None
         return out
 
     # ------------------------------------------------------------------ checks
