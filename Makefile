@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/clipreel demo --out $(DEMO)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -240,6 +240,7 @@ def train(
     device: str = options.DEVICE,
     workers: int = typer.Option(1, help="Data-parallel workers; more than 1 trains through Ray Train (one GPU each)."),
     address: Optional[str] = typer.Option(None, help="With --workers > 1: " + options.ADDRESS_HELP),
+    start: Optional[Path] = typer.Option(None, help="A run of the same head (trained, or an imported EVL) whose weights the training starts from."),
     progress: bool = options.PROGRESS,
     storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
@@ -254,6 +255,7 @@ def train(
         label_smoothing=label_smoothing, seed=seed, options=options.parse_options(option),
         store_checkpoint=store_checkpoint, trust_checkpoint_code=trust_checkpoint_code,
         classes=str(classes) if classes else None, device=device, workers=workers, address=address,
+        start=str(start) if start else None,
     ), progress=progress)
     console.print(f"train {summary.kind} → {summary.run_dir}", highlight=False)
     console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
@@ -317,8 +319,8 @@ def eval_(
     store: Optional[str] = typer.Option(None, help="Feature store (folder or URL) to evaluate a `train` run on (same model/frames/blocks/norm)."),
     videos: Optional[str] = typer.Option(None, help="Video list to evaluate a `finetune` run on, from raw frames."),
     split: str = options.SPLIT,
-    views: int = options.VIEWS,
-    crops: int = typer.Option(1, help="Raw videos: spatial crops per view (1 or 3)."),
+    views: Optional[int] = typer.Option(None, help="Raw videos: temporal views per video (default: an imported run's reference test, else 1)."),
+    crops: Optional[int] = typer.Option(None, help="Raw videos: spatial crops per view, 1 or 3 (default: an imported run's reference test, else 1)."),
     report: Optional[Path] = typer.Option(None, help="JSON report path (default: RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it."),
     store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
     trust_checkpoint_code: bool = options.TRUST_CODE,
@@ -466,6 +468,102 @@ def base2novel(
                   store_checkpoint=store_checkpoint,
                   finetune=options.raw_settings(model, pretrained, frames, augment, workers),
                   trust_code=trust_checkpoint_code, console=console)
+
+
+@app.command("import")
+def import_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="The released checkpoint (e.g. k400_vitb16_8f_dec4x768.pth, k400_32_8.pth), or a transformers X-CLIP model folder."),
+    method: str = typer.Option(..., help="evl, xclip (original or transformers layout), vifi (fine-tuned ViFi-CLIP), prompt (ViFi-CLIP bridge-and-prompt) or ezclip."),
+    out: Path = typer.Option(..., help="The run directory to create."),
+    clip: Optional[Path] = typer.Option(None, help="The CLIP the method was trained from (an OpenAI archive such as ViT-B-16.pt, an OpenAI-layout state dict, or an open_clip checkpoint): needed by evl, vifi and prompt."),
+    classes: Optional[Path] = typer.Option(None, help="The class list in class order: one name per line, a JSON list, the method's label CSV (id,name), or EZ-CLIP's description CSV."),
+    model: Optional[str] = typer.Option(None, help="The open_clip model the checkpoint was trained with (default: read from the tensors; attention heads width / 64)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip, where the checkpoint does not fix it (ViFi-CLIP: default 32)."),
+    trust_checkpoint_code: bool = options.TRUST_CODE,
+) -> None:
+    """Import a released EVL, X-CLIP, ViFi-CLIP or EZ-CLIP checkpoint as a run: eval, zeroshot, predict and training accept it."""
+    from clipreel.pipeline.importing import ImportConfig, run_import
+
+    summary = run_import(ImportConfig(
+        checkpoint=str(checkpoint), method=method, out=str(out), clip=str(clip) if clip else None,
+        classes=str(classes) if classes else None, model=model, frames=frames,
+        trust_checkpoint_code=trust_checkpoint_code,
+    ))
+    console.print(f"import {summary.method} → {summary.run_dir} (a {summary.kind} run, {summary.classes} classes)", highlight=False)
+    facts = ", ".join(f"{key} {value}" for key, value in summary.facts.items() if not isinstance(value, (list, dict)))
+    console.print(f"  from the tensors: {facts}", highlight=False, soft_wrap=True)
+    for convention in summary.conventions:
+        console.print(f"  - {convention}", highlight=False, soft_wrap=True)
+    if summary.kind != "evl":
+        console.print(f"  its CLIP is open_clip model {summary.model}: train from it with --pretrained {summary.run_dir} "
+                      f"--model {summary.model}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    videos: Optional[list[Path]] = typer.Argument(None, help="Video files to classify."),
+    video_list: Optional[str] = typer.Option(None, "--videos", help="A video list (same formats as extract --videos; start,end columns sample inside a segment)."),
+    run: Optional[Path] = typer.Option(None, help="A run directory (train, finetune or import); without it, zero-shot CLIP of --model/--pretrained."),
+    classes: Optional[str] = typer.Option(None, help="The classes to choose among: 'a,b,c' or a class list file (default: the run's). Closed-set runs take only their own."),
+    top: int = typer.Option(5, help="Classes shown per video."),
+    views: Optional[int] = typer.Option(None, help="Temporal views per video (default: the run's test setting)."),
+    crops: Optional[int] = typer.Option(None, help="Spatial crops per view, 1 or 3 (default: the run's test setting)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip (default: the run's; zero-shot CLIP: 8)."),
+    sampling: Optional[str] = typer.Option(None, help="tsn, dense or uniform (default: the run's)."),
+    stride: Optional[int] = typer.Option(None, help="Frame stride of --sampling dense (default: the run's)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize the short side to N pixels before the centre crop (default: the run's)."),
+    start: Optional[float] = typer.Option(None, help="Seconds: sample inside the segment from here (every video)."),
+    end: Optional[float] = typer.Option(None, help="Seconds: sample inside the segment up to here (every video)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every class's probability and raw score per video here."),
+    model: str = options.MODEL,
+    pretrained: str = options.PRETRAINED,
+    template: str = typer.Option("ensemble", help="Zero-shot CLIP: template set (none, photo, video, ensemble) or a literal like 'a video of {}.'."),
+    store_checkpoint: Optional[str] = options.STORE_CHECKPOINT,
+    trust_checkpoint_code: bool = options.TRUST_CODE,
+    decoder: str = options.DECODER,
+    device: str = options.DEVICE,
+) -> None:
+    """What happens in these videos? The top classes of each, from a run or zero-shot CLIP (exit 1 if a video failed)."""
+    from clipreel.pipeline.predict import PredictConfig, predict as run_predict
+
+    predictions = run_predict(PredictConfig(
+        videos=[str(video) for video in videos or []], video_list=video_list, run=str(run) if run else None,
+        model=model, pretrained=pretrained, template=template, classes=classes, top=top, frames=frames,
+        sampling=sampling, stride=stride, views=views, crops=crops, short_side=short_side, start=start, end=end,
+        json=str(json_path) if json_path else None, store_checkpoint=store_checkpoint,
+        trust_checkpoint_code=trust_checkpoint_code, decoder=decoder, device=device,
+    ))
+    for video in predictions.videos:
+        segment = "" if video.start is None and video.end is None else f"  [{video.start or 0:g} s .. {'end' if video.end is None else f'{video.end:g} s'}]"
+        if video.error is not None:
+            console.print(f"[red]error[/] {video.error}", highlight=False, soft_wrap=True)
+            continue
+        console.print(f"[bold]{video.path}[/]{segment}", highlight=False, soft_wrap=True)
+        table = Table(show_header=False)
+        for name, probability in video.top(predictions.classnames, top):
+            table.add_row(f"{probability:.3f}", name)
+        console.print(table)
+    done = len(predictions.videos) - len(predictions.failed)
+    console.print(f"{done} video(s) predicted by {predictions.source} in {predictions.seconds:.1f} s "
+                  f"({predictions.startup_seconds:.1f} s start-up)", highlight=False)
+    if json_path:
+        console.print(f"json → {json_path}", highlight=False)
+    if predictions.failed:
+        console.print(f"[red]{len(predictions.failed)} video(s) failed[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A ViFi-CLIP run (finetune vifi, or an import of a fine-tuned ViFi-CLIP)."),
+    out: Path = typer.Option(..., help="The open_clip checkpoint to write (FILE.safetensors; its config goes to FILE.json)."),
+) -> None:
+    """Write a fine-tuned model that is still a plain CLIP as an open_clip checkpoint (other methods are refused with the reason)."""
+    from clipreel.pipeline.exporting import export_run
+
+    weights, config = export_run(run_dir, out)
+    console.print(f"export → {weights} (open_clip config {config}: open_clip.add_model_config('{config}'); "
+                  f"open_clip.create_model('{config.stem}', pretrained='{weights}'))", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -63,7 +63,9 @@ MODEL = typer.Option(DEFAULT_MODEL, help="open_clip model: a ViT (ViT-B-16, ViT-
                                          "(clipreel-tiny, clipreel-synth), or an open_clip config file (NAME.json).")
 PRETRAINED = typer.Option("default", help="The CLIP's weights: default (the model's built-in file, else its openai "
                                           "tag), an open_clip tag, a local checkpoint file, none (random init), or, "
-                                          "for a raw-frame method, a `finetune vifi` run directory (ViFi-CLIP's bridge).")
+                                          "for a raw-frame method, a run directory: a `finetune vifi` run or an import "
+                                          "(its CLIP: ViFi-CLIP's bridge), or a run of the same method (trained or "
+                                          "imported) to train further.")
 STORE_CHECKPOINT = typer.Option(None, help="The local checkpoint file the store was extracted from, when it was "
                                            "(text heads need its text tower; a store records only its sha256).")
 TRUST_CODE = typer.Option(

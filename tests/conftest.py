@@ -1,7 +1,7 @@
 """Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP (shared,
-or fresh ones free to train, and one training step of a method on it), the synthetic world
-extracted once into a feature store, a real S3 endpoint on 127.0.0.1, and the `clipreel` command run
-in this process."""
+or fresh ones free to train, and one training step of a method on it), three real encoded videos,
+the synthetic world extracted once into a feature store, a real S3 endpoint on 127.0.0.1, and the
+`clipreel` command run in this process."""
 
 from __future__ import annotations
 
@@ -70,6 +70,29 @@ def one_training_step():
         optimizer.step()
 
     return step
+
+
+@pytest.fixture(scope="session")
+def encoded_videos(tmp_path_factory) -> list[Path]:
+    """Three real H.264 files of 48 frames (72 x 96, 25 fps), each with its own moving bar and colours."""
+    import numpy as np
+
+    from clipreel.pipeline.data.synth.videofile import write_video
+
+    folder = tmp_path_factory.mktemp("videos")
+    rows, cols = np.mgrid[0:72, 0:96]
+    paths = []
+    for index in range(3):
+        frames = []
+        for t in range(48):
+            image = np.zeros((72, 96, 3), dtype=np.uint8)
+            image[..., 0] = (cols * (2 + index) + t * 5) % 256
+            image[..., 1] = (rows * 3 + 40 * index) % 256
+            image[..., 2] = 40 + 4 * t
+            image[:, (2 * t) % 96 : (2 * t) % 96 + 8] = 255
+            frames.append(image)
+        paths.append(write_video(folder / f"clip{index}.mp4", np.stack(frames)))
+    return paths
 
 
 @dataclass

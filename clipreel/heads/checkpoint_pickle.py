@@ -270,6 +270,17 @@ class TorchArchive:
         return stored
 
 
+def dropped_names(value) -> set[str]:
+    """The class names of the `Dropped` placeholders in `value` (in its dicts, lists, tuples and sets)."""
+    if isinstance(value, Dropped):
+        return {value.qualified_name}
+    if isinstance(value, dict):
+        return set().union(*(dropped_names(key) | dropped_names(item) for key, item in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return set().union(*(dropped_names(item) for item in value))
+    return set()
+
+
 def without_dropped(value):
     """`value` with every `Dropped` placeholder removed: a dict entry or set item holding one is
     left out, a list or tuple item becomes None (so positions keep their meaning). OrderedDicts

@@ -28,13 +28,14 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clipreel.errors import ClipreelError
-from clipreel.heads.checkpoint_pickle import ScriptObject, TorchArchive, UnknownGlobal, without_dropped
+from clipreel.heads.checkpoint_pickle import ScriptObject, TorchArchive, UnknownGlobal, dropped_names, without_dropped
 
 # OpenAI's CLIP archives keep these buffers at the top of the module tree (next to visual.*,
 # transformer.*, token_embedding.*): the mark of their layout.
@@ -51,11 +52,12 @@ _CLASS_LINE = re.compile(r"^class (\w+)(?:\((\w+)\))?:")
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def read_checkpoint(path: str | Path, *, trust_code: bool = False, drop_foreign: bool = False):
+def read_checkpoint(path: str | Path, *, trust_code: bool = False, drop_foreign: bool | Collection[str] = False):
     """Whatever a checkpoint file holds, as tensors (on the CPU) inside plain containers.
 
     `drop_foreign`: objects of classes other than tensors and plain containers are dropped (a
-    dict entry holding one is left out, a list item becomes None) instead of refusing the file;
+    dict entry holding one is left out, a list item becomes None) instead of refusing the file
+    (a collection of qualified class names: objects of those classes only, any other is refused);
     this reads zip archives (torch.save since PyTorch 1.6), while a file in torch's older format
     must hold tensors and plain containers only.
     TorchScript archives give their state dict (see the module docstring for `trust_code`).
@@ -73,7 +75,10 @@ def read_checkpoint(path: str | Path, *, trust_code: bool = False, drop_foreign:
                 if archive.is_torchscript:
                     return _torchscript_state_dict(path, archive, trust_code)
                 if drop_foreign:
-                    return without_dropped(archive.load(drop_unknown=True))
+                    contents = archive.load(drop_unknown=True)
+                    if drop_foreign is not True:
+                        _refuse_foreign(path, dropped_names(contents) - set(drop_foreign), drop_foreign)
+                    return without_dropped(contents)
         return torch.load(path, map_location="cpu", weights_only=True)
     except ClipreelError:
         raise
@@ -212,6 +217,17 @@ def _script_classes(archive: TorchArchive) -> dict[str, _ScriptClass]:
 
 
 # --------------------------------------------------------------------------- messages
+
+
+def _refuse_foreign(path: Path, foreign: set[str], droppable: Collection[str]) -> None:
+    """Refuse a file whose pickle names classes other than the ones that may be skipped."""
+    if foreign:
+        raise ClipreelError(
+            f"{path}: its pickle refers to {', '.join(sorted(foreign))}, which is neither a tensor nor a plain "
+            f"container (only {', '.join(droppable)} is skipped, unread); clipreel unpickles nothing else, because "
+            "unpickling it can run code. Save the weights as a state dict (torch.save(model.state_dict(), ...)) "
+            "or a .safetensors file."
+        )
 
 
 def _unreadable(path: Path, exc: BaseException) -> ClipreelError:

@@ -191,6 +191,12 @@ def readable_classname(name: str) -> str:
     return name.replace("_", " ")
 
 
+def fp16_rounded(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's values rounded to the nearest float16, in its own dtype (gradients pass through):
+    what a reference computes with a prompt it casts with `.half()` inside forward."""
+    return tensor.half().to(tensor.dtype)
+
+
 def logit_scale_of(clip_model: nn.Module) -> torch.Tensor:
     """The CLIP's log temperature as a detached 0-d tensor (a copy: the CLIP's own stays untouched)."""
     return clip_model.logit_scale.detach().clone().reshape(())

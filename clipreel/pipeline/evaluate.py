@@ -78,8 +78,8 @@ class EvalConfig:
     store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from (text heads)
     trust_checkpoint_code: bool = False  # let a checkpoint that is a TorchScript archive (not OpenAI's) run its code
     classes: str | None = None  # a label map naming the store's (or list's) label ids, when they are not its own names
-    views: int = 1  # raw videos: temporal views per video
-    crops: int = 1  # raw videos: spatial crops per view (1 or 3)
+    views: int | None = None  # raw videos: temporal views per video (None: an imported run's record, else 1)
+    crops: int | None = None  # raw videos: spatial crops per view, 1 or 3 (None: an imported run's record, else 1)
     batch_size: int = EVAL_BATCH_SIZE  # videos per batch, each with all its views
     workers: int = DECODE_WORKERS  # raw videos: decode processes (0: decode in this process)
     decoder: str = "auto"
@@ -429,14 +429,19 @@ def eval_rows(manifest: pd.DataFrame, where: str, split: str, classnames: Sequen
 def score_raw(model: nn.Module, rows: pd.DataFrame, classnames: Sequence[str], *, frames: int, image_size: int,
               norm: str, views: int = 1, crops: int = 1, batch_size: int = EVAL_BATCH_SIZE,
               loading: FrameLoading | None = None, device: torch.device | str = "cpu",
+              sampling: SamplingConfig | None = None, short_side: int | None = None,
               on_bad_video: str = "stop") -> dict:
     """compute_metrics of a raw-frame method on manifest `rows` (labels index `classnames`), with
     multi-view testing: each video's `views` temporal clips x `crops` spatial crops, mean of their softmax.
+
+    sampling: the temporal sampling (default: TSN segment centres of `frames` frames, `views` views);
+    short_side: the short side frames are resized to before cropping (default: the crop size).
     With on_bad_video "skip", videos that cannot be decoded are left out and listed ("skipped_videos")."""
     device = torch.device(device)
     loading = loading or resolve_loading("auto", "auto", device, workers=0)
-    dataset = RawFrameDataset(rows, SamplingConfig(frames=frames, views=views), augment_config(image_size, norm),
-                              train=False, crops=crops, decoder=loading.decoder, device=loading.device,
+    sampling = sampling or SamplingConfig(frames=frames, views=views)
+    dataset = RawFrameDataset(rows, sampling, augment_config(image_size, norm), train=False, crops=crops,
+                              decoder=loading.decoder, device=loading.device, short_side=short_side,
                               on_bad_video=on_bad_video)
     loader = frame_loader(dataset, batch_size, loading, shuffle=False)
     probabilities, labels, _ = predict_raw(model, loader, device)
@@ -445,22 +450,25 @@ def score_raw(model: nn.Module, rows: pd.DataFrame, classnames: Sequence[str], *
     if len(labels) == 0:
         raise ClipreelError(f"none of the {len(rows)} videos to score could be decoded, e.g. {skipped[0]['error']}")
     return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
-            "views": views, "crops": crops, "skipped_videos": skipped}
+            "views": sampling.views, "crops": crops, "skipped_videos": skipped}
 
 
 def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report_path: Path | None = None, *,
-                     classes: Sequence[str] | None = None, label_map: str | None = None, views: int = 1,
-                     crops: int = 1,
+                     classes: Sequence[str] | None = None, label_map: str | None = None, views: int | None = None,
+                     crops: int | None = None,
                      batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
                      loader: str = "auto", device: str = "auto", trust_code: bool = False,
                      on_bad_video: str = "stop") -> dict:
-    """A `clipreel finetune` run's report on the raw videos of `split` (the JSON + PNG written at `report_path`).
+    """A `clipreel finetune` (or imported) run's report on the raw videos of `split` (the JSON + PNG
+    written at `report_path`).
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
     with the run's weights. classes None: among the run's classes (every video's class must be one
     of them, and the list's labels must name the run's classes: `match_classes`); else among
     `classes`, which the run need not have seen (zero-shot transfer, novel classes), leaving out the
     videos of other classes. label_map: a file naming the list's label ids (one name per line).
+    An imported run is scored with its reference's test preprocessing (sampling, views, crops, short
+    side) unless views or crops are given.
     on_bad_video "skip": videos that cannot be decoded (or are missing) are left out and listed in the
     report ("skipped_videos"); "stop": the first one stops the evaluation, naming it.
     """
@@ -478,9 +486,11 @@ def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report
     classnames = list(classes) if classes is not None else run.classnames
     rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
     config = run.head_config
+    plan = run_clip_plan(run, views=views, crops=crops)
     report = {"run": str(run.path), "kind": run.kind, "split": split, "classes_matched_by_name": by_name,
               **score_raw(model, rows, classnames, frames=config["frames"], image_size=config["image_size"],
-                          norm=config["norm"], views=views, crops=crops, batch_size=batch_size,
+                          norm=config["norm"], crops=plan.crops, batch_size=batch_size, sampling=plan.sampling,
+                          short_side=plan.short_side,
                           loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device,
                           on_bad_video=on_bad_video)}
     missing = manifest[(manifest["status"] == "failed") & (manifest["split"] == split) & (manifest["label"] >= 0)]
@@ -490,6 +500,30 @@ def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report
     if report_path is not None:
         write_report_files(report, report_path)
     return report
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """How a raw-frame run's test clips are made: temporal sampling, spatial crops, the resize before them."""
+
+    sampling: SamplingConfig
+    crops: int
+    short_side: int | None
+
+
+def run_clip_plan(run, *, views: int | None = None, crops: int | None = None) -> ClipPlan:
+    """The test clips of a raw-frame run: what its import recorded (the reference's own test), with
+    the given views and crops put in; a run of `clipreel finetune` tests on TSN segment centres, 1 view, 1 crop."""
+    record = (run.imported or {}).get("preprocessing") or {}
+    sampling = SamplingConfig(
+        policy=record.get("sampling", "tsn"),
+        frames=run.head_config["frames"],
+        stride=record.get("stride") or SamplingConfig().stride,
+        views=views or record.get("views", 1),
+    )
+    short_side = record.get("short_side")
+    return ClipPlan(sampling=sampling, crops=crops or record.get("crops", 1),
+                    short_side=short_side if short_side != run.head_config["image_size"] else None)
 
 
 def zero_shot_raw(method: str, videos: str, split: str, model: str = DEFAULT_MODEL, pretrained: str = "default",

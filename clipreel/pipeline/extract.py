@@ -364,6 +364,10 @@ def _save_results(store: FeatureStore, lease: WriterLease, finished: dict[str, d
     finished.clear()
 
 
+# How often a backbone actor of a multi-node extraction is started again after its node is lost.
+ACTOR_RESTARTS_ON_A_CLUSTER = 3
+
+
 def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray):
     """Build the Ray Data pipeline over the rows in `todo` and yield one status dict per video."""
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -375,8 +379,10 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = cfg.workers or (gpus if gpus else max(1, cpus))
+    on_a_cluster = sum(1 for node in ray.nodes() if node["Alive"]) > 1
     items = [
-        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"]}
+        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"],
+         "start": float(manifest.at[row, "start"]), "end": float(manifest.at[row, "end"])}
         for row in todo
     ]
     # Where frames are decoded: in the backbone actors with DALI (its pipelines are expensive to
@@ -409,11 +415,15 @@ def _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, 
             compute=ActorPoolStrategy(size=workers),
             num_cpus=0 if gpus else 1,
             num_gpus=1 if gpus else 0,
-            # No restarts: Ray Data hands its actors their constructor arguments through the
-            # object store, and Ray prints an error line for every such actor that may restart
-            # (ray-project/ray#53727). An actor that dies ends the job instead; re-running the
-            # same command computes only the videos that are not stored yet.
-            max_restarts=0,
+            # On one machine an actor that dies ends the job (re-running the same command computes
+            # only the videos not stored yet): it died of this machine's memory or of a bug, and a
+            # restart would die the same way. Ray Data hands its actors their constructor arguments
+            # through the object store, and Ray prints an error line for every such actor that may
+            # restart (ray-project/ray#53727), so one machine allows none. On a cluster a node
+            # can be lost on its own (preempted, rebooted): its actors are started again
+            # elsewhere, a few times, and their batches retried.
+            max_restarts=ACTOR_RESTARTS_ON_A_CLUSTER if on_a_cluster else 0,
+            max_task_retries=ACTOR_RESTARTS_ON_A_CLUSTER if on_a_cluster else 0,
         )
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

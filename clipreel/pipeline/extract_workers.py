@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices
+from clipreel.pipeline.data.sampling import SamplingConfig, segment_indices
 
 NO_FRAMES = np.zeros((0, 1, 1, 3), dtype=np.uint8)
 
@@ -23,8 +23,9 @@ def describe_error(exc: BaseException) -> str:
 def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
     """Probe one video, sample its frame indices and (unless the actor decodes) read those frames.
 
-    item: {"row", "path", "video_id"} -> adds "indices" (V, T), "frames" (V*T, H, W, 3) uint8,
-    "num_frames", "fps" and "error" ("" when all went well).
+    item: {"row", "path", "video_id", "start", "end"} (the segment in seconds, NaN: the whole video) ->
+    adds "indices" (V, T), "frames" (V*T, H, W, 3) uint8, "num_frames", "fps" and "error" ("" when all
+    went well).
     """
     from clipreel.pipeline.data.decode import PyAVDecoder, probe
 
@@ -40,7 +41,8 @@ def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
     try:
         info = probe(item["path"])
         result["num_frames"], result["fps"] = info.num_frames, info.fps
-        result["indices"] = sample_indices(info.num_frames, config, key=item["video_id"])  # (V, T)
+        start, end = (None if np.isnan(item[name]) else item[name] for name in ("start", "end"))
+        result["indices"] = segment_indices(info.num_frames, info.fps, start, end, config, key=item["video_id"])  # (V, T)
         if decode:
             result["frames"] = PyAVDecoder().read(item["path"], result["indices"].reshape(-1), info)
     except Exception as exc:  # any bad file becomes a failed row, never a failed job

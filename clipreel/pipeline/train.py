@@ -40,7 +40,7 @@ from clipreel.errors import ClipreelError
 from clipreel.heads.layers import classification_loss, one_parameter_group
 from clipreel.heads.registry import create_head, head_entry
 from clipreel.pipeline.data.cache_loader import CacheLoader
-from clipreel.pipeline.models import text_model_for
+from clipreel.pipeline.models import start_weights, text_model_for
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.scoring import predict_store, top1_and_loss
 from clipreel.pipeline.training.checkpoint import checkpoint_to_resume, restore_model, run_identity, save_checkpoint
@@ -99,6 +99,7 @@ class TrainConfig:
     workers: int = 1  # data-parallel workers; > 1 trains through Ray Train
     address: str | None = None  # Ray cluster to join when workers > 1 (default: a local Ray)
     prefetch: int = 2  # batches read ahead of the training step
+    start: str | None = None  # a run of the same head (trained or imported) whose weights the training starts from
 
 
 @dataclass
@@ -228,6 +229,8 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     torch.manual_seed(cfg.seed)
     head, head_config = create_head(cfg.kind, store_layout=store.layout, provenance=store.provenance,
                                     classnames=data.classnames, options=cfg.options, text_model=text_model)
+    if cfg.start is not None:
+        head.load_state_dict(start_weights(cfg.start, cfg.kind, head_config, data.classnames, store.provenance))
 
     # 2. Resume the run directory if it holds an earlier run of the same command.
     run_dir = Path(cfg.out)

@@ -10,8 +10,6 @@ A label map is a small text file that fixes the order of class names (line i = l
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,13 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "fps": "float64",  # NaN until the video is probed
     "status": "str",  # one of STATUSES
     "error": "str",  # why the video failed, "" otherwise
+    "start": "float64",  # seconds: frames are sampled from here on (NaN: from the first frame)
+    "end": "float64",  # seconds: ... up to here (NaN: to the last frame)
 }
+# Columns a manifest written before they existed lacks; they read back as their default.
+OPTIONAL_COLUMNS = ("start", "end")
+# Columns whose NaN is a real value ("unknown", "the whole video"), not "not given".
+NAN_VALUED = ("fps", "start", "end")
 STATUSES = ("pending", "done", "failed")
 
 # value used for a column that a record leaves out (video_id and path have no default: they are required)
@@ -46,6 +50,8 @@ _DEFAULTS = {
     "fps": np.nan,
     "status": "pending",
     "error": "",
+    "start": np.nan,
+    "end": np.nan,
 }
 _REQUIRED = ("video_id", "path")
 ORPHAN_MARK = "<orphaned row "  # video_id and path of a placeholder row: "<orphaned row 37>"
@@ -70,7 +76,7 @@ def new_manifest(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
     for name, default in _DEFAULTS.items():
         if name not in table.columns:
             table[name] = default
-        elif name != "fps":  # NaN is the real "unknown" of fps; elsewhere it means "not given"
+        elif name not in NAN_VALUED:  # NaN is a real value of these; elsewhere it means "not given"
             table[name] = table[name].where(table[name].notna(), default)
     try:
         table = table[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
@@ -101,27 +107,13 @@ def _check_unique_ids(table: pd.DataFrame) -> None:
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path | str:
-    """Write the manifest to `path` (Parquet, zstd) atomically: a temp file in the same folder, then
-    os.replace; behind a URL one whole-object write."""
+    """Write the manifest to `path` (Parquet, zstd) atomically (StoreObjects.replace: a fsynced
+    temporary file and os.replace on a local disk, one whole-object write behind a URL)."""
     data = manifest_to_parquet(new_manifest(df))
     location = store_location(path)
-    if is_remote(location):
-        folder, name = location.rsplit("/", 1)
-        StoreObjects(folder).replace(name, data)
-        return location
-    path = location
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    folder, name = location.rsplit("/", 1) if is_remote(location) else (location.parent, location.name)
+    StoreObjects(folder).replace(name, data)
+    return location
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -169,6 +161,9 @@ def manifest_from_parquet(data: bytes, where: str) -> pd.DataFrame:
         table = pq.read_table(pa.BufferReader(data)).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise ClipreelError(f"{where} is not a Parquet manifest ({exc}); write one with `clipreel manifest`") from exc
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.columns:
+            table[name] = _DEFAULTS[name]
     missing = [name for name in MANIFEST_COLUMNS if name not in table.columns]
     if missing:
         raise ClipreelError(

@@ -3,7 +3,10 @@
     RUN_DIR/
       weights.safetensors   the head's state dict (prompt heads leave out their frozen text tower)
       config.json           {"kind", "head" (the head's config), "classnames",
-                             "store": {"path", "provenance"}, "train" (the TrainConfig), "clipreel_version"}
+                             "store": {"path", "provenance"}, "train" (the TrainConfig), "clipreel_version",
+                             and for a run made by `clipreel import`, "imported" (where from, what the
+                             checkpoint fixed, the reference's conventions and preprocessing)}
+      clip.safetensors      an imported run's CLIP, where its weights file does not hold it
       metrics.json          final metrics (optional)
       log.csv, curves.png   the training log and its plot (written by the trainer)
       checkpoint.pt         the trainer's resume state (written by the trainer)
@@ -39,6 +42,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 SKIPPED_FILE = "skipped.csv"
 SKIPPED_COLUMNS = ("video_id", "path", "split", "error")
+CLIP_FILE = "clip.safetensors"
 
 # The provenance settings that change what a stored feature means. Views, crops and the sampling
 # policy may differ between the store a head was trained on and the one it is evaluated on.
@@ -59,6 +63,7 @@ class Run:
     train_config: dict
     state_dict: dict[str, torch.Tensor]
     metrics: dict | None
+    imported: dict | None = None  # set for runs made by `clipreel import`
 
 
 def save_run(
@@ -72,24 +77,20 @@ def save_run(
     store_path: str | os.PathLike,
     train_config: Mapping,
     metrics: Mapping | None = None,
+    imported: Mapping | None = None,
 ) -> Path:
     """Write the head's weights, config.json and (if given) metrics.json into `run_dir`.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
     The weights go first and config.json last: a folder with a config.json is a complete run.
     """
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
-    # clone(): safetensors refuses tensors that share memory or are not contiguous.
-    weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in head.state_dict().items()}
-    broken = nonfinite_tensors(weights)
+    broken = nonfinite_tensors(head.state_dict())
     if broken:
         raise ClipreelError(f"the trained weights are not finite ({'; '.join(broken)}), so {run_dir} is not written: "
                             "the training diverged. Lower the learning rate (--lr) and train again.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _replaced_atomically(run_dir / WEIGHTS_FILE) as temporary:
-        save_file(weights, str(temporary))
+    write_weights(run_dir / WEIGHTS_FILE, head.state_dict())
     if metrics is not None:
         _write_json(run_dir / METRICS_FILE, dict(metrics))
     config = {
@@ -100,8 +101,22 @@ def save_run(
         "train": dict(train_config),
         "clipreel_version": __version__,
     }
+    if imported is not None:
+        config["imported"] = dict(imported)
     _write_json(run_dir / CONFIG_FILE, config)
     return run_dir
+
+
+def write_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write tensors as a safetensors file, atomically (a crash never leaves a torn file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # clone(): safetensors refuses tensors that share memory or are not contiguous.
+    weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in tensors.items()}
+    with _replaced_atomically(path) as temporary:
+        save_file(weights, str(temporary))
+    return path
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -152,6 +167,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         train_config=config["train"],
         state_dict=state_dict,
         metrics=_read_json(metrics_path) if metrics_path.is_file() else None,
+        imported=config.get("imported"),
     )
 
 

@@ -142,3 +142,30 @@ def test_parameter_counts_for_vit_b_16():
     assert trainable_parameter_count(BridgePrompt(clip_model, tokenizer, CLASSNAMES)) == 16 * (768 + 512) * 9
     assert trainable_parameter_count(
         BridgePrompt(clip_model, tokenizer, CLASSNAMES, BridgePromptConfig.few_shot())) == 10 * (768 + 512) * 12
+
+
+def test_fp16_prompts_round_the_vision_and_deep_text_prompts_as_they_are_used(tiny_clip, fresh_tiny_clip, one_training_step):
+    """ViFi-CLIP's forward casts its vision prompts and deep text prompts with .half(), not the text ctx:
+    with fp16_prompts the model computes what a model holding those rounded values computes, and still trains."""
+    _, tokenizer = tiny_clip
+    torch.manual_seed(1)
+    rounding = BridgePrompt(fresh_tiny_clip(), tokenizer, CLASSNAMES,
+                            BridgePromptConfig(**{**TINY_BRIDGE.to_dict(), "fp16_prompts": True})).eval()
+    with torch.no_grad():
+        for param in rounding.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 1e-3)  # values off the fp16 grid
+    rounded = BridgePrompt(fresh_tiny_clip(), tokenizer, CLASSNAMES, TINY_BRIDGE).eval()
+    rounded.load_state_dict(rounding.state_dict())
+    with torch.no_grad():
+        for prompt in [rounded.image_encoder.ctx, *rounded.image_encoder.deep_ctx, *rounded.prompt_learner.deep_ctx]:
+            prompt.copy_(prompt.half().float())
+    unrounded = BridgePrompt(fresh_tiny_clip(), tokenizer, CLASSNAMES, TINY_BRIDGE).eval()
+    unrounded.load_state_dict(rounding.state_dict())
+    frames = tiny_frames()
+    with torch.no_grad():
+        expected = rounded(frames)["logits"]
+        torch.testing.assert_close(rounding(frames)["logits"], expected, rtol=0, atol=0)
+        assert not torch.equal(unrounded(frames)["logits"], expected)
+    one_training_step(rounding, frames, LABELS)
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in trainable_parameters(rounding).values())

@@ -391,9 +391,9 @@ def test_vifi_fine_tuned_import_gives_vifis_logits_with_its_fp16_token_table(con
 
     model = ViFiCLIP(build_clip(imported.clip_config, imported.clip_state_dict), tokenizer, CLASSNAMES, ViFiConfig(**imported.method_config))
     model.load_state_dict(imported.state_dict, strict=True)
-    # ViFi-CLIP's own computation: its class texts read the fp16-rounded token table.
+    # ViFi-CLIP's own computation: class names verbatim, read through the fp16-rounded token table.
     reference_clip = fine_tuned_clip(seed=9, fp16_token_table=True)
-    reference = ViFiCLIP(reference_clip, tokenizer, CLASSNAMES).eval()
+    reference = ViFiCLIP(reference_clip, tokenizer, CLASSNAMES, ViFiConfig(verbatim_classnames=True)).eval()
     clips = clips_of(video, record)[:, :8]  # 8 of the 32 frames keep the test quick
     with torch.no_grad():
         logits = model.eval()(clips)["logits"]
@@ -401,16 +401,17 @@ def test_vifi_fine_tuned_import_gives_vifis_logits_with_its_fp16_token_table(con
         assert not torch.allclose(logits, source(clips)["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skip(
-    reason="ViFi-CLIP keeps class names verbatim in 'a photo of a {class}.' (trainers/vificlip.py), underscores "
-    "included; clipreel's ViFiCLIP.set_classnames reads underscores as spaces (readable_classname). Needs a "
-    "ViFiConfig option that formats the template with the name as it is."
-)
 def test_vifi_class_texts_keep_underscores(configs, tokenizer):
-    from clipreel.heads.raw.vifi import ViFiCLIP
+    from clipreel.heads.raw.vifi import ViFiCLIP, ViFiConfig
 
-    model = ViFiCLIP(tiny_clip(seed=9), tokenizer, ["playing_guitar"])
+    clip = tiny_clip(seed=9)
+    imported = convert_vifi(vifi_official(clip, {}), clip.state_dict())
+    config = ViFiConfig(**imported.method_config)
+    assert config.verbatim_classnames
+    model = ViFiCLIP(tiny_clip(seed=9), tokenizer, ["playing_guitar"], config)
     assert torch.equal(model.token_ids, tokenizer(["a photo of a playing_guitar."]))
+    plain = ViFiCLIP(tiny_clip(seed=9), tokenizer, ["playing_guitar"])  # clipreel's own runs read underscores as spaces
+    assert torch.equal(plain.token_ids, tokenizer(["a photo of a playing guitar."]))
 
 
 BRIDGE = {"n_ctx_vision": 2, "n_ctx_text": 3, "depth_vision": 3, "depth_text": 2}
@@ -555,6 +556,8 @@ def test_ezclip_import_scores_100_cosine_like_ezclip(ezclip_source, tokenizer, v
     imported = convert_ezclip(torch.load(path, map_location="cpu", weights_only=True))
     assert imported.method == "ezclip" and imported.facts["frames"] == EZ_FRAMES
     assert imported.method_config["template"] == "{}" and imported.method_config["deep_prompts"]
+    assert imported.method_config["score_scale"] == 100.0
+    torch.testing.assert_close(imported.clip_state_dict["logit_scale"], source.ezclip.clip.model.logit_scale.detach(), rtol=0, atol=0)
     record = imported.preprocessing
     assert (record.norm, record.sampling, record.views, record.crops, record.short_side) == ("clip", "tsn", 1, 1, 73)
 

@@ -267,3 +267,23 @@ def test_vit_b16_trainable_count_and_reference_shapes():
     assert shapes["visual.transformer.resblocks.11.Adapter.D_fc2.weight"] == (768, 192)
     assert shapes["transformer.resblocks.11.Adapter.D_fc1.weight"] == (128, 512)
     assert shapes["transformer.resblocks.11.Adapter.D_fc2.bias"] == (512,)
+
+
+def test_descriptions_and_a_fixed_score_scale(tiny_clip):
+    """EZ-CLIP's test.py: class texts are descriptions tokenized as they are, scores 100 * cosine."""
+    from clipreel.heads.raw.ezclip import EZCLIPClassifier
+
+    clip_model, tokenizer = tiny_clip
+    descriptions = {"riding_horse": "A rider sits on a galloping horse."}
+    config = EZCLIPConfig(frames=FRAMES, descriptions=descriptions, score_scale=100.0)
+    torch.manual_seed(0)
+    model = EZCLIPClassifier(clip_model, tokenizer, ["riding_horse", "playing_guitar"], config).eval()
+    assert torch.equal(model.token_ids, tokenizer(["A rider sits on a galloping horse.", "playing guitar"]))
+    with torch.no_grad():
+        out = model(_frames())
+        text = model.ezclip.encode_text(model.token_ids)
+    cosine = torch.nn.functional.normalize(out["video_embeds"], dim=-1) @ torch.nn.functional.normalize(text, dim=-1).t()
+    torch.testing.assert_close(out["logits"], 100.0 * cosine, rtol=1e-6, atol=1e-6)
+    assert EZCLIPConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ClipreelError, match="score_scale"):
+        EZCLIPConfig(score_scale=0.0)

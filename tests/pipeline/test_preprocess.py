@@ -93,6 +93,22 @@ def test_centre_crop_keeps_the_middle_of_a_wide_frame():
     assert dominant_colour(out[0, 0, :, 15, -1], cfg) == 1
 
 
+def test_a_larger_short_side_crops_the_centre_of_the_resized_frame():
+    """X-CLIP / ViFi-CLIP / EZ-CLIP testing: short side to 256, then the centre 224 (here 36 -> 32)."""
+    frames = np.random.default_rng(3).integers(0, 256, (2, 45, 60, 3), dtype=np.uint8)
+    cfg = PreprocessConfig(image_size=32, short_side=36)
+    out = preprocess(frames, cfg)
+    assert out.shape == (1, 2, 3, 32, 32)
+    resized = preprocess(frames, PreprocessConfig(image_size=36))  # (1, 2, 3, 36, 36): the short side 36, centre square
+    wide = preprocess(frames, PreprocessConfig(image_size=36, crops=3))[1]  # same frames, the middle of three crops
+    torch.testing.assert_close(resized[0], wide)
+    torch.testing.assert_close(out[0], resized[0, :, :, 2:34, 2:34])
+    assert "short_side" not in PreprocessConfig(image_size=32).to_dict()  # stores made without it read the same
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ClipreelError, match="short side 30"):
+        PreprocessConfig(image_size=32, short_side=30)
+
+
 def test_torch_and_numpy_inputs_give_the_same_result():
     frames = np.random.default_rng(2).integers(0, 256, (3, 36, 52, 3), dtype=np.uint8)
     cfg = PreprocessConfig(image_size=20, crops=3, interpolation="bicubic")

@@ -30,6 +30,7 @@ from clipreel.heads.layers import (
     FrozenCLIP,
     check_standard_text_tower,
     cosine_logits,
+    fp16_rounded,
     logit_scale_of,
     readable_classname,
 )
@@ -47,6 +48,9 @@ class TextPromptConfig(JsonConfig):
     ctx_init: str | None = None  # e.g. "a photo of a": initial ctx when n_ctx <= 4 (else random)
     deep_depth: int = ranged(1, SIZE)  # 1 = shallow; d > 1 = text layers 1..d-1 get their own prompts
     class_token_position: str = "end"  # where the class name goes; only "end" (CoOp's default)
+    # True: the deep prompts are rounded to fp16 as they are used (ViFi-CLIP's `clip/model.py` casts
+    # them with .half() in forward; its shallow ctx is not cast)
+    fp16_deep_prompts: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,7 +147,8 @@ class TextPromptLearner(nn.Module):
         x = x + model.positional_embedding
         for layer, block in enumerate(model.transformer.resblocks):
             if 1 <= layer < self.config.deep_depth:
-                x = self._replace_ctx(x, self.deep_ctx[layer - 1])
+                deep = self.deep_ctx[layer - 1]
+                x = self._replace_ctx(x, fp16_rounded(deep) if self.config.fp16_deep_prompts else deep)
             x = block(x, attn_mask=model.attn_mask)  # (K, C, width)
         return self.clip.text_features(x, self.token_ids)  # (K, E)
 

@@ -1,6 +1,6 @@
 """The OpenAI CLIP layout that every reference checkpoint builds on: what its tensors fix, the
-key -> shape table of each tower, the attention heads (which no tensor fixes), and the open_clip
-CLIP rebuilt from it.
+key -> shape table of each tower, the attention heads (which no tensor fixes), the open_clip
+CLIP rebuilt from it, and the name its config is registered under.
 
 OpenAI's CLIP state dict (`visual.conv1.weight`, `visual.transformer.resblocks.{i}.attn.in_proj_weight`,
 `token_embedding.weight`, `text_projection`, ...) is also open_clip's `CLIP.state_dict()`, so a
@@ -25,7 +25,7 @@ from torch import nn
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
-from clipreel.heads.clip import resolve_model_name
+from clipreel.heads.clip import config_digest, register_model_config, resolve_model_name
 from clipreel.heads.convert.common import (
     Shape,
     Tensors,
@@ -301,3 +301,12 @@ def build_clip(clip_config: Mapping, clip_state_dict: Mapping[str, torch.Tensor]
     model.load_state_dict(clip_state_dict, strict=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def register_imported_clip(clip_config: Mapping) -> str:
+    """Make an imported CLIP's open_clip config known to open_clip, under a name made from its
+    content ("imported-" + `config_digest`): the same config always gets the same name, two
+    different configs never share one. Returns the name; runs record it with the config
+    (`model_config`), from which `register_model_config` rebuilds it in any process.
+    """
+    return register_model_config(f"imported-{config_digest(clip_config)}", clip_config)

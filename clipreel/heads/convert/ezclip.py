@@ -12,18 +12,15 @@ prompts), whether the prompts are deep, and the adapters' bottleneck ratio. Weig
 to float32: EZ-CLIP's CPU path casts the fp16 model to float as well (`test.py`).
 
 EZ-CLIP scores a video against its class texts with a fixed 100 * cosine (`test.py: validate`),
-not with CLIP's learned temperature; clipreel's `EZCLIP.logits` uses exp(logit_scale), so the
-imported CLIP's (frozen, otherwise unused) `logit_scale` is set to ln 100.
+not with CLIP's learned temperature: the imported config sets `score_scale` to 100, and the
+CLIP keeps the checkpoint's own `logit_scale`.
 
-May import: math, torch, clipreel.errors, clipreel.heads.raw.ezclip, clipreel.heads.convert.*.
+May import: clipreel.errors, clipreel.heads.raw.ezclip, clipreel.heads.convert.*.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-
-import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.convert.clip_layout import (
@@ -111,9 +108,8 @@ def convert_ezclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: 
     heads = attention_heads(user.model, vision, text, clip_evidence("visual.", "", "token_embedding.weight", vision, text))
 
     clip_state_dict = {key: tensors[key] for key in clip_shapes(vision, text)}
-    checkpoint_scale = float(clip_state_dict["logit_scale"])
-    clip_state_dict["logit_scale"] = torch.tensor(math.log(FIXED_SCORE_SCALE))
-    config = EZCLIPConfig(frames=frames, adapter_ratio=ratio, deep_prompts=prompt_layers != 1, use_prompts=prompt_layers > 0)
+    config = EZCLIPConfig(frames=frames, adapter_ratio=ratio, deep_prompts=prompt_layers != 1, use_prompts=prompt_layers > 0,
+                          template="{}", score_scale=FIXED_SCORE_SCALE)
     return Imported(
         method="ezclip",
         facts={
@@ -124,20 +120,18 @@ def convert_ezclip(checkpoint: Mapping, user: UserChoices = NO_CHOICES, source: 
         },
         clip_config=open_clip_config(vision, text, heads),
         clip_state_dict=clip_state_dict,
-        method_config={**config.to_dict(), "template": "{}"},
+        method_config=config.to_dict(),
         state_dict={"ezclip." + name: tensors[reference_key(name)] for name in additions},
         preprocessing=Preprocessing.named(
             "clip", image_size=vision.image_size, short_side=short_side_256_for(vision.image_size), crops=1,
             sampling="tsn", frames=frames, stride=None, views=1, view_scores="mean_softmax",
         ),
         conventions=[
+            "scores: 100 * cosine (test.py), not the CLIP's learned temperature",
             (
-                f"scores: 100 * cosine (test.py); the CLIP's logit_scale {checkpoint_scale:.4f} is replaced by ln 100 "
-                "so that exp(logit_scale) * cosine is that"
-            ),
-            (
-                "class texts: one LLM-written description per class, template '{}'; clipreel reads underscores in "
-                "them as spaces, and its tokenizer truncates texts beyond the context where EZ-CLIP's refuses them"
+                "class texts: one LLM-written description per class (--classes with its GPT_discription CSV), "
+                "tokenized as it is with template '{}'; a class without one is its name; clipreel's tokenizer "
+                "truncates texts beyond the context where EZ-CLIP's refuses them"
             ),
             "the fp16 weights are computed in float32, as EZ-CLIP's CPU path does",
         ],

@@ -16,9 +16,10 @@ A ViFi-CLIP file holds `{"model": ...}` with the DDP state dict (`module.` keys;
 The token embedding is not in the file (ViFi-CLIP embeds the class texts once, outside the
 trained model): it comes from the base CLIP (--clip), rounded to fp16 as ViFi-CLIP's embeddings
 are (`VLPromptLearner` casts them to the CLIP's fp16 dtype). The prompted model's vision prompts
-and deep text prompts are rounded to fp16 too (`clip/model.py` casts them with `.half()` in
-forward); the text ctx is not. Rounding the stored values once gives the same numbers the
-reference's forward uses, as long as the prompts are not trained further.
+and deep text prompts are rounded to fp16 as they are used (`clip/model.py` casts them with
+`.half()` in forward; the text ctx is not): `BridgePromptConfig.fp16_prompts`, so that further
+training of the imported prompts keeps that behaviour. The fine-tuned model's class texts keep the
+class names verbatim, underscores included (`ViFiConfig.verbatim_classnames`).
 
 No tensor depends on T, so the frames come from --frames, or default to 32, the setting of
 ViFi-CLIP's zero-shot, few-shot and base-to-novel models (its fully supervised K400 models use 16).
@@ -138,20 +139,21 @@ def convert_vifi(checkpoint: Mapping, base_clip: Mapping, user: UserChoices = NO
     if prompted:
         method = "prompt"
         method_config = BridgePromptConfig(
-            n_ctx_vision=n_ctx_vision, n_ctx_text=n_ctx_text, depth_vision=depth_vision, depth_text=depth_text, ctx_init=None
+            n_ctx_vision=n_ctx_vision, n_ctx_text=n_ctx_text, depth_vision=depth_vision, depth_text=depth_text, ctx_init=None,
+            fp16_prompts=True,
         ).to_dict()
         state_dict = _bridge_prompts(tensors, depth_vision, depth_text)
         facts.update(n_ctx_vision=n_ctx_vision, n_ctx_text=n_ctx_text, depth_vision=depth_vision, depth_text=depth_text)
-        conventions.insert(0, "vision prompts and deep text prompts rounded to fp16 (ViFi-CLIP's .half() in forward)")
+        conventions.insert(0, "vision prompts and deep text prompts rounded to fp16 as they are used (ViFi-CLIP's .half() in forward)")
         conventions.insert(0, "class texts: 'X ... X {class}.' with learned context, underscores read as spaces")
     else:
         method = "vifi"
-        method_config = ViFiConfig(variant="both", template="a photo of a {}.").to_dict()
+        method_config = ViFiConfig(variant="both", template="a photo of a {}.", verbatim_classnames=True).to_dict()
         state_dict = {"clip." + key: value for key, value in clip_state_dict.items()}
         conventions.insert(
             0,
             "class texts: 'a photo of a {class}.' with the class name verbatim, underscores included "
-            "(trainers/vificlip.py); clipreel's ViFiCLIP reads underscores as spaces",
+            "(trainers/vificlip.py)",
         )
     return Imported(
         method=method,
@@ -182,14 +184,14 @@ def _vifi_clip(tensors: Mapping, token_table) -> Tensors:
 
 
 def _bridge_prompts(tensors: Mapping, depth_vision: int, depth_text: int) -> Tensors:
-    """ViFi-CLIP's prompts under `BridgePrompt`'s names (see `heads/raw/bridge_prompt.py`), rounded as its forward uses them."""
+    """ViFi-CLIP's prompts under `BridgePrompt`'s names (see `heads/raw/bridge_prompt.py`), as stored."""
     prompts = {
-        "image_encoder.ctx": round_to_fp16(tensors["image_encoder.VPT"]),
+        "image_encoder.ctx": tensors["image_encoder.VPT"],
         "prompt_learner.ctx": tensors["prompt_learner.ctx"],
         "logit_scale": tensors["logit_scale"],
     }
     for i in range(1, depth_vision):
-        prompts[f"image_encoder.deep_ctx.{i - 1}"] = round_to_fp16(tensors[f"{VISION_BLOCKS}{i}.VPT_shallow"])
+        prompts[f"image_encoder.deep_ctx.{i - 1}"] = tensors[f"{VISION_BLOCKS}{i}.VPT_shallow"]
     for i in range(1, depth_text):
-        prompts[f"prompt_learner.deep_ctx.{i - 1}"] = round_to_fp16(tensors[f"{TEXT_BLOCKS}{i}.VPT_shallow"])
+        prompts[f"prompt_learner.deep_ctx.{i - 1}"] = tensors[f"{TEXT_BLOCKS}{i}.VPT_shallow"]
     return prompts

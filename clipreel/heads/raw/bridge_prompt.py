@@ -15,7 +15,9 @@ Where ViFi-CLIP's prompt checkpoint keys land here (for a converter):
 ``image_encoder.transformer.resblocks.i.VPT_shallow`` -> ``image_encoder.deep_ctx.{i-1}``;
 ``prompt_learner.ctx`` -> ``prompt_learner.ctx``;
 ``text_encoder.transformer.resblocks.i.VPT_shallow`` -> ``prompt_learner.deep_ctx.{i-1}``.
-ViFi-CLIP casts its prompts to fp16 inside forward; here they take the dtype of the tokens.
+ViFi-CLIP casts its vision prompts and deep text prompts to fp16 inside forward (not the text
+ctx); ``fp16_prompts`` does the same (on for imported ViFi-CLIP models), else they take the dtype of
+the tokens.
 
 ``state_dict()`` holds the prompts and ``logit_scale`` only: rebuild with the same CLIP checkpoint,
 then ``load_state_dict``. Frames (B, T, 3, S, S) are normalised with ImageNet statistics.
@@ -40,6 +42,7 @@ from clipreel.heads.layers import (
     check_clips,
     check_standard_vit,
     cosine_logits,
+    fp16_rounded,
     logit_scale_of,
     patch_stem,
 )
@@ -61,24 +64,30 @@ class BridgePromptConfig(JsonConfig):
     depth_text: int = ranged(9, SIZE)
     ctx_init: str | None = "a photo of a"  # initial text ctx when n_ctx_text <= 4, else random
     gradient_checkpointing: bool = False  # recompute each image block in the backward pass (GPU memory)
+    # True: the vision prompts and the deep text prompts are rounded to fp16 as they are used, as
+    # ViFi-CLIP's `clip/model.py` casts them with .half() (the text ctx is not)
+    fp16_prompts: bool = False
 
     @classmethod
     def few_shot(cls) -> BridgePromptConfig:
         return cls(n_ctx_vision=10, n_ctx_text=10, depth_vision=12, depth_text=12)
 
     def text_prompt_config(self) -> TextPromptConfig:
-        return TextPromptConfig(n_ctx=self.n_ctx_text, ctx_init=self.ctx_init, deep_depth=self.depth_text)
+        return TextPromptConfig(n_ctx=self.n_ctx_text, ctx_init=self.ctx_init, deep_depth=self.depth_text,
+                                fp16_deep_prompts=self.fp16_prompts)
 
 
 class PromptedImageEncoder(nn.Module):
     """The frozen image tower with deep vision prompts: images (N, 3, S, S) -> embeddings (N, E)."""
 
-    def __init__(self, clip: FrozenCLIP, n_ctx: int, depth: int, gradient_checkpointing: bool = False):
+    def __init__(self, clip: FrozenCLIP, n_ctx: int, depth: int, gradient_checkpointing: bool = False,
+                 fp16_prompts: bool = False):
         super().__init__()
         visual = clip.model.visual
         check_standard_vit(visual, "bridge-and-prompt")
         self.clip = clip
         self.gradient_checkpointing = gradient_checkpointing
+        self.fp16_prompts = fp16_prompts
         blocks = visual.transformer.resblocks
         if depth > len(blocks):
             raise ClipreelError(
@@ -96,6 +105,8 @@ class PromptedImageEncoder(nn.Module):
 
     def _with_prompts(self, x: torch.Tensor, prompts: torch.Tensor, replace: bool) -> torch.Tensor:
         """Append prompts (n_ctx, width) to x (N, L, width), or replace x's last n_ctx tokens by them."""
+        if self.fp16_prompts:
+            prompts = fp16_rounded(prompts)
         prompts = prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # (N, n_ctx, width)
         kept = x[:, : -self.n_ctx] if replace else x
         return torch.cat([kept, prompts], dim=1)
@@ -133,7 +144,7 @@ class BridgePrompt(MethodModel):
         clip = FrozenCLIP(clip_model, tokenizer)
         self.image_size = int(clip_model.visual.image_size[0])
         self.image_encoder = PromptedImageEncoder(clip, self.config.n_ctx_vision, self.config.depth_vision,
-                                                  self.config.gradient_checkpointing)
+                                                  self.config.gradient_checkpointing, self.config.fp16_prompts)
         self.prompt_learner = TextPromptLearner(clip, classnames, self.config.text_prompt_config())
         self.register_buffer("logit_scale", logit_scale_of(clip_model))
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,15 @@ class EZCLIPConfig(JsonConfig):
     train_temporal_embedding: bool = False
     # How a class name becomes its text; EZ-CLIP's own texts are LLM-written class descriptions, tokenized as "{}".
     template: str = "{}"
+    # Each class's text by class name, e.g. EZ-CLIP's LLM-written descriptions (its GPT_discription/*.csv):
+    # used as they are, instead of the template; classes without one get the template.
+    descriptions: dict[str, str] = field(default_factory=dict)
+    # None: scores are exp(logit_scale) * cosine; a number s: s * cosine (EZ-CLIP's test.py scores with 100).
+    score_scale: float | None = ranged(None, POSITIVE)
+
+    def class_text(self, name: str) -> str:
+        """The text a class is scored against: its description, else the template around its readable name."""
+        return self.descriptions.get(name) or self.template.format(readable_classname(name))
 
 
 class Adapter(nn.Module):
@@ -230,8 +239,12 @@ class EZCLIP(nn.Module):
         return self.clip.text_features(x, token_ids)  # (K, E)
 
     def logits(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """exp(logit_scale) * cos(video (B, E), text (K, E)) -> (B, K); logit_scale is CLIP's, frozen."""
-        return cosine_logits(video_embeds, text_embeds, self.clip.model.logit_scale)
+        """exp(logit_scale) * cos(video (B, E), text (K, E)) -> (B, K), logit_scale CLIP's (frozen);
+        or score_scale * cos when the config sets one."""
+        if self.config.score_scale is None:
+            return cosine_logits(video_embeds, text_embeds, self.clip.model.logit_scale)
+        video, text = F.normalize(video_embeds, dim=-1), F.normalize(text_embeds.to(video_embeds.dtype), dim=-1)
+        return self.config.score_scale * video @ text.t()  # (B, K)
 
     # -- EZ-CLIP checkpoints ----------------------------------------------------------------
 
@@ -262,8 +275,8 @@ class EZCLIP(nn.Module):
 class EZCLIPClassifier(MethodModel):
     """EZ-CLIP plus its class texts, so that it answers like the other methods.
 
-    EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}"; without such
-    descriptions the class name stands in (``config.template`` may dress it). forward(frames) ->
+    EZ-CLIP describes each class with one LLM-written sentence tokenized as "{}" (``config.descriptions``);
+    a class without one is its name (``config.template`` may dress it). forward(frames) ->
     logits (B, K), frame_embeds (B, T, E), video_embeds (B, E). ``state_dict()`` is EZ-CLIP's under
     ``ezclip.`` (the frozen CLIP left out). Its prompts and adapters train in one AdamW group (EZ-CLIP's
     `utils/solver.py`: `MethodModel`'s parameter_groups), with its own loss.
@@ -281,7 +294,7 @@ class EZCLIPClassifier(MethodModel):
         if not classnames:
             raise ClipreelError("EZ-CLIP: no class names given; pass the label map's class names.")
         self.classnames = list(classnames)
-        texts = [self.config.template.format(readable_classname(name)) for name in classnames]
+        texts = [self.config.class_text(name) for name in classnames]
         self.register_buffer("token_ids", self.ezclip.clip.tokenize(texts), persistent=False)  # (K, C)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -41,6 +41,9 @@ class ViFiConfig(JsonConfig):
 
     variant: str = "both"  # "both" (ViFi-CLIP), "image" (image-FT) or "text" (text-FT)
     template: str = "a photo of a {}."
+    # True: the class name goes into the template as it is, underscores included, as ViFi-CLIP's
+    # `trainers/vificlip.py` does with its label files' names; False: underscores read as spaces.
+    verbatim_classnames: bool = False
     gradient_checkpointing: bool = False  # recompute each block of both towers in the backward pass (GPU memory)
 
     def __post_init__(self):
@@ -104,7 +107,8 @@ class ViFiCLIP(MethodModel):
         """Tokenize the template for each class (class-dependent, so not saved)."""
         if not classnames:
             raise ClipreelError("ViFiCLIP: no class names given: pass the label map's class names.")
-        texts = [self.config.template.format(readable_classname(name)) for name in classnames]
+        spell = (lambda name: name) if self.config.verbatim_classnames else readable_classname
+        texts = [self.config.template.format(spell(name)) for name in classnames]
         device = self.clip.logit_scale.device
         self.classnames = list(classnames)
         self.register_buffer("token_ids", self.tokenizer(texts).to(device), persistent=False)  # (K, C)

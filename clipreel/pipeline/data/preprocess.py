@@ -2,8 +2,9 @@
 
 Everything is torch, so it runs wherever the frames are: on the GPU when DALI decoded there
 and the model is there too. The evaluation transform of the reference methods:
-resize the short side to S (antialiased bilinear on float pixels), cut one centre S x S crop
-or three crops along the long side (start, centre, end; EVL and X-CLIP multi-view testing),
+resize the short side to S (antialiased bilinear on float pixels), or to a larger `short_side`
+(X-CLIP's single-view test, ViFi-CLIP and EZ-CLIP: 256 before a 224 crop), cut one centre S x S
+crop or three crops along the long side (start, centre, end; EVL and X-CLIP multi-view testing),
 then normalise with CLIP or ImageNet statistics on [0, 1] pixels.
 """
 
@@ -26,13 +27,15 @@ FRAMES_PER_CHUNK = 16  # frames resized at once: bounds float memory for long, l
 
 @dataclass(frozen=True)
 class PreprocessConfig(JsonConfig):
-    """Output size S, normalisation, crops (1 = centre, 3 = start/centre/end of the long side)."""
+    """Output size S, normalisation, crops (1 = centre, 3 = start/centre/end of the long side), and
+    the short side the frames are resized to before cropping (None: S)."""
 
     image_size: int = ranged(224, SIZE)
     mean: tuple[float, float, float] = NORMS["clip"][0]
     std: tuple[float, float, float] = NORMS["clip"][1]
     crops: int = 1
     interpolation: str = "bilinear"
+    short_side: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +55,26 @@ class PreprocessConfig(JsonConfig):
             raise ClipreelError(
                 f"interpolation {self.interpolation!r} is unknown: choose one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.short_side is not None and (
+            not isinstance(self.short_side, (int, np.integer)) or self.short_side < self.image_size
+        ):
+            raise ClipreelError(
+                f"short side {self.short_side!r}: the frames are resized to it before the {self.image_size}-pixel "
+                f"crop, so give a whole number >= {self.image_size} (or leave it out: {self.image_size})"
+            )
+
+    @property
+    def resize_to(self) -> int:
+        """The short side the frames are resized to before cropping."""
+        return self.image_size if self.short_side is None else int(self.short_side)
+
+    def to_dict(self) -> dict:
+        """As JsonConfig, without `short_side` while it is unset: stores record this dict as their
+        provenance, and one made with the plain resize reads the same as before the field existed."""
+        values = super().to_dict()
+        if values["short_side"] is None:
+            del values["short_side"]
+        return values
 
     @classmethod
     def from_norm(cls, norm: str, image_size: int = 224, crops: int = 1) -> PreprocessConfig:
@@ -82,8 +105,8 @@ def preprocess(
     if frames.shape[0] == 0:
         return torch.empty((cfg.crops, 0, 3, size, size), device=frames.device)
     chunks = frames.split(FRAMES_PER_CHUNK)
-    # (F, 3, H', W') with min(H', W') = S
-    resized = torch.cat([_resize_short_side(chunk, size, cfg.interpolation) for chunk in chunks])
+    # (F, 3, H', W') with min(H', W') = the short side (S unless cfg.short_side)
+    resized = torch.cat([_resize_short_side(chunk, cfg.resize_to, cfg.interpolation) for chunk in chunks])
     crops = _crops(resized, size, cfg.crops)  # (C, F, 3, S, S)
     mean = torch.tensor(cfg.mean, device=crops.device).view(1, 1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=crops.device).view(1, 1, 3, 1, 1)

@@ -58,9 +58,10 @@ class RawFrameDataset(Dataset):
 
     train=True: random TSN-style offsets (`sampling` with random=True, one view) and `augment_clip`;
     item i is {"frames": (T, 3, S, S) float32, "label": int, "row": int}.
-    train=False: `sampling` as given (segment centres for tsn) and the evaluation transform; with
-    V views and `crops` (1 centre, 3 along the long side) item i's frames are (V * crops, T, 3, S, S),
-    view-major (view 0's crops first), for multi-view testing.
+    train=False: `sampling` as given (segment centres for tsn) and the evaluation transform (the
+    short side resized to `short_side`, default S, before cropping); with V views and `crops`
+    (1 centre, 3 along the long side) item i's frames are (V * crops, T, 3, S, S), view-major
+    (view 0's crops first), for multi-view testing.
 
     decoder: "pyav" or "dali" (`clipreel.pipeline.data.decode.make_decoder`) for frames on `device`:
     DALI on "cuda:k" decodes with NVDEC into GPU memory, and the augmentation runs there too, so the
@@ -86,6 +87,7 @@ class RawFrameDataset(Dataset):
         crops: int = 1,
         decoder: str = "pyav",
         device: str = "cpu",
+        short_side: int | None = None,
         on_bad_video: str = "stop",
     ):
         missing = {"path", "label", "video_id"} - set(rows.columns)
@@ -100,7 +102,7 @@ class RawFrameDataset(Dataset):
         self.train = train
         self.sampling = dataclasses.replace(sampling, random=True, views=1) if train else sampling
         self.augment = augment
-        self.eval_preprocess = dataclasses.replace(augment.preprocess_config, crops=crops)
+        self.eval_preprocess = dataclasses.replace(augment.preprocess_config, crops=crops, short_side=short_side)
         self.seed = seed
         self.epoch = 0
         self.decoder_name, self.device = choose_decoder(decoder, device), str(device)

@@ -5,6 +5,9 @@ decoder reads exactly these indices, and the feature store records them, so a ru
 reproduced and audited. Randomness is seeded from (seed, video key) with a stable hash: the same
 video gets the same indices in any process, on any machine, in any order.
 
+`segment_indices` samples inside one segment of an untrimmed video (--start/--end, a list's
+start,end columns).
+
 Policies:
 - ``tsn``: T equal segments (X-CLIP, ViFi-CLIP, EZ-CLIP). Test: segment centres (view v of V
   takes offset (v + 0.5) / V inside each segment). Train: a random offset in each segment.
@@ -65,6 +68,27 @@ def sample_indices(num_frames: int, cfg: SamplingConfig, key: str) -> np.ndarray
     else:
         indices = _uniform(num_frames, cfg.frames, cfg.views, rng)
     return np.clip(indices, 0, num_frames - 1).astype(np.int64)
+
+
+def segment_indices(num_frames: int, fps: float, start: float | None, end: float | None, cfg: SamplingConfig,
+                    key: str) -> np.ndarray:
+    """`sample_indices` inside the segment [start, end] seconds of a video (None: its first / last frame).
+
+    Frame i is shown at i / fps: the segment holds frames floor(start * fps) .. ceil(end * fps) - 1
+    (at least one). The indices are absolute frame indices of the video, (V, T).
+    """
+    if start is None and end is None:
+        return sample_indices(num_frames, cfg, key)
+    if not fps > 0:
+        raise ClipreelError(f"video {key!r} declares no frame rate, so the segment {start}..{end} s cannot be placed")
+    first = int(np.floor((start or 0.0) * fps))
+    stop = num_frames if end is None else min(num_frames, int(np.ceil(end * fps)))
+    if first >= num_frames:
+        raise ClipreelError(
+            f"video {key!r}: the segment starts at {start} s, after the video's end ({num_frames / fps:.2f} s); "
+            "give a start inside the video"
+        )
+    return sample_indices(max(stop, first + 1) - first, cfg, key) + first
 
 
 def stable_seed(*parts) -> int:

@@ -3,8 +3,9 @@
 Formats (detected from the source itself):
 - a **folder per class**: `SOURCE/<class name>/<video files>` (searched recursively; video files directly
   in SOURCE are kept as unlabelled);
-- a **plain CSV** whose header has `path` and optionally `label`, `label_name`, `split`, `video_id` (other
-  columns are ignored); a class may be given by name only, in `label_name`;
+- a **plain CSV** whose header has `path` and optionally `label`, `label_name`, `split`, `video_id`,
+  `start`, `end` (seconds: the segment of an untrimmed video to sample inside; other columns are
+  ignored); a class may be given by name only, in `label_name`;
 - a **Kinetics CSV**: header `label,youtube_id,time_start,time_end,split[,is_cc]`; the video file is
   `{youtube_id}_{time_start:06d}_{time_end:06d}.<ext>`, looked for under the root;
 - a **"path label" list** (UCF101 / HMDB51 / SSv2 / mmaction style, whitespace separated, no header):
@@ -13,8 +14,8 @@ Formats (detected from the source itself):
 
 Relative paths resolve against `root` if given, else the list file's folder. A video's id is its path
 relative to that root without the extension (Kinetics: `youtube_id_start_end`; a plain CSV may name it
-in a `video_id` column). Lists and label maps are UTF-8 text. Every problem the user can fix raises
-`ClipreelError` naming the file, the line and the fix.
+in a `video_id` column; a row with a segment gets `_START-END` appended). Lists and label maps are
+UTF-8 text. Every problem the user can fix raises `ClipreelError` naming the file, the line and the fix.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Row:
     label_name: str  # class name as written, "" when the row gives none
     split: str
     video_id: str | None = None  # set by readers that name videos themselves (Kinetics)
+    start: float | None = None  # seconds: the segment of the video to sample inside (plain CSV start,end)
+    end: float | None = None
 
 
 def read_sources(
@@ -151,9 +154,27 @@ def _read_plain_csv(path: Path, default_split: str) -> list[_Row]:
                 label_name=values.get("label_name", ""),
                 split=values.get("split", "") or default_split,
                 video_id=values.get("video_id", "") or None,
+                start=_parse_seconds(values.get("start", ""), "start", where),
+                end=_parse_seconds(values.get("end", ""), "end", where),
             )
         )
+        if rows[-1].start is not None and rows[-1].end is not None and rows[-1].end <= rows[-1].start:
+            raise ClipreelError(f"{where}: the segment ends ({rows[-1].end} s) before it starts ({rows[-1].start} s); "
+                                "give end > start")
     return rows
+
+
+def _parse_seconds(text: str, column: str, where: str) -> float | None:
+    """A time in seconds (>= 0), or None for an empty cell."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ClipreelError(f"{where}: {column} {text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise ClipreelError(f"{where}: {column} {text!r} must be 0 or more seconds")
+    return value
 
 
 def _read_kinetics(path: Path, base: Path, default_split: str) -> list[_Row]:
@@ -405,7 +426,7 @@ def _records(rows: list[_Row], base: Path, source: Path, skip_missing: bool, mis
     missing, not_files = [], []
     for row in rows:
         path = Path(os.path.abspath(base / _expand_user(row)))
-        video_id = row.video_id or _video_id(path, base)
+        video_id = row.video_id or _video_id(path, base) + _segment_suffix(row)
         if video_id in first:
             first_where, first_path = first[video_id]
             if first_path == path:
@@ -421,6 +442,8 @@ def _records(rows: list[_Row], base: Path, source: Path, skip_missing: bool, mis
             "label": row.label,
             "label_name": row.label_name,
             "split": row.split,
+            "start": row.start,
+            "end": row.end,
         }
         kind = _file_kind(path)
         if kind == "missing":
@@ -459,6 +482,13 @@ def _records(rows: list[_Row], base: Path, source: Path, skip_missing: bool, mis
             )
         raise ClipreelError("\n".join(problems) + "\nOr pass --skip-missing to record them as failed and go on.")
     return records
+
+
+def _segment_suffix(row: _Row) -> str:
+    """"_START-END" (seconds) for a row that samples one segment, so that segments of a file are videos of their own."""
+    if row.start is None and row.end is None:
+        return ""
+    return f"_{row.start or 0:g}-{'end' if row.end is None else f'{row.end:g}'}"
 
 
 def _expand_user(row: _Row) -> Path:
