@@ -197,9 +197,9 @@ def test_every_option_is_checked_against_its_type_and_range(family, name):
     what = f"{family} {name}"
     for field in dataclasses.fields(config_class):
         kind = types[field.name]
-        plain = {int | None: int, str | None: str}.get(kind, kind)
+        plain = {int | None: int, float | None: float, str | None: str, dict[str, str]: dict}.get(kind, kind)
         wrong = {bool: ["maybe", 1], int: [2.5, True, "two"], float: ["x", float("inf"), float("nan"), False],
-                 str: [1, True]}[plain]
+                 str: [1, True], dict: ["x", 1, ["a"]]}[plain]
         for value in wrong:
             with pytest.raises(ClipreelError, match=f"--option {field.name}=.*: the {field.name} of {what} must be"):
                 config_class.checked_options({field.name: value}, what)
