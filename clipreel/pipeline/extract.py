@@ -15,6 +15,11 @@ SIGKILL of the whole job) never leaves a half-written video marked done, and re-
 command only computes what is missing. Bad files never stop the job: their errors travel as rows
 and end up in the manifest with status `failed`.
 
+Every setting is checked before anything happens (no store created, no lease taken, no Ray
+started): the numbers, the list, the sampling, the decoder, and the backbone itself (model, weights,
+tapped blocks, normalisation, crops), which the driver builds once on the CPU for the shapes and
+provenance the store records.
+
 The driver holds the store's writer lease for the whole run (a second extract on the same store
 waits or is refused), and merges statuses into the manifest in storage rather than overwriting
 it. Before computing it completes an interrupted append, and on request repairs the store
@@ -30,6 +35,7 @@ whichever node they run, with the storage options and variables the driver hands
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -142,16 +148,29 @@ class WriterLog:
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`, holding its writer lease."""
     started = time.perf_counter()
+    from clipreel.heads.clip import register_builtin_models
+    from clipreel.heads.taps import Backbone, BackboneConfig
+    from clipreel.pipeline.data.preprocess import PreprocessConfig
     from clipreel.pipeline.data.sources import read_sources
 
+    _check_numbers(cfg)
+    sampling = cfg.sampling_config()
+    choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder
     sources = read_sources(
         cfg.videos,
         root=Path(cfg.root) if cfg.root else None,
         label_map=Path(cfg.labels) if cfg.labels else None,
         skip_missing=cfg.skip_missing,
     )
-    sampling = cfg.sampling_config()
-    choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder before anything starts
+    register_builtin_models()
+    # The driver builds the backbone once on the CPU: it refuses a bad model, weights, blocks or norm,
+    # and gives the shapes and provenance the store records.
+    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
+    preprocess = PreprocessConfig(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops)
+    provenance = _provenance(backbone, sampling, preprocess)
+    if FeatureStore.exists(cfg.out):  # checked again under the lease, where the store is opened for writing
+        _refuse_other_settings(cfg.out, FeatureStore.open(cfg.out).provenance, provenance)
     location = store_location(cfg.out)
     started_ray = False
     try:
@@ -161,7 +180,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             started_ray = ensure_ray(cfg.address)
             check_every_node_sees(location)
         with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
-            return _extract_holding_lease(cfg, sources, sampling, lease, started, progress)
+            return _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started,
+                                          progress)
     finally:
         if started_ray:
             import ray
@@ -169,26 +189,25 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             ray.shutdown()
 
 
-def _extract_holding_lease(cfg, sources, sampling, lease, started: float, progress: bool) -> ExtractSummary:
+def _check_numbers(cfg: ExtractConfig) -> None:
+    """Refuse the counts that Ray or the store would trip over later."""
+    problems = []
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size {cfg.batch_size}: give at least 1 video per backbone batch")
+    if cfg.workers is not None and cfg.workers < 1:
+        problems.append(f"--workers {cfg.workers}: give at least 1 backbone actor (or leave it out: one per GPU, "
+                        "else one per CPU)")
+    if not (math.isfinite(cfg.wait) and cfg.wait >= 0):
+        problems.append(f"--wait {cfg.wait}: give the seconds to wait for the writer lease, 0 or more")
+    if problems:
+        raise ClipreelError("clipreel extract: " + "; ".join(problems))
+
+
+def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started: float,
+                           progress: bool) -> ExtractSummary:
     """run_extract's work, while this process holds the store's writer lease."""
-    # Ray starts first: it comes up while this process loads the model, which takes about as long.
     started_ray = ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
     try:
-        from clipreel.heads.clip import register_builtin_models
-        from clipreel.heads.taps import Backbone, BackboneConfig
-        from clipreel.pipeline.data.preprocess import PreprocessConfig
-
-        register_builtin_models()
-        # The driver builds the backbone once on the CPU: it fails fast on bad model/weights,
-        # and gives the shapes and provenance the store records.
-        backbone = Backbone(
-            BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
-                           trust_checkpoint_code=cfg.trust_checkpoint_code)
-        )
-        preprocess = PreprocessConfig(
-            image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops
-        )
-        provenance = _provenance(backbone, sampling, preprocess)
         store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess)
         repairs = _make_consistent(store, cfg)
         _add_new_videos(store, sources)
@@ -286,13 +305,7 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
     """Open the store at `path` (refusing different settings), or create it with `sources` as its videos."""
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
-        differences = provenance_diff(store.provenance, provenance)
-        if differences:
-            raise ClipreelError(
-                f"{path} was extracted with different settings:\n  - "
-                + "\n  - ".join(differences)
-                + "\nUse the same settings to resume or add videos, or choose a new --out."
-            )
+        _refuse_other_settings(path, store.provenance, provenance)
         return store
     layout = StoreLayout(
         videos=len(sources),
@@ -304,6 +317,17 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
         embed_dim=backbone.embed_dim,
     )
     return FeatureStore.create(path, layout, provenance, sources)
+
+
+def _refuse_other_settings(path, store_provenance: dict, provenance: dict) -> None:
+    """Refuse to add to a store extracted with other settings, naming each."""
+    differences = provenance_diff(store_provenance, provenance)
+    if differences:
+        raise ClipreelError(
+            f"{path} was extracted with different settings:\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse the same settings to resume or add videos, or choose a new --out."
+        )
 
 
 def _make_consistent(store: FeatureStore, cfg: ExtractConfig) -> list[str]:
