@@ -66,7 +66,7 @@ from clipreel.stores.audit import require_done_videos
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.location import StoreAccess, store_location
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
-from clipreel.stores.runs import METRICS_FILE, save_run
+from clipreel.stores.runs import METRICS_FILE, load_weights, save_run
 
 # The TrainSummary fields that metrics.json keeps.
 METRIC_NAMES = ("epochs", "resumed_from_epoch", "train_videos", "val_videos", "skipped_videos", "train_loss",
@@ -230,7 +230,8 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     head, head_config = create_head(cfg.kind, store_layout=store.layout, provenance=store.provenance,
                                     classnames=data.classnames, options=cfg.options, text_model=text_model)
     if cfg.start is not None:
-        head.load_state_dict(start_weights(cfg.start, cfg.kind, head_config, data.classnames, store.provenance))
+        load_weights(head, start_weights(cfg.start, cfg.kind, head_config, data.classnames, store.provenance),
+                     f"--start {cfg.start}", "Start from a run of this head with the same config.")
 
     # 2. Resume the run directory if it holds an earlier run of the same command.
     run_dir = Path(cfg.out)
