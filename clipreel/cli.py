@@ -226,7 +226,8 @@ def train(
     store: str = typer.Option(..., help="Feature store to train from (written by clipreel extract): a folder or a URL."),
     out: Path = typer.Option(..., help="Run directory; re-running the same command resumes it."),
     split: str = typer.Option("train", help="Manifest split to train on."),
-    val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' to skip)."),
+    val_split: str = typer.Option("val", help="Split to validate on after each epoch ('' for none; a store "
+                                              "without a 'val' split trains without validation)."),
     epochs: int = typer.Option(10, help="Passes over the training videos."),
     lr: Optional[float] = options.LR,
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: the head's recipe)."),
@@ -291,6 +292,7 @@ def finetune(
     seed: int = options.SEED,
     option: list[str] = options.OPTION,
     device: str = options.DEVICE,
+    on_bad_video: str = options.ON_BAD_VIDEO,
     progress: bool = options.PROGRESS,
 ) -> None:
     """Fine-tune or prompt the backbone itself on raw frames (prints the trainable-parameter count first)."""
@@ -301,13 +303,16 @@ def finetune(
         batch_size=batch_size, accumulate=accumulate, frames=frames, mixup=mixup,
         augment=options.parse_options(augment, "--augment"), workers=workers, decoder=decoder, loader=loader,
         address=address, seed=seed, options=options.parse_options(option), device=device,
-        trust_checkpoint_code=trust_checkpoint_code,
+        trust_checkpoint_code=trust_checkpoint_code, on_bad_video=on_bad_video,
     ), progress=progress)
     console.print(f"finetune {summary.method} → {summary.run_dir}", highlight=False)
     console.print(f"  trainable    {summary.trainable_parameters:,} parameters", highlight=False)
     console.print(f"  epochs       {summary.epochs} (resumed after {summary.resumed_from_epoch})", highlight=False)
     if summary.val_top1 is not None:
         console.print(f"  val top-1    {summary.val_top1:.3f} (best {summary.best_val_top1:.3f})", highlight=False)
+    if summary.skipped_videos:
+        console.print(f"  skipped      {summary.skipped_videos} video(s) that cannot be decoded: "
+                      f"{Path(summary.run_dir) / 'skipped.csv'}", highlight=False)
     console.print(f"  seconds      {summary.seconds:.1f}", highlight=False)
 
 
@@ -328,6 +333,7 @@ def eval_(
     decoder: str = options.DECODER,
     loader: str = options.LOADER,
     device: str = options.DEVICE,
+    on_bad_video: str = options.ON_BAD_VIDEO,
     storage_option: list[str] = options.STORAGE_OPTION,
 ) -> None:
     """Score a trained run on a held-out split: top-1/top-5, mean class accuracy, per class, confusion matrix.
@@ -344,7 +350,13 @@ def eval_(
         report=str(report) if report else None, store_checkpoint=store_checkpoint,
         trust_checkpoint_code=trust_checkpoint_code, classes=str(classes) if classes else None, views=views,
         crops=crops, batch_size=batch_size, workers=workers, decoder=decoder, loader=loader, device=device,
+        on_bad_video=on_bad_video,
     ))
+    if scores["classes_matched_by_name"]:
+        console.print("classes matched by name: the labels number the run's classes otherwise", highlight=False)
+    if scores.get("skipped_videos"):
+        console.print(f"skipped {len(scores['skipped_videos'])} video(s) that cannot be decoded (listed in the "
+                      "report)", highlight=False)
     _print_scores(f"eval {scores['kind']} on {split}", scores, path)
 
 

@@ -83,6 +83,10 @@ DECODE_WORKERS_OPTION = typer.Option(DECODE_WORKERS, "--workers", help="Decode w
 DECODER = typer.Option("auto", help=DECODER_HELP)
 LOADER = typer.Option("auto", help=LOADER_HELP)
 PROGRESS = typer.Option(True, help="Show a progress bar.")
+ON_BAD_VIDEO = typer.Option("stop", help="A video that cannot be decoded (or is missing): stop (the first one stops "
+                                         "the command, naming its row in the list), or skip (left out of its batch; "
+                                         "the rest go on). finetune lists the skipped videos in RUN_DIR/skipped.csv "
+                                         "(video_id, path, split, error), eval in its report (skipped_videos).")
 STORAGE_OPTION = typer.Option(
     [], "--storage-option",
     help="fsspec storage option key=value for object-store URLs, repeatable (endpoint_url=…, anon=true, "
@@ -100,8 +104,8 @@ SEED = typer.Option(0, help="Seeds initialisation, order, views, sampling, augme
 
 # --- which videos and classes
 SPLIT = typer.Option("test", help="Manifest split to score.")
-CLASSES = typer.Option(None, help="Label map naming the store's label ids (one class name per line, "
-                                  "line i = label i).")
+CLASSES = typer.Option(None, help="Label map naming the store's (or video list's) label ids (one class name "
+                                  "per line, line i = label i).")
 REPORT = typer.Option(None, help="JSON report path; the confusion PNG goes next to it.")
 VIEWS = typer.Option(1, help="Raw videos: temporal views per video (scores: mean softmax over views).")
 

@@ -1,12 +1,15 @@
 """Shared fixtures: one local Ray for the whole session, torch on one thread, the tiny CLIP (shared,
 or fresh ones free to train, and one training step of a method on it), three real encoded videos,
-the synthetic world extracted once into a feature store, and a real S3 endpoint on 127.0.0.1."""
+the synthetic world extracted once into a feature store, a real S3 endpoint on 127.0.0.1, and the
+`clipreel` command run in this process."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import os
+import sys
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +126,41 @@ def synth_store(ray_local, tmp_path_factory) -> SynthStore:
     ])
     assert result.exit_code == 0, result.output
     return store
+
+
+@dataclass
+class CliResult:
+    """What a `clipreel` command did: its exit code and everything it printed (and, for an uncaught
+    exception, the traceback Python would print), whitespace runs as single spaces."""
+
+    exit_code: int
+    output: str
+
+
+@pytest.fixture
+def clipreel_cli(capsys, monkeypatch):
+    """Runs `clipreel ARGS...` in this process through the command's own entry point
+    (`clipreel.cli.main`: a ClipreelError prints one message and exits 2) -> CliResult."""
+    from clipreel import cli
+
+    monkeypatch.setenv("COLUMNS", "100000")  # rich wraps long paths only at this width: they stay whole
+    monkeypatch.setattr(cli.console, "width", 100000)
+
+    def run(*args) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["clipreel", *(str(arg) for arg in args)])
+        capsys.readouterr()
+        uncaught = ""
+        try:
+            cli.main()
+            exit_code = 0
+        except SystemExit as stop:
+            exit_code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except Exception:  # what the interpreter would print and exit 1 with
+            exit_code, uncaught = 1, traceback.format_exc()
+        printed = capsys.readouterr()
+        return CliResult(exit_code, " ".join((printed.out + printed.err + uncaught).split()))
+
+    return run
 
 
 @pytest.fixture(scope="session")

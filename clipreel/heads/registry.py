@@ -155,7 +155,8 @@ def create_head(name: str, *, store_layout, provenance: Mapping, classnames: Seq
     """A new head `name` for a store of `store_layout` and these classes -> (head, its JSON config).
 
     The store fixes the sizes (width, frames, feature blocks, grid, embedding width); `options` are
-    the head's other hyper-parameters (e.g. {"n_ctx": 4} for text-prompt). Heads that score against
+    the head's other hyper-parameters (e.g. {"n_ctx": 4} for text-prompt), checked against the head's
+    config class (names, types, ranges: `JsonConfig.checked_options`). Heads that score against
     class text need `text_model`, the store's CLIP (`heads.clip.load_text_model`). `rebuild_head`
     turns the config back into the same architecture.
     """
@@ -171,7 +172,7 @@ def create_head(name: str, *, store_layout, provenance: Mapping, classnames: Seq
             f"head options {fixed} of {name} are fixed by the store ({', '.join(f'{k}={sizes[k]}' for k in fixed)}); "
             "remove them, or extract a store with the sizes you want."
         )
-    _check_option_names(entry.config_class, options, f"head {name}", set(sizes))
+    options = entry.config_class.checked_options(options, f"head {name}", not_options=set(sizes))
     config = entry.config_class(**sizes, **options)
     return rebuild_head(name, config.to_dict(), classnames, text_model), config.to_dict()
 
@@ -208,15 +209,16 @@ def create_method(name: str, clip_model: nn.Module, tokenizer, classnames: Seque
                   options: Mapping | None = None) -> tuple[nn.Module, dict]:
     """The method's model around `clip_model` (taken over, not copied) -> (model, its config as a dict).
 
-    `options` are fields of the method's config class; one that the clip length fixes (`frames`)
-    comes from `frames`. Option defaults that depend on the CLIP come from the entry.
+    `options` are fields of the method's config class (names, types and ranges checked:
+    `JsonConfig.checked_options`); one that the clip length fixes (`frames`) comes from `frames`.
+    Option defaults that depend on the CLIP come from the entry.
     """
     entry = method_entry(name)
     options = dict(options or {})
     field_names = {field.name for field in dataclasses.fields(entry.config_class)}
     if "frames" in options:
         raise ClipreelError(f"--option frames: the frames per clip of {name} are --frames; remove the option.")
-    _check_option_names(entry.config_class, options, f"method {name}", {"frames"})
+    options = entry.config_class.checked_options(options, f"method {name}", not_options={"frames"})
     values = {**entry.clip_defaults(clip_model), **options}
     if "frames" in field_names:
         values["frames"] = frames
@@ -231,11 +233,3 @@ def rebuild_method(name: str, clip_model: nn.Module, tokenizer, classnames: Sequ
     entry = method_entry(name)
     return entry.model_class(clip_model, tokenizer, classnames, entry.config_class.from_dict(dict(config)))
 
-
-def _check_option_names(config_class: type, options: Mapping, what: str, not_options: set[str]) -> None:
-    """Refuse option names that are not fields of the config class (or that the caller sets itself)."""
-    known = sorted({field.name for field in dataclasses.fields(config_class)} - not_options)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ClipreelError(f"--option {', '.join(unknown)}: unknown options for {what}; its options are "
-                            f"{', '.join(known) or 'none'}.")

@@ -7,6 +7,11 @@
   (`--method`: where fine-tuning starts) or a fine-tuned run among the list's own classes (`--run`:
   zero-shot transfer, as X-CLIP and ViFi-CLIP test it).
 
+A run is scored on the classes it was trained on: its config.json records their names in label
+order, and the store's (or list's) labels must name the same classes (`match_classes`). The same
+names in another order are matched by name, and the report says so; a label naming a class the
+run does not know is refused, naming it.
+
 Every path scores each video by the mean softmax over its views (`pipeline.scoring`): from a store,
 every stored view; from raw videos, V temporal clips x C spatial crops decoded, sampled and
 preprocessed like the run's training clips but without augmentation. Each writes the same report:
@@ -37,7 +42,7 @@ from clipreel.heads.layers import image_size_of
 from clipreel.heads.registry import create_head, head_entry, method_entry
 from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.pipeline.data.frame_loaders import FrameLoading, frame_loader, resolve_loading
-from clipreel.pipeline.data.raw_frames import RawFrameDataset, augment_config, labelled_rows
+from clipreel.pipeline.data.raw_frames import RawFrameDataset, augment_config, check_on_bad_video, labelled_rows
 from clipreel.pipeline.data.sampling import SamplingConfig
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.models import (
@@ -48,6 +53,7 @@ from clipreel.pipeline.models import (
 )
 from clipreel.pipeline.reports import write_report_files
 from clipreel.pipeline.scoring import compute_metrics, predict_raw, predict_store
+from clipreel.stores.audit import require_done_videos
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import load_run, provenance_mismatch
@@ -71,7 +77,7 @@ class EvalConfig:
     report: str | None = None  # the JSON report (default RUN_DIR/eval-SPLIT.json); the confusion PNG goes next to it
     store_checkpoint: str | None = None  # the local checkpoint file a store was extracted from (text heads)
     trust_checkpoint_code: bool = False  # let a checkpoint that is a TorchScript archive (not OpenAI's) run its code
-    classes: str | None = None  # a label map naming the store's label ids, when they are not the manifest's names
+    classes: str | None = None  # a label map naming the store's (or list's) label ids, when they are not its own names
     views: int | None = None  # raw videos: temporal views per video (None: an imported run's record, else 1)
     crops: int | None = None  # raw videos: spatial crops per view, 1 or 3 (None: an imported run's record, else 1)
     batch_size: int = EVAL_BATCH_SIZE  # videos per batch, each with all its views
@@ -79,6 +85,7 @@ class EvalConfig:
     decoder: str = "auto"
     loader: str = "auto"
     device: str = "auto"
+    on_bad_video: str = "stop"  # raw videos: a video that cannot be decoded stops, or is "skip"ped (and reported)
 
 
 def evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
@@ -91,9 +98,10 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
                                     classes=cfg.classes, batch_size=cfg.batch_size, device=cfg.device,
                                     trust_code=cfg.trust_checkpoint_code)
     else:
-        report = evaluate_raw_run(cfg.run, cfg.videos, cfg.split, path, views=cfg.views, crops=cfg.crops,
-                                  batch_size=cfg.batch_size, workers=cfg.workers, decoder=cfg.decoder,
-                                  loader=cfg.loader, device=cfg.device, trust_code=cfg.trust_checkpoint_code)
+        report = evaluate_raw_run(cfg.run, cfg.videos, cfg.split, path, label_map=cfg.classes, views=cfg.views,
+                                  crops=cfg.crops, batch_size=cfg.batch_size, workers=cfg.workers,
+                                  decoder=cfg.decoder, loader=cfg.loader, device=cfg.device,
+                                  trust_code=cfg.trust_checkpoint_code, on_bad_video=cfg.on_bad_video)
     return report, path
 
 
@@ -174,6 +182,7 @@ def select_videos(
     """
     if others not in ("refuse", "leave out"):
         raise ClipreelError(f"select_videos: others={others!r}; choose 'refuse' or 'leave out'")
+    require_done_videos(store)
     manifest = store.manifest()
     in_split = (manifest["split"] == split).to_numpy()
     if not in_split.any():
@@ -244,6 +253,41 @@ def _video_classnames(videos: pd.DataFrame, label_map: Sequence[str] | None, whe
     return names
 
 
+def match_classes(run_classnames: Sequence[str], label_names: dict[int, str], where, run_dir) -> bool:
+    """Check that the labels of the videos to score (`label_names`: label id -> class name) name the
+    classes of the run, trained on `run_classnames` (label i = run_classnames[i]) -> True when some
+    label's name sits at another id in the run (the videos are then matched to the run's classes by
+    name), False when every label names the run's class of the same id.
+
+    A label id of the run that names a class the run does not know is refused, naming the first.
+    Labels beyond the run's classes (a source with more classes) are left to the closed-set check of
+    the videos scored.
+    """
+    renamed = [(label, name) for label, name in sorted(label_names.items())
+               if label < len(run_classnames) and name not in run_classnames]
+    if renamed:
+        label, name = renamed[0]
+        raise ClipreelError(
+            f"{where} names its classes otherwise than the run {run_dir} was trained on: its label {label} is "
+            f"{name!r}, the run's label {label} is {run_classnames[label]!r} (config.json, classnames), and "
+            f"{name!r} is none of the run's {len(run_classnames)} classes ({len(renamed)} such label(s)). Score "
+            "the run on videos labelled with its classes; if these label ids mean the run's classes under other "
+            "names, give --classes with a label map that names them as the run does."
+        )
+    return any(label >= len(run_classnames) or run_classnames[label] != name
+               for label, name in label_names.items() if name in run_classnames)
+
+
+def label_names(manifest: pd.DataFrame, label_map: Sequence[str] | None = None) -> dict[int, str]:
+    """label id -> class name of the manifest's labelled videos: label_map[label] when a label map is
+    given, else their label_name (unnamed labels, and labels beyond the label map, are left out)."""
+    labelled = manifest[manifest["label"] >= 0]
+    if label_map is not None:
+        return {int(label): label_map[label] for label in labelled["label"].unique() if label < len(label_map)}
+    named = labelled[labelled["label_name"] != ""]
+    return {int(label): str(name) for label, name in zip(named["label"], named["label_name"])}
+
+
 def store_classnames(store: FeatureStore) -> list[str]:
     """The store's class names by label id (the manifest's label_name of each label)."""
     return classnames_from_manifest(store.manifest(), str(store.path))
@@ -278,8 +322,9 @@ def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike
 
     The store's features must mean the same as those the head was trained on (same model, weights,
     frames, blocks, preprocessing; views and sampling may differ), else it is refused. Every video
-    must belong to one of the run's classes (closed set). `classes`: a label map naming the store's
-    label ids, when they are not the manifest's names.
+    must belong to one of the run's classes (closed set), and the store's labels must name the run's
+    classes (`match_classes`). `classes`: a label map naming the store's label ids, when they are not
+    the manifest's names.
     """
     run = load_run(run_dir)
     store = FeatureStore.open(store_path)
@@ -290,10 +335,12 @@ def evaluate_store_run(run_dir: str | os.PathLike, store_path: str | os.PathLike
             "scores would be meaningless:\n  - " + "\n  - ".join(differences)
             + "\nEvaluate on a store extracted with the run's settings (see its config.json, store.provenance)."
         )
+    require_done_videos(store)
     label_map = read_label_map(classes) if classes is not None else None
+    by_name = match_classes(run.classnames, label_names(store.manifest(), label_map), store_path, run_dir)
     videos = select_videos(store, split, run.classnames, label_map=label_map, others="refuse")
     head = trained_head(run, text_model=text_model_for(run.kind, store.provenance, store_checkpoint, trust_code))
-    report = {"kind": run.kind, "run": str(run_dir),
+    report = {"kind": run.kind, "run": str(run_dir), "classes_matched_by_name": by_name,
               **score_store(store, videos, run.kind, head, batch_size=batch_size, device=device)}
     if report_path is not None:
         write_report_files(report, report_path)
@@ -382,50 +429,74 @@ def eval_rows(manifest: pd.DataFrame, where: str, split: str, classnames: Sequen
 def score_raw(model: nn.Module, rows: pd.DataFrame, classnames: Sequence[str], *, frames: int, image_size: int,
               norm: str, views: int = 1, crops: int = 1, batch_size: int = EVAL_BATCH_SIZE,
               loading: FrameLoading | None = None, device: torch.device | str = "cpu",
-              sampling: SamplingConfig | None = None, short_side: int | None = None) -> dict:
+              sampling: SamplingConfig | None = None, short_side: int | None = None,
+              on_bad_video: str = "stop") -> dict:
     """compute_metrics of a raw-frame method on manifest `rows` (labels index `classnames`), with
     multi-view testing: each video's `views` temporal clips x `crops` spatial crops, mean of their softmax.
 
     sampling: the temporal sampling (default: TSN segment centres of `frames` frames, `views` views);
-    short_side: the short side frames are resized to before cropping (default: the crop size)."""
+    short_side: the short side frames are resized to before cropping (default: the crop size).
+    With on_bad_video "skip", videos that cannot be decoded are left out and listed ("skipped_videos")."""
     device = torch.device(device)
     loading = loading or resolve_loading("auto", "auto", device, workers=0)
     sampling = sampling or SamplingConfig(frames=frames, views=views)
     dataset = RawFrameDataset(rows, sampling, augment_config(image_size, norm), train=False, crops=crops,
-                              decoder=loading.decoder, device=loading.device, short_side=short_side)
-    probabilities, labels, _ = predict_raw(model, frame_loader(dataset, batch_size, loading, shuffle=False), device)
+                              decoder=loading.decoder, device=loading.device, short_side=short_side,
+                              on_bad_video=on_bad_video)
+    loader = frame_loader(dataset, batch_size, loading, shuffle=False)
+    probabilities, labels, _ = predict_raw(model, loader, device)
+    skipped = [{"video_id": rows.at[row, "video_id"], "path": rows.at[row, "path"], "error": error}
+               for row, error in loader.skipped.items()]
+    if len(labels) == 0:
+        raise ClipreelError(f"none of the {len(rows)} videos to score could be decoded, e.g. {skipped[0]['error']}")
     return {**compute_metrics(probabilities, labels, classnames), "classnames": list(classnames),
-            "views": sampling.views, "crops": crops}
+            "views": sampling.views, "crops": crops, "skipped_videos": skipped}
 
 
 def evaluate_raw_run(run_dir: str | os.PathLike, videos: str, split: str, report_path: Path | None = None, *,
-                     classes: Sequence[str] | None = None, views: int | None = None, crops: int | None = None,
+                     classes: Sequence[str] | None = None, label_map: str | None = None, views: int | None = None,
+                     crops: int | None = None,
                      batch_size: int = EVAL_BATCH_SIZE, workers: int = DECODE_WORKERS, decoder: str = "auto",
-                     loader: str = "auto", device: str = "auto", trust_code: bool = False) -> dict:
+                     loader: str = "auto", device: str = "auto", trust_code: bool = False,
+                     on_bad_video: str = "stop") -> dict:
     """A `clipreel finetune` (or imported) run's report on the raw videos of `split` (the JSON + PNG
     written at `report_path`).
 
     The model is rebuilt from the run's CLIP (model + pretrained, checked by checksum) and loaded
     with the run's weights. classes None: among the run's classes (every video's class must be one
-    of them); else among `classes`, which the run need not have seen (zero-shot transfer, novel
-    classes), leaving out the videos of other classes. An imported run is scored with its
-    reference's test preprocessing (sampling, views, crops, short side) unless views or crops are given.
+    of them, and the list's labels must name the run's classes: `match_classes`); else among
+    `classes`, which the run need not have seen (zero-shot transfer, novel classes), leaving out the
+    videos of other classes. label_map: a file naming the list's label ids (one name per line).
+    An imported run is scored with its reference's test preprocessing (sampling, views, crops, short
+    side) unless views or crops are given.
+    on_bad_video "skip": videos that cannot be decoded (or are missing) are left out and listed in the
+    report ("skipped_videos"); "stop": the first one stops the evaluation, naming it.
     """
+    check_on_bad_video(on_bad_video)
     run = load_run(run_dir)
+    manifest = read_sources(videos, label_map=Path(label_map) if label_map is not None else None,
+                            skip_missing=on_bad_video == "skip")
+    by_name = None
+    if classes is None:
+        by_name = match_classes(run.classnames, label_names(manifest), videos, run_dir)
     torch_device = resolve_device(device)
     model = trained_method_model(run.path, torch_device, trust_code)
     if classes is not None:
         model.set_classnames(list(classes))
     classnames = list(classes) if classes is not None else run.classnames
-    rows = eval_rows(read_sources(videos), videos, split, classnames,
-                     others="refuse" if classes is None else "leave out")
+    rows = eval_rows(manifest, videos, split, classnames, others="refuse" if classes is None else "leave out")
     config = run.head_config
     plan = run_clip_plan(run, views=views, crops=crops)
-    report = {"run": str(run.path), "kind": run.kind, "split": split,
+    report = {"run": str(run.path), "kind": run.kind, "split": split, "classes_matched_by_name": by_name,
               **score_raw(model, rows, classnames, frames=config["frames"], image_size=config["image_size"],
                           norm=config["norm"], crops=plan.crops, batch_size=batch_size, sampling=plan.sampling,
                           short_side=plan.short_side,
-                          loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device)}
+                          loading=resolve_loading(decoder, loader, torch_device, workers), device=torch_device,
+                          on_bad_video=on_bad_video)}
+    missing = manifest[(manifest["status"] == "failed") & (manifest["split"] == split) & (manifest["label"] >= 0)]
+    missing_files = [{"video_id": video_id, "path": path, "error": error}
+                     for video_id, path, error in zip(missing["video_id"], missing["path"], missing["error"])]
+    report["skipped_videos"] = missing_files + report["skipped_videos"]
     if report_path is not None:
         write_report_files(report, report_path)
     return report

@@ -23,6 +23,11 @@ SIGKILL of the whole job) never leaves a half-written video marked done, and re-
 command only computes what is missing. Bad files never stop the job: their errors travel as rows
 and end up in the manifest with status `failed`.
 
+Every setting is checked before anything happens (no store created, no lease taken, no Ray
+started): the numbers, the list, the sampling, the decoder, and the backbone itself (model, weights,
+tapped blocks, normalisation, crops), which the driver builds once for the shapes and provenance
+the store records (on the CPU, or on the GPU of a job it computes in this process).
+
 The driver holds the store's writer lease for the whole run (a second extract on the same store
 waits or is refused), and merges statuses into the manifest in storage rather than overwriting
 it. Before computing it completes an interrupted append, and on request repairs the store
@@ -38,6 +43,7 @@ whichever node they run, with the storage options and variables the driver hands
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -162,21 +168,39 @@ class WriterLog:
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`, holding its writer lease."""
     started = time.perf_counter()
+    import torch
+
+    from clipreel.heads.clip import register_builtin_models
+    from clipreel.heads.taps import Backbone, BackboneConfig
+    from clipreel.pipeline.data.preprocess import PreprocessConfig
     from clipreel.pipeline.data.sources import read_sources
 
+    _check_numbers(cfg)
     checked_dtype(cfg.dtype)
     if cfg.runner not in RUNNERS:
         raise ClipreelError(f"--runner {cfg.runner!r}: choose one of {', '.join(RUNNERS)}")
     if cfg.runner == "process" and cfg.address is not None:
         raise ClipreelError("--runner process computes on this machine alone: drop --address, or use --runner ray")
+    sampling = cfg.sampling_config()
+    choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder
     sources = read_sources(
         cfg.videos,
         root=Path(cfg.root) if cfg.root else None,
         label_map=Path(cfg.labels) if cfg.labels else None,
         skip_missing=cfg.skip_missing,
     )
-    sampling = cfg.sampling_config()
-    choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder before anything starts
+    in_process = _runs_in_process(cfg, _videos_to_compute(cfg.out, sources))
+    register_builtin_models()
+    # The driver builds the backbone once: it refuses a bad model, weights, blocks or norm, gives the
+    # shapes and provenance the store records, and computes the videos itself when it runs them in
+    # this process (on the GPU if there is one; the Ray actors build their own).
+    device = "cuda" if in_process and torch.cuda.is_available() else "cpu"
+    backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code, device=device))
+    preprocess = PreprocessConfig(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops)
+    provenance = _provenance(backbone, sampling, preprocess, cfg.dtype)
+    if FeatureStore.exists(cfg.out):  # checked again under the lease, where the store is opened for writing
+        _refuse_other_settings(cfg.out, FeatureStore.open(cfg.out).provenance, provenance)
     location = store_location(cfg.out)
     started_ray = False
     try:
@@ -186,7 +210,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             started_ray = ensure_ray(cfg.address)
             check_every_node_sees(location)
         with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
-            return _extract_holding_lease(cfg, sources, sampling, lease, started, progress)
+            return _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started,
+                                          progress, in_process)
     finally:
         if started_ray:
             import ray
@@ -194,32 +219,26 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             ray.shutdown()
 
 
-def _extract_holding_lease(cfg, sources, sampling, lease, started: float, progress: bool) -> ExtractSummary:
+def _check_numbers(cfg: ExtractConfig) -> None:
+    """Refuse the counts that Ray or the store would trip over later."""
+    problems = []
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size {cfg.batch_size}: give at least 1 video per backbone batch")
+    if cfg.workers is not None and cfg.workers < 1:
+        problems.append(f"--workers {cfg.workers}: give at least 1 backbone actor (or leave it out: one per GPU, "
+                        "else one per CPU)")
+    if not (math.isfinite(cfg.wait) and cfg.wait >= 0):
+        problems.append(f"--wait {cfg.wait}: give the seconds to wait for the writer lease, 0 or more")
+    if problems:
+        raise ClipreelError("clipreel extract: " + "; ".join(problems))
+
+
+def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started: float,
+                           progress: bool, in_process: bool) -> ExtractSummary:
     """run_extract's work, while this process holds the store's writer lease."""
-    videos = _videos_to_compute(cfg.out, sources)
-    in_process = _runs_in_process(cfg, videos)
-    # A Ray job's Ray starts first: it comes up while this process loads the model.
-    started_ray = ensure_ray(cfg.address) if videos and not in_process else False
+    has_work = _videos_to_compute(cfg.out, sources) > 0
+    started_ray = ensure_ray(cfg.address) if has_work and not in_process else False
     try:
-        import torch
-
-        from clipreel.heads.clip import register_builtin_models
-        from clipreel.heads.taps import Backbone, BackboneConfig
-        from clipreel.pipeline.data.preprocess import PreprocessConfig
-
-        register_builtin_models()
-        # The driver builds the backbone once: it fails fast on bad model/weights, gives the shapes
-        # and provenance the store records, and computes the videos itself when it runs them in
-        # this process (on the GPU if there is one; the Ray actors build their own).
-        device = "cuda" if in_process and torch.cuda.is_available() else "cpu"
-        backbone = Backbone(
-            BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
-                           trust_checkpoint_code=cfg.trust_checkpoint_code, device=device)
-        )
-        preprocess = PreprocessConfig(
-            image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops
-        )
-        provenance = _provenance(backbone, sampling, preprocess, cfg.dtype)
         store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess, cfg.dtype)
         repairs = _make_consistent(store, cfg)
         _add_new_videos(store, sources)
@@ -328,13 +347,7 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
     """Open the store at `path` (refusing different settings), or create it with `sources` as its videos."""
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
-        differences = provenance_diff(store.provenance, provenance)
-        if differences:
-            raise ClipreelError(
-                f"{path} was extracted with different settings:\n  - "
-                + "\n  - ".join(differences)
-                + "\nUse the same settings to resume or add videos, or choose a new --out."
-            )
+        _refuse_other_settings(path, store.provenance, provenance)
         return store
     layout = StoreLayout(
         videos=len(sources),
@@ -347,6 +360,17 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
         dtype=dtype,
     )
     return FeatureStore.create(path, layout, provenance, sources)
+
+
+def _refuse_other_settings(path, store_provenance: dict, provenance: dict) -> None:
+    """Refuse to add to a store extracted with other settings, naming each."""
+    differences = provenance_diff(store_provenance, provenance)
+    if differences:
+        raise ClipreelError(
+            f"{path} was extracted with different settings:\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse the same settings to resume or add videos, or choose a new --out."
+        )
 
 
 def _make_consistent(store: FeatureStore, cfg: ExtractConfig) -> list[str]:

@@ -33,7 +33,7 @@ from clipreel.heads.clip import (
     resolve_model_name,
 )
 from clipreel.heads.registry import create_method, head_entry, rebuild_head, rebuild_method
-from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run, provenance_mismatch
+from clipreel.stores.runs import WEIGHTS_FILE, Run, load_run, load_weights, provenance_mismatch
 
 # Run kinds of `clipreel finetune` runs: "finetune-" + the method.
 RUN_KIND_PREFIX = "finetune-"
@@ -62,7 +62,9 @@ def trained_head(run: Run, classnames: Sequence[str] | None = None, text_model: 
     """
     classnames = list(run.classnames if classnames is None else classnames)
     head = rebuild_head(run.kind, run.head_config, classnames, text_model)
-    head.load_state_dict(run.state_dict)
+    load_weights(head, run.state_dict, f"{run.path / WEIGHTS_FILE}",
+                 f"Its config.json describes a {run.kind} head: the weights file was replaced, or the run is damaged. "
+                 "Train the run again.")
     return head.eval()
 
 
@@ -123,7 +125,9 @@ def load_method_clip(model_name: str, pretrained: str, device: torch.device | st
         raise ClipreelError(f"--pretrained {run_dir}: a {run.kind!r} run holds no whole CLIP; give the run directory "
                             "of a `clipreel finetune vifi` or of a `clipreel import`, or a checkpoint file")
     clip_model, _ = load_clip(model_name, "none", device=device)
-    clip_model.load_state_dict({key.removeprefix(prefix): value for key, value in run.state_dict.items()})
+    load_weights(clip_model, {key.removeprefix(prefix): value for key, value in run.state_dict.items()},
+                 f"--pretrained {run_dir / WEIGHTS_FILE}", f"It does not hold a whole {model_name}: give the run "
+                 "directory of a `clipreel finetune vifi` of this --model.")
     return clip_model, file_sha256(run_dir / WEIGHTS_FILE)
 
 
@@ -204,7 +208,9 @@ def trained_method_model(run_dir: str | os.PathLike, device: torch.device | str 
     tokenizer = open_clip.get_tokenizer(resolve_model_name(run_model_name(config)))
     model = rebuild_method(run.kind.removeprefix(RUN_KIND_PREFIX), clip_model, tokenizer, run.classnames,
                            config["method_config"])
-    model.load_state_dict(run.state_dict)
+    load_weights(model, run.state_dict, f"{run.path / WEIGHTS_FILE}",
+                 f"Its config.json describes a {run.kind} model: the weights file was replaced, or the run is "
+                 "damaged. Train the run again.")
     return model.to(device).eval()
 
 

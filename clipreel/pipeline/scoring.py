@@ -64,12 +64,15 @@ def predict_store(name: str, head: nn.Module, batches: Iterable[dict],
 def predict_raw(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every view of every clip through a raw-frame method -> (probabilities (N, K), labels, manifest rows).
 
-    `loader` yields RawFrameDataset(train=False) batches: frames (B, V*C, T, 3, S, S).
+    `loader` yields RawFrameDataset(train=False) batches: frames (B, V*C, T, 3, S, S). Batches without a
+    clip (their videos were skipped as unreadable) are passed over; when every batch is, N is 0.
     """
     was_training = model.training
     model.eval()
     probabilities, labels, rows = [], [], []
     for batch in loader:
+        if len(batch["label"]) == 0:
+            continue
         views = batch["frames"].to(device)  # (B, V*C, T, 3, S, S)
         with mixed_precision(device):
             logits = model(views.flatten(0, 1))["logits"]  # (B*V*C, K)
@@ -77,6 +80,9 @@ def predict_raw(model: nn.Module, loader, device: torch.device) -> tuple[np.ndar
         labels.append(batch["label"])
         rows.append(batch["row"])
     model.train(was_training)
+    if not probabilities:
+        nothing = np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 0)), nothing, nothing
     return torch.cat(probabilities).numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy()
 
 

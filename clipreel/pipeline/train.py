@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from clipreel.devices import resolve_device
+from clipreel.config import DEFAULT_VAL_SPLIT
 from clipreel.errors import ClipreelError
 from clipreel.heads.layers import classification_loss, one_parameter_group
 from clipreel.heads.registry import create_head, head_entry
@@ -42,7 +43,7 @@ from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.pipeline.models import start_weights, text_model_for
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.scoring import predict_store, top1_and_loss
-from clipreel.pipeline.training.checkpoint import checkpoint_to_resume, run_identity, save_checkpoint
+from clipreel.pipeline.training.checkpoint import checkpoint_to_resume, restore_model, run_identity, save_checkpoint
 from clipreel.pipeline.training.logs import (
     CURVES_FILE,
     LOG_FILE,
@@ -52,7 +53,7 @@ from clipreel.pipeline.training.logs import (
     read_log,
     write_log,
 )
-from clipreel.pipeline.training.loop import train_epoch
+from clipreel.pipeline.training.loop import progress_text, train_epoch
 from clipreel.pipeline.training.optim import (
     adamw_with_schedule,
     check_settings,
@@ -61,10 +62,11 @@ from clipreel.pipeline.training.optim import (
     resolved_recipe,
 )
 from clipreel.pipeline.training.ray_train import train_with_ray, worker_context
+from clipreel.stores.audit import require_done_videos
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.location import StoreAccess, store_location
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
-from clipreel.stores.runs import METRICS_FILE, save_run
+from clipreel.stores.runs import METRICS_FILE, load_weights, save_run
 
 # The TrainSummary fields that metrics.json keeps.
 METRIC_NAMES = ("epochs", "resumed_from_epoch", "train_videos", "val_videos", "skipped_videos", "train_loss",
@@ -79,7 +81,8 @@ class TrainConfig:
     store: str  # the feature store to train from (NAME.zarr, written by `clipreel extract`)
     out: str  # the run directory to write; re-running the same command resumes it
     split: str = "train"  # manifest split to train on
-    val_split: str | None = "val"  # manifest split to validate on after every epoch (skipped if empty)
+    # manifest split to validate on after every epoch; a store without the default split trains without validation
+    val_split: str | None = DEFAULT_VAL_SPLIT
     epochs: int = 10  # passes over the training videos
     lr: float | None = None  # peak learning rate
     weight_decay: float | None = None  # AdamW decay
@@ -149,10 +152,10 @@ def checked_recipe(cfg: TrainConfig):
         "label_smoothing": 0.0 <= cfg.label_smoothing < 1.0,
         "lr": cfg.lr is None or cfg.lr > 0,
         "weight_decay": cfg.weight_decay is None or cfg.weight_decay >= 0,
-        "warmup_epochs": cfg.warmup_epochs is None or cfg.warmup_epochs >= 0,
+        "warmup_epochs": cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
     }
     check_settings("train", checks, asdict(cfg), "epochs, batch size, accumulate, workers >= 1; "
-                   "0 <= label smoothing < 1; lr > 0; weight decay and warmup >= 0")
+                   "0 <= label smoothing < 1; lr > 0; weight decay >= 0; 0 <= warmup epochs <= epochs")
     return resolved_recipe(entry.recipe, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs)
 
 
@@ -174,6 +177,7 @@ class _Data:
 
 def _training_data(cfg: TrainConfig) -> _Data:
     store = FeatureStore.open(cfg.store)
+    require_done_videos(store)
     manifest = store.manifest()
     classnames = read_label_map(cfg.classes) if cfg.classes else classnames_from_manifest(manifest, cfg.store)
     done = store.done_mask()
@@ -183,15 +187,21 @@ def _training_data(cfg: TrainConfig) -> _Data:
         in_split = (manifest["split"] == split).to_numpy() & labelled
         return np.flatnonzero(in_split & done), int((in_split & ~done).sum())
 
+    splits = sorted(manifest.loc[labelled & done, "split"].unique())
     train_rows, skipped = split_rows(cfg.split)
     if len(train_rows) == 0:
-        splits = sorted(manifest.loc[labelled & done, "split"].unique())
         raise ClipreelError(
             f"{cfg.store}: no labelled, extracted video in split {cfg.split!r} "
-            f"({skipped} not extracted yet). Splits with labelled videos: {splits or 'none'}. "
-            "Choose one with --split, or extract the videos first."
+            f"({skipped} not extracted: failed or pending). Splits with labelled, extracted videos: "
+            f"{splits or 'none'}. Choose one with --split, or extract the videos first."
         )
-    val_rows, _ = split_rows(cfg.val_split) if cfg.val_split else (np.zeros(0, dtype=np.int64), 0)
+    val_rows, val_not_extracted = split_rows(cfg.val_split) if cfg.val_split else (np.zeros(0, dtype=np.int64), 0)
+    if len(val_rows) == 0 and cfg.val_split not in (None, DEFAULT_VAL_SPLIT):
+        raise ClipreelError(
+            f"{cfg.store}: no labelled, extracted video in the validation split {cfg.val_split!r} "
+            f"({val_not_extracted} not extracted: failed or pending). Splits with labelled, extracted videos: "
+            f"{splits or 'none'}. Choose one with --val-split, or validate on none (--val-split '')."
+        )
     labels = manifest["label"].to_numpy()
     too_large = sorted(set(labels[np.concatenate([train_rows, val_rows])]) - set(range(len(classnames))))
     if too_large:
@@ -220,7 +230,8 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     head, head_config = create_head(cfg.kind, store_layout=store.layout, provenance=store.provenance,
                                     classnames=data.classnames, options=cfg.options, text_model=text_model)
     if cfg.start is not None:
-        head.load_state_dict(start_weights(cfg.start, cfg.kind, head_config, data.classnames, store.provenance))
+        load_weights(head, start_weights(cfg.start, cfg.kind, head_config, data.classnames, store.provenance),
+                     f"--start {cfg.start}", "Start from a run of this head with the same config.")
 
     # 2. Resume the run directory if it holds an earlier run of the same command.
     run_dir = Path(cfg.out)
@@ -230,7 +241,7 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     finished = checkpoint["epoch"] if checkpoint else 0
     history = list(checkpoint["history"]) if checkpoint else []
     if checkpoint:
-        head.load_state_dict(checkpoint["model"])
+        restore_model(head, checkpoint, run_dir)
     model = wrap_model(head) if wrap_model is not None else head.to(device)
 
     # 3. The loaders: this rank's share of the training videos (one random view each), all views to validate.
@@ -275,7 +286,7 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
             train_loss, train_acc = train_epoch(
                 model, train_loader.epoch(epoch), len(train_loader), step, seed=cfg.seed, epoch=epoch, rank=rank,
                 accumulate=cfg.accumulate, optimizer=optimizer, scheduler=scheduler, device=device,
-                on_batch=lambda loss: advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}"),
+                on_batch=lambda loss: advance(progress_text(epoch, cfg.epochs, loss)),
             )
             history.append(log_row(epoch + 1, optimizer.param_groups[0]["lr"], train_loss, train_acc, *validate(),
                                    time.perf_counter() - epoch_started))

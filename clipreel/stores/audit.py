@@ -1,7 +1,8 @@
 """Looking at a feature store from outside: compare provenances, summarise, verify.
 
-These back `clipreel info`, `clipreel verify` and the "same settings?" check before videos are
-added to an existing store. They are importable from clipreel.stores.features as well.
+These back `clipreel info`, `clipreel verify`, the "same settings?" check before videos are
+added to an existing store, and the refusal of a store with nothing extracted to train or score
+(`require_done_videos`). They are importable from clipreel.stores.features as well.
 `rejected_videos` is verify's verdict on each done video, which repair.py acts on.
 """
 
@@ -48,17 +49,34 @@ APPEND_KEYS = (
 RECORD_DEFAULTS = {"dtype": DEFAULT_DTYPE}
 
 _ABSENT = object()
+# The sampling policies that use the frame stride (`pipeline.data.sampling`: dense clips take T frames
+# `stride` apart; tsn and uniform spread them over the whole video and never read it).
+STRIDED_POLICIES = ("dense",)
 
 
 def provenance_diff(old: dict, new: dict, keys: Sequence[str] = APPEND_KEYS) -> list[str]:
     """One human-readable line per setting in `keys` that differs between `old` (the store) and
     `new` (this run), e.g. "frames: store has 8, this run asks for 16". Dict settings (sampling)
-    are compared entry by entry ("sampling.stride: ..."). Tuples and lists compare equal."""
+    are compared entry by entry ("sampling.stride: ..."), the stride only where a sampling uses it.
+    Tuples and lists compare equal."""
     lines: list[str] = []
     for key in keys:
         default = RECORD_DEFAULTS.get(key, _ABSENT)
-        _compare(key, _plain(old.get(key, default)), _plain(new.get(key, default)), lines)
+        old_value, new_value = _plain(old.get(key, default)), _plain(new.get(key, default))
+        if key == "sampling" and not (_uses_stride(old_value) or _uses_stride(new_value)):
+            old_value, new_value = _without_stride(old_value), _without_stride(new_value)
+        _compare(key, old_value, new_value, lines)
     return lines
+
+
+def _uses_stride(sampling) -> bool:
+    return isinstance(sampling, dict) and sampling.get("policy") in STRIDED_POLICIES
+
+
+def _without_stride(sampling):
+    if not isinstance(sampling, dict):
+        return sampling
+    return {name: value for name, value in sampling.items() if name != "stride"}
 
 
 def _compare(name: str, old, new, lines: list[str]) -> None:
@@ -115,6 +133,20 @@ def summarize(store: "FeatureStore") -> dict:
         "extract_runs": _extract_runs(store.path),
         "provenance": store.provenance,
     }
+
+
+def require_done_videos(store: "FeatureStore") -> None:
+    """Refuse a store that holds no extracted video at all, saying how its videos stand."""
+    done = store.done_mask()
+    if done.any():
+        return
+    manifest = store.manifest()
+    failed = int((manifest["status"].to_numpy()[: len(done)] == "failed").sum())
+    raise ClipreelError(
+        f"{store.path}: nothing is extracted in this store: none of its {len(done)} videos is done "
+        f"({failed} failed, {len(done) - failed} pending). Run `clipreel extract` with the same settings to "
+        "compute the pending ones; the failed ones' errors are in its manifest (`clipreel info` counts them)."
+    )
 
 
 def _extract_runs(location: Path | str) -> list[dict]:

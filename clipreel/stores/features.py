@@ -382,6 +382,11 @@ class FeatureStore:
         if mode not in ("r", "r+"):
             raise ClipreelError(f"FeatureStore.open: mode {mode!r} must be 'r' or 'r+'")
         location = store_location(path)
+        if isinstance(location, Path) and location.exists() and not location.is_dir():
+            raise ClipreelError(
+                f"{location} is a file, not a feature store: a store is the folder `clipreel extract --out` "
+                "writes (a video list goes to `clipreel extract --videos`)."
+            )
         if isinstance(location, Path) and not location.is_dir():
             raise ClipreelError(
                 f"{location} is not a feature store: no such folder. Create one with `clipreel extract`."

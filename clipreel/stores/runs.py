@@ -10,9 +10,14 @@
       metrics.json          final metrics (optional)
       log.csv, curves.png   the training log and its plot (written by the trainer)
       checkpoint.pt         the trainer's resume state (written by the trainer)
+      skipped.csv           the videos a fine-tuning run left out as unreadable: video_id, path, split, error
 
 `load_run` reads the first three back; `provenance_mismatch` says whether a store's features mean
 the same thing as those the head was trained on (so that it may be evaluated on them).
+
+Weights are finite: `save_run` refuses to write weights holding inf or NaN, and `load_run` refuses
+to read them (`nonfinite_tensors` names the tensors). `load_weights` puts a state dict into a model
+and explains a mismatch (the weights of another model) instead of listing hundreds of keys.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -34,6 +40,8 @@ from clipreel.stores.audit import provenance_diff
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+SKIPPED_FILE = "skipped.csv"
+SKIPPED_COLUMNS = ("video_id", "path", "split", "error")
 CLIP_FILE = "clip.safetensors"
 
 # The provenance settings that change what a stored feature means. Views, crops and the sampling
@@ -77,6 +85,10 @@ def save_run(
     The weights go first and config.json last: a folder with a config.json is a complete run.
     """
     run_dir = Path(run_dir)
+    broken = nonfinite_tensors(head.state_dict())
+    if broken:
+        raise ClipreelError(f"the trained weights are not finite ({'; '.join(broken)}), so {run_dir} is not written: "
+                            "the training diverged. Lower the learning rate (--lr) and train again.")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_weights(run_dir / WEIGHTS_FILE, head.state_dict())
     if metrics is not None:
@@ -139,6 +151,11 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise ClipreelError(
             f"{weights_path} cannot be read ({error}): the file is damaged. Train the head again."
         ) from None
+    broken = nonfinite_tensors(state_dict)
+    if broken:
+        raise ClipreelError(f"{weights_path} holds weights that are not finite ({'; '.join(broken)}): the run's "
+                            "training diverged, and nothing it predicts means anything. Train it again with a lower "
+                            "learning rate (--lr).")
     metrics_path = run_dir / METRICS_FILE
     return Run(
         path=run_dir,
@@ -152,6 +169,47 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         metrics=_read_json(metrics_path) if metrics_path.is_file() else None,
         imported=config.get("imported"),
     )
+
+
+def write_skipped(run_dir: str | os.PathLike, skipped: list[dict]) -> None:
+    """Write skipped.csv: one row (SKIPPED_COLUMNS) per video the run left out."""
+    table = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS))
+    with _replaced_atomically(Path(run_dir) / SKIPPED_FILE) as temporary:
+        table.to_csv(temporary, index=False)
+
+
+def read_skipped(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's skipped.csv ([] when it has none)."""
+    path = Path(run_dir) / SKIPPED_FILE
+    if not path.is_file():
+        return []
+    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+
+
+def nonfinite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per floating-point tensor holding inf or NaN, e.g. "head.weight: 12 of 4096 values"
+    ([] = all finite)."""
+    lines = []
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            lines.append(f"{name}: {bad} of {tensor.numel()} values")
+    return lines
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, fix: str) -> None:
+    """`model.load_state_dict(state_dict)`, or a ClipreelError saying how `source` does not fit the model
+    (a few of the missing, unexpected and misshapen keys) and `fix`."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    misshapen = [f"{name} {tuple(state_dict[name].shape)} (the model: {tuple(tensor.shape)})"
+                 for name, tensor in expected.items() if name in state_dict and state_dict[name].shape != tensor.shape]
+    problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    if problems:
+        raise ClipreelError(f"{source} holds the weights of another model: {'; '.join(problems)}. {fix}")
+    model.load_state_dict(state_dict)
 
 
 def provenance_mismatch(run_provenance: Mapping, store_provenance: Mapping) -> list[str]:

@@ -2,13 +2,16 @@
 
 Parametrised over `list_heads()` and `list_methods()` (a new head or method is checked here the
 moment it registers): forward shape, the save/load round trip of its state dict, the count of what
-it trains (printed; run with -s to see them), and set_classnames.
+it trains (printed; run with -s to see them), set_classnames, and the type and range check of
+every option its config has.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+import typing
 
 import pytest
 import torch
@@ -177,3 +180,37 @@ def test_the_cli_help_lists_what_the_registries_hold():
         for name in names:
             summary = head_entry(name).summary if name in list_heads() else method_entry(name).summary
             assert re.sub(r"\s+", "", f"{name} ({summary})") in shown, (command, name)
+
+
+def _outside(allowed) -> float:
+    """A number just outside a declared range."""
+    if allowed.low is not None:
+        return allowed.low if allowed.low_open else allowed.low - 1
+    return allowed.high if allowed.high_open else allowed.high + 1
+
+
+@pytest.mark.parametrize("family, name", [("head", name) for name in list_heads()]
+                         + [("method", name) for name in list_methods()])
+def test_every_option_is_checked_against_its_type_and_range(family, name):
+    config_class = (head_entry if family == "head" else method_entry)(name).config_class
+    types = typing.get_type_hints(config_class)
+    what = f"{family} {name}"
+    for field in dataclasses.fields(config_class):
+        kind = types[field.name]
+        plain = {int | None: int, float | None: float, str | None: str, dict[str, str]: dict}.get(kind, kind)
+        wrong = {bool: ["maybe", 1], int: [2.5, True, "two"], float: ["x", float("inf"), float("nan"), False],
+                 str: [1, True], dict: ["x", 1, ["a"]]}[plain]
+        for value in wrong:
+            with pytest.raises(ClipreelError, match=f"--option {field.name}=.*: the {field.name} of {what} must be"):
+                config_class.checked_options({field.name: value}, what)
+        allowed = field.metadata.get("range")
+        if allowed is not None:
+            with pytest.raises(ClipreelError, match=re.escape(str(allowed))):
+                config_class.checked_options({field.name: _outside(allowed)}, what)
+        if field.default is not dataclasses.MISSING:
+            assert config_class.checked_options({field.name: field.default}, what) == {field.name: field.default}
+    takes_one = [field.name for field in dataclasses.fields(config_class)
+                 if types[field.name] is float and 1 in field.metadata.get("range", [1])]
+    for number in takes_one:  # a whole number is a number
+        checked = config_class.checked_options({number: 1}, what)[number]
+        assert checked == 1.0 and isinstance(checked, float)

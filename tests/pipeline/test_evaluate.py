@@ -218,6 +218,51 @@ def test_unlabelled_videos_and_unknown_splits_are_refused(store, linear_run, tmp
         evaluate_store_run(linear_run, unlabelled, "test")
 
 
+def _relabelled(store_path: Path, out: Path, relabel) -> Path:
+    """A store of the same features whose manifest relabel(manifest) changes (its label ids and names)."""
+    relabelled = _store_with_other_settings(store_path, out)
+    opened = FeatureStore.open(relabelled, mode="r+")
+    manifest = opened.manifest()
+    relabel(manifest)
+    opened.write_manifest(manifest)
+    return relabelled
+
+
+def test_a_store_whose_labels_name_other_classes_is_refused_naming_the_first(store, linear_run, tmp_path,
+                                                                                clipreel_cli):
+    run_names = load_run(linear_run).classnames
+
+    def rename_two_classes(manifest):
+        for label, name in ((0, "purple hexagon"), (5, "grey star")):
+            manifest.loc[manifest["label"] == label, "label_name"] = name
+
+    renamed = _relabelled(store.path, tmp_path / "renamed.zarr", rename_two_classes)
+    result = clipreel_cli("eval", linear_run, "--store", renamed, "--split", "test")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"its label 0 is 'purple hexagon', the run's label 0 is {run_names[0]!r}" in result.output
+    assert "(2 such label(s))" in result.output and "--classes" in result.output
+
+
+def test_a_store_that_numbers_the_run_s_classes_otherwise_is_matched_by_name(store, linear_run, tmp_path):
+    same = evaluate_store_run(linear_run, store.path, "test")
+    assert same["classes_matched_by_name"] is False
+
+    def swap_labels_0_and_1(manifest):
+        first, second = manifest["label"] == 0, manifest["label"] == 1
+        manifest.loc[first, "label"], manifest.loc[second, "label"] = 1, 0
+
+    swapped = _relabelled(store.path, tmp_path / "swapped.zarr", swap_labels_0_and_1)
+    names = store_classnames(FeatureStore.open(swapped))
+    run_names = load_run(linear_run).classnames
+    assert names[:2] == run_names[1::-1] and names[2:] == run_names[2:]
+    report = evaluate_store_run(linear_run, swapped, "test")
+    assert report["classes_matched_by_name"] is True
+    assert report["classnames"] == run_names
+    for key in ("top1", "top5", "per_class", "confusion"):
+        assert report[key] == same[key], key
+
+
 def test_zero_shot_recognises_appearances_well_above_chance(store, tmp_path):
     report = zero_shot_store(store.path, "test", report_path=tmp_path / "zs.json")
     chance = 2 / store.classes  # either class of the right pair, among 16 pairs

@@ -139,7 +139,7 @@ def test_bad_settings_are_refused(world, tmp_path):
         run_finetune(_config(world, tmp_path / "c", "vifi", options={"n_ctx": 4}), progress=False)
     with pytest.raises(ClipreelError, match="--augment"):
         run_finetune(_config(world, tmp_path / "d", "vifi", augment={"flips": 0}), progress=False)
-    with pytest.raises(ClipreelError, match="flip is a probability"):
+    with pytest.raises(ClipreelError, match=r"--augment flip=2: .* in \[0, 1\]"):
         run_finetune(_config(world, tmp_path / "e", "vifi", augment={"flip": 2}), progress=False)
 
 

@@ -359,14 +359,26 @@ def test_pickled_store_reopens_the_same_path(tmp_path):
 
 def test_provenance_diff_names_each_differing_setting():
     assert provenance_diff(PROVENANCE, {**PROVENANCE, "mean": tuple(PROVENANCE["mean"])}) == []
-    new = {**PROVENANCE, "frames": 16, "sampling": {**PROVENANCE["sampling"], "stride": 4}}
+    dense = {**PROVENANCE, "sampling": {**PROVENANCE["sampling"], "policy": "dense"}}
+    new = {**dense, "frames": 16, "sampling": {**dense["sampling"], "stride": 4}}
     del new["crops"]
-    lines = provenance_diff(PROVENANCE, new)
+    lines = provenance_diff(dense, new)
     assert "frames: store has 3, this run asks for 16" in lines
     assert "sampling.stride: store has 16, this run asks for 4" in lines
     assert "crops: store has 1, this run does not set it" in lines
     assert len(lines) == 3
     assert provenance_diff(PROVENANCE, {**PROVENANCE, "model": "ViT-B-16"}, keys=("frames",)) == []
+
+
+def test_provenance_diff_compares_the_stride_only_for_samplings_that_use_it():
+    """TSN (and uniform) sampling spread the frames over the whole video and never read the stride."""
+    other_stride = {**PROVENANCE, "sampling": {**PROVENANCE["sampling"], "stride": 4}}
+    assert provenance_diff(PROVENANCE, other_stride) == []
+    dense = {**other_stride, "sampling": {**other_stride["sampling"], "policy": "dense"}}
+    assert provenance_diff(PROVENANCE, dense) == [
+        "sampling.policy: store has 'tsn', this run asks for 'dense'",
+        "sampling.stride: store has 16, this run asks for 4",
+    ]
 
 
 def good_store(path: Path) -> FeatureStore:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import PROBABILITY, SIZE, JsonConfig, ranged
 from clipreel.heads.layers import check_class_count
 from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
@@ -55,8 +55,8 @@ class LinearProbe(nn.Module):
 class FrameMeanMLPConfig(JsonConfig):
     embed_dim: int
     num_classes: int
-    hidden: int = 512
-    dropout: float = 0.5
+    hidden: int = ranged(512, SIZE)
+    dropout: float = ranged(0.5, PROBABILITY)
 
 
 class FrameMeanMLP(nn.Module):

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import POSITIVE, PROBABILITY, SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.inputs import block_values
 from clipreel.heads.layers import check_class_count
@@ -59,20 +59,21 @@ from clipreel.heads.registry import HeadEntry, Recipe, register_head
 class EVLConfig(JsonConfig):
     """Hyper-parameters of the EVL head; the defaults are the reference ViT-B/16, 8-frame model."""
 
-    width: int = 768  # D, the CLIP ViT width (the decoder runs at the same width)
-    heads: int = 12  # attention heads of the decoder layers
-    layers: int = 4  # decoder layers = number of tapped feature blocks K
-    frames: int = 8  # T, baked into temporal_pos_embed
-    grid: int = 14  # g, patches per side (224 px / patch 16)
-    num_classes: int = 400
-    mlp_factor: float = 4.0
-    mlp_dropout: float = 0.5
-    cls_dropout: float = 0.5
+    width: int = ranged(768, SIZE)  # D, the CLIP ViT width (the decoder runs at the same width)
+    heads: int = ranged(12, SIZE)  # attention heads of the decoder layers
+    layers: int = ranged(4, SIZE)  # decoder layers = number of tapped feature blocks K
+    frames: int = ranged(8, SIZE)  # T, baked into temporal_pos_embed
+    grid: int = ranged(14, SIZE)  # g, patches per side (224 px / patch 16)
+    num_classes: int = ranged(400, SIZE)
+    mlp_factor: float = ranged(4.0, POSITIVE)
+    mlp_dropout: float = ranged(0.5, PROBABILITY)
+    cls_dropout: float = ranged(0.5, PROBABILITY)
     temporal_conv: bool = True
     temporal_pos_embed: bool = True
     temporal_cross_attention: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.width % self.heads != 0:
             raise ClipreelError(
                 f"EVL config: width {self.width} is not divisible by heads {self.heads}; "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.layers import (
     FrozenCLIP,
@@ -44,19 +44,16 @@ PLACEHOLDER_WORD = "X"
 class TextPromptConfig(JsonConfig):
     """How the text prompts are shaped and initialised."""
 
-    n_ctx: int = 16  # learned context vectors before the class name
+    n_ctx: int = ranged(16, SIZE)  # learned context vectors before the class name
     ctx_init: str | None = None  # e.g. "a photo of a": initial ctx when n_ctx <= 4 (else random)
-    deep_depth: int = 1  # 1 = shallow; d > 1 = text layers 1..d-1 get their own prompts
+    deep_depth: int = ranged(1, SIZE)  # 1 = shallow; d > 1 = text layers 1..d-1 get their own prompts
     class_token_position: str = "end"  # where the class name goes; only "end" (CoOp's default)
     # True: the deep prompts are rounded to fp16 as they are used (ViFi-CLIP's `clip/model.py` casts
     # them with .half() in forward; its shallow ctx is not cast)
     fp16_deep_prompts: bool = False
 
     def __post_init__(self):
-        if self.n_ctx < 1:
-            raise ClipreelError(f"TextPromptConfig: n_ctx is {self.n_ctx}; use at least 1.")
-        if self.deep_depth < 1:
-            raise ClipreelError(f"TextPromptConfig: deep_depth is {self.deep_depth}; use 1 (shallow) or more.")
+        super().__post_init__()
         if self.class_token_position != "end":
             raise ClipreelError(
                 f"TextPromptConfig: class_token_position {self.class_token_position!r} is not "

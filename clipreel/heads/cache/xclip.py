@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import POSITIVE, SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.inputs import block_values
 from clipreel.heads.layers import FrozenCLIP, cosine_logits, logit_scale_of, readable_classname
@@ -63,9 +63,9 @@ class MITConfig(JsonConfig):
 
     embed_dim: int
     frames: int
-    layers: int = 1
-    heads: int | None = None  # None = E // 64, at least 1 (8 for ViT-B/16)
-    mlp_ratio: float = 4.0
+    layers: int = ranged(1, SIZE)
+    heads: int | None = ranged(None, SIZE)  # None = E // 64, at least 1 (8 for ViT-B/16)
+    mlp_ratio: float = ranged(4.0, POSITIVE)
 
     @property
     def num_heads(self) -> int:
@@ -156,10 +156,10 @@ class PromptGeneratorConfig(JsonConfig):
 
     embed_dim: int
     visual_width: int
-    layers: int = 2
+    layers: int = ranged(2, SIZE)
     # None = E // 64 as X-CLIP's code (8 for ViT-B/16, 12 for L/14; at least 1); a given
     # number is lowered to the nearest divisor of embed_dim.
-    heads: int | None = None
+    heads: int | None = ranged(None, SIZE)
     alpha: float = 0.1  # initial value of the per-channel output scale
 
     @property
@@ -255,10 +255,10 @@ class XCLIPHeadConfig(JsonConfig):
     embed_dim: int  # E, CLIP joint embedding width (512 for ViT-B/16)
     visual_width: int  # D, ViT width of the patch tokens (768 for ViT-B/16)
     frames: int  # T, fixed by the MIT positional embedding
-    mit_layers: int = 1
-    mit_heads: int | None = None  # None = E // 64
-    prompt_layers: int = 2
-    prompt_heads: int | None = None  # None = E // 64
+    mit_layers: int = ranged(1, SIZE)
+    mit_heads: int | None = ranged(None, SIZE)  # None = E // 64
+    prompt_layers: int = ranged(2, SIZE)
+    prompt_heads: int | None = ranged(None, SIZE)  # None = E // 64
     prompt_alpha: float = 0.1
     logit_scale: float = CLIP_INIT_LOGIT_SCALE  # log temperature, from the CLIP model, frozen
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.text_prompt import TextPromptConfig, TextPromptLearner
 from clipreel.heads.layers import (
@@ -58,20 +58,15 @@ class BridgePromptConfig(JsonConfig):
     the input and replaced before layers 1..d-1.
     """
 
-    n_ctx_vision: int = 16
-    n_ctx_text: int = 16
-    depth_vision: int = 9
-    depth_text: int = 9
+    n_ctx_vision: int = ranged(16, SIZE)
+    n_ctx_text: int = ranged(16, SIZE)
+    depth_vision: int = ranged(9, SIZE)
+    depth_text: int = ranged(9, SIZE)
     ctx_init: str | None = "a photo of a"  # initial text ctx when n_ctx_text <= 4, else random
     gradient_checkpointing: bool = False  # recompute each image block in the backward pass (GPU memory)
     # True: the vision prompts and the deep text prompts are rounded to fp16 as they are used, as
     # ViFi-CLIP's `clip/model.py` casts them with .half() (the text ctx is not)
     fp16_prompts: bool = False
-
-    def __post_init__(self):
-        for name in ("n_ctx_vision", "n_ctx_text", "depth_vision", "depth_text"):
-            if getattr(self, name) < 1:
-                raise ClipreelError(f"BridgePromptConfig: {name} is {getattr(self, name)}; use at least 1.")
 
     @classmethod
     def few_shot(cls) -> BridgePromptConfig:

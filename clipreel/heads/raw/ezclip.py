@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import POSITIVE, PROBABILITY, SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.layers import (
     FrozenCLIP,
@@ -86,10 +86,10 @@ KL_TARGET_SCALE = 10.0
 class EZCLIPConfig(JsonConfig):
     """EZ-CLIP's settings (defaults: its `configs/K-400/k400_train.yaml`)."""
 
-    frames: int = 8  # T, fixed by the prompt tensor
-    adapter_ratio: float = 0.25  # adapter bottleneck = ratio * tower width
-    prompt_dropout: float = 0.1  # dropout on the learned prompts before they join the frame means
-    drop_path: float = 0.1  # stochastic depth of the last block (linear from 0 in the first)
+    frames: int = ranged(8, SIZE)  # T, fixed by the prompt tensor
+    adapter_ratio: float = ranged(0.25, POSITIVE)  # adapter bottleneck = ratio * tower width
+    prompt_dropout: float = ranged(0.1, PROBABILITY)  # dropout on the learned prompts before they join the frame means
+    drop_path: float = ranged(0.1, PROBABILITY)  # stochastic depth of the last block (linear from 0 in the first)
     deep_prompts: bool = True  # True: prompts in every vision block; False: in block 0 only
     use_prompts: bool = True  # False: adapters only (EZ-CLIP's few-shot HMDB config)
     gradient_checkpointing: bool = False  # recompute each vision block in the backward pass (saves GPU memory)
@@ -102,19 +102,7 @@ class EZCLIPConfig(JsonConfig):
     # used as they are, instead of the template; classes without one get the template.
     descriptions: dict[str, str] = field(default_factory=dict)
     # None: scores are exp(logit_scale) * cosine; a number s: s * cosine (EZ-CLIP's test.py scores with 100).
-    score_scale: float | None = None
-
-    def __post_init__(self):
-        if self.frames < 1:
-            raise ClipreelError(f"EZCLIPConfig: frames is {self.frames}; use at least 1.")
-        if not 0.0 < self.adapter_ratio:
-            raise ClipreelError(f"EZCLIPConfig: adapter_ratio is {self.adapter_ratio}; use a positive ratio (0.25).")
-        for name in ("prompt_dropout", "drop_path"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ClipreelError(f"EZCLIPConfig: {name} is {value}; use a probability in [0, 1).")
-        if self.score_scale is not None and not self.score_scale > 0:
-            raise ClipreelError(f"EZCLIPConfig: score_scale is {self.score_scale}; use a positive number (EZ-CLIP: 100) or none.")
+    score_scale: float | None = ranged(None, POSITIVE)
 
     def class_text(self, name: str) -> str:
         """The text a class is scored against: its description, else the template around its readable name."""

@@ -47,6 +47,7 @@ class ViFiConfig(JsonConfig):
     gradient_checkpointing: bool = False  # recompute each block of both towers in the backward pass (GPU memory)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.variant not in VIFI_VARIANTS:
             raise ClipreelError(
                 f"ViFiConfig: variant {self.variant!r} is not one of {', '.join(VIFI_VARIANTS)}; "

@@ -35,7 +35,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from clipreel.config import JsonConfig
+from clipreel.config import POSITIVE, PROBABILITY, SIZE, JsonConfig, ranged
 from clipreel.heads.cache.xclip import XCLIPHead, XCLIPHeadConfig
 from clipreel.heads.layers import (
     DropPath,
@@ -171,14 +171,15 @@ class XCLIPConfig(JsonConfig):
     defaults of X-CLIP's `models/xclip.py: load`). The widths come from the CLIP model."""
 
     frames: int  # T, fixed by the MIT positional embedding
-    mit_layers: int = 1
-    mit_heads: int | None = None  # None = E // 64
-    prompt_layers: int = 2
-    prompt_heads: int | None = None  # None = E // 64
+    mit_layers: int = ranged(1, SIZE)
+    mit_heads: int | None = ranged(None, SIZE)  # None = E // 64
+    prompt_layers: int = ranged(2, SIZE)
+    prompt_heads: int | None = ranged(None, SIZE)  # None = E // 64
     prompt_alpha: float = 0.1
-    drop_path_rate: float = 0.0  # X-CLIP's MODEL.DROP_PATH_RATE (default 0)
+    drop_path_rate: float = ranged(0.0, PROBABILITY)  # X-CLIP's MODEL.DROP_PATH_RATE (default 0)
     gradient_checkpointing: bool = False  # trade compute for memory (X-CLIP: L/14-336)
-    new_module_lr_scale: float = 10.0  # learning rate of the new modules / that of the CLIP weights (X-CLIP: 10)
+    # learning rate of the new modules / that of the CLIP weights (X-CLIP: 10)
+    new_module_lr_scale: float = ranged(10.0, POSITIVE)
 
 
 class XCLIP(MethodModel):

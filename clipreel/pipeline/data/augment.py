@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from clipreel.config import JsonConfig
+from clipreel.config import CHANCE, POSITIVE, SIZE, JsonConfig, Range, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import NORMS
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
@@ -53,24 +53,25 @@ class AugmentConfig(JsonConfig):
     from `brightness`, `contrast`, `saturation`, `hue` as in torchvision's ColorJitter), `grayscale`.
     """
 
-    image_size: int = 224
+    image_size: int = ranged(224, SIZE)
     crop: str = "multiscale"
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
-    max_wh_scale_gap: int = 1
-    short_side_ratio: float = 256 / 224
+    max_wh_scale_gap: int = ranged(1, Range(low=0))
+    short_side_ratio: float = ranged(256 / 224, POSITIVE)
     rrc_area: tuple[float, float] = (0.08, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: float = 0.5
-    color_jitter: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale: float = 0.2
+    flip: float = ranged(0.5, CHANCE)
+    color_jitter: float = ranged(0.8, CHANCE)
+    brightness: float = ranged(0.4, Range(low=0))
+    contrast: float = ranged(0.4, Range(low=0))
+    saturation: float = ranged(0.2, Range(low=0))
+    hue: float = ranged(0.1, Range(low=0, high=0.5))
+    grayscale: float = ranged(0.2, CHANCE)
     norm: str = "clip"
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Tuples even when given lists (e.g. read back from JSON).
         for name in ("scales", "rrc_area", "rrc_ratio"):
             object.__setattr__(self, name, tuple(float(value) for value in getattr(self, name)))
@@ -78,15 +79,8 @@ class AugmentConfig(JsonConfig):
             raise ClipreelError(f"augmentation crop {self.crop!r} is unknown: choose one of {', '.join(CROPS)}")
         if self.norm not in NORMS:
             raise ClipreelError(f"normalisation {self.norm!r} is unknown: choose one of {', '.join(NORMS)}")
-        if not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1:
-            raise ClipreelError(f"augmentation image_size must be a positive integer (got {self.image_size!r})")
         if not self.scales or min(self.scales) <= 0 or max(self.scales) > 1:
             raise ClipreelError(f"augmentation scales must be fractions in (0, 1] (got {self.scales})")
-        for name in ("flip", "color_jitter", "grayscale"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ClipreelError(f"augmentation {name} is a probability: give a value in [0, 1]")
-        if not 0 <= self.hue <= 0.5:
-            raise ClipreelError(f"augmentation hue must be in [0, 0.5] (got {self.hue})")
 
     @property
     def preprocess_config(self) -> PreprocessConfig:

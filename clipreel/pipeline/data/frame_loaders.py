@@ -14,7 +14,9 @@ yields batches {"frames" (B, ...), "label" (B,), "row" (B,)} in that order:
   memory, augmented there by the same torch code, and the batches never visit the host.
 
 Each prepares at most a few batches ahead of the trainer. Call `dataset.set_epoch(epoch)` before
-iterating each epoch, whatever the loader.
+iterating each epoch, whatever the loader. With the dataset's on_bad_video "skip", a video that
+cannot be decoded is left out of its batch (which may then hold no clip at all) and recorded in the
+loader's `skipped` (manifest row -> error), over all epochs.
 
 May import: torch, numpy, ray, clipreel.errors, clipreel.config, clipreel.pipeline.data,
 clipreel.pipeline.raycluster.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler
 
 from clipreel.config import DECODE_WORKERS
 from clipreel.errors import ClipreelError
@@ -145,16 +147,22 @@ def raw_frame_loader(
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=_one_torch_thread,
+        collate_fn=dataset.collate,
         drop_last=drop_last,
     )
 
 
 class _FrameDataLoader(DataLoader):
-    """A DataLoader whose worker-process errors about a video arrive as the ClipreelError they were.
+    """A DataLoader whose worker-process errors about a video arrive as the ClipreelError they were,
+    and which collects the videos its batches skipped (`skipped`: row -> error).
 
     torch re-raises an exception from a worker as a RuntimeError holding the worker's traceback
     when it cannot rebuild the exception from one message, as with `DecodeError`.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[int, str] = {}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = super().__iter__()
@@ -165,7 +173,13 @@ class _FrameDataLoader(DataLoader):
                 return
             except RuntimeError as error:
                 raise _worker_decode_error(error) from None
-            yield batch
+            yield _take_skipped(batch, self.skipped)
+
+
+def _take_skipped(batch: dict, skipped: dict[int, str]) -> dict[str, torch.Tensor]:
+    """The batch without its list of skipped videos, which goes into `skipped` (row -> error)."""
+    skipped.update((int(row), error) for row, error in batch.pop("skipped"))
+    return batch
 
 
 def _worker_decode_error(error: RuntimeError) -> Exception:
@@ -199,6 +213,7 @@ class RayFrameStream:
                  drop_last: bool = False, address: str | None = None):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.shuffle, self.seed, self.drop_last, self.address = shuffle, seed, drop_last, address
+        self.skipped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return batch_count(len(self.dataset), self.batch_size, self.drop_last)
@@ -225,24 +240,44 @@ class RayFrameStream:
             _decode_block, fn_kwargs={"dataset": self.dataset}, batch_size=None, batch_format="numpy",
             compute=TaskPoolStrategy(size=self.workers), num_cpus=1,
         )
-        batches = stream.iter_torch_batches(batch_size=self.batch_size, prefetch_batches=PREFETCH_BATCHES,
-                                            drop_last=self.drop_last, device="cpu")
+        batches = stream.iter_batches(batch_size=self.batch_size, prefetch_batches=PREFETCH_BATCHES,
+                                      drop_last=self.drop_last, batch_format="numpy")
         try:
             for batch in batches:
-                yield {"frames": batch["frames"], "label": batch["label"], "row": batch["row"]}
+                yield _take_skipped(_torch_batch(batch), self.skipped)
         except Exception as error:  # a bad video in a task: raise the user's error, not Ray's wrapping
             raise _user_error(error) from None
 
 
 def _decode_block(items: dict[str, np.ndarray], dataset: RawFrameDataset) -> dict[str, np.ndarray]:
-    """A Ray Data task: the clips of a block of (epoch, index) items, stacked."""
+    """A Ray Data task: the clips of a block of (epoch, index) items, stacked, one row per item; a
+    video that could not be decoded (on_bad_video "skip") has blank frames and its error."""
     torch.set_num_threads(1)
     clips = [dataset[(int(epoch), int(index))] for epoch, index in zip(items["epoch"], items["index"])]
+    blank = np.zeros(dataset.item_shape(), dtype=np.float32)
     return {
-        "frames": np.stack([clip["frames"].numpy() for clip in clips]),  # (n, ...) float32
+        "frames": np.stack([blank if "error" in clip else clip["frames"].numpy() for clip in clips]),  # (n, ...)
         "label": np.array([clip["label"] for clip in clips], dtype=np.int64),
         "row": np.array([clip["row"] for clip in clips], dtype=np.int64),
+        "error": np.array([clip.get("error", "") for clip in clips], dtype=object),
     }
+
+
+def _torch_batch(batch: dict[str, np.ndarray]) -> dict:
+    """A numpy batch of `_decode_block` rows as the loaders' batch: the decoded clips, and "skipped"."""
+    failed = batch["error"] != ""
+    keep = ~failed if failed.any() else slice(None)  # a view of the whole batch when every video decoded
+    return {
+        "frames": _tensor(batch["frames"][keep]),  # (B, ...) float32
+        "label": _tensor(batch["label"][keep]),
+        "row": _tensor(batch["row"][keep]),
+        "skipped": [(int(row), str(error)) for row, error in zip(batch["row"][failed], batch["error"][failed])],
+    }
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    """A numpy column as a tensor; a read-only one (from Ray's object store) is copied first."""
+    return torch.from_numpy(np.require(values, requirements="W"))
 
 
 def _user_error(error: Exception) -> Exception:
@@ -265,6 +300,7 @@ class DeviceFrameStream:
     def __init__(self, dataset: RawFrameDataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.skipped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return batch_count(len(self.dataset), self.batch_size, self.drop_last)
@@ -272,7 +308,9 @@ class DeviceFrameStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch = self.dataset.epoch
         order = epoch_order(len(self.dataset), self.shuffle, self.seed, epoch)
-        starts = range(0, len(self) * self.batch_size, self.batch_size)
-        batches = (default_collate([self.dataset[(epoch, index)] for index in order[start : start + self.batch_size]])
+        size = self.batch_size
+        starts = range(0, len(self) * size, size)
+        batches = (self.dataset.collate([self.dataset[(epoch, index)] for index in order[start : start + size]])
                    for start in starts)
-        return read_ahead(batches, PREFETCH_BATCHES, name="clipreel-frames")
+        ready = read_ahead(batches, PREFETCH_BATCHES, name="clipreel-frames")
+        return (_take_skipped(batch, self.skipped) for batch in ready)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipreel.config import JsonConfig
+from clipreel.config import SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 from clipreel.heads.clip import NORMS
 
@@ -30,7 +30,7 @@ class PreprocessConfig(JsonConfig):
     """Output size S, normalisation, crops (1 = centre, 3 = start/centre/end of the long side), and
     the short side the frames are resized to before cropping (None: S)."""
 
-    image_size: int = 224
+    image_size: int = ranged(224, SIZE)
     mean: tuple[float, float, float] = NORMS["clip"][0]
     std: tuple[float, float, float] = NORMS["clip"][1]
     crops: int = 1
@@ -38,11 +38,10 @@ class PreprocessConfig(JsonConfig):
     short_side: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Stored as tuples of floats even when given lists (e.g. read back from JSON).
         object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
-        if not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1:
-            raise ClipreelError(f"image size must be a positive integer (got {self.image_size!r})")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ClipreelError(
                 f"mean/std must be 3 values each, std > 0 (got {self.mean}, {self.std}): "

@@ -18,6 +18,12 @@ with any number of workers, in any order (`frame_loaders`).
             batch["frames"]  # (B, T, 3, S, S) float32, normalised
             batch["label"], batch["row"]  # (B,) int64
 
+A video that cannot be decoded stops the loader with a DecodeError naming its manifest row
+(on_bad_video "stop"), or is left out of its batch (on_bad_video "skip"): every batch is made by
+`RawFrameDataset.collate` from the items of its place in the epoch's order, so the other videos keep
+their batches, and the batch carries the skipped rows with their errors ("skipped"), which the
+loaders collect (`loader.skipped`, row -> error).
+
 `labelled_rows` and `augment_config` are what the fine-tuning stages build their datasets from.
 
 May import: torch, pandas, clipreel.errors, clipreel.pipeline.data.
@@ -26,9 +32,11 @@ May import: torch, pandas, clipreel.errors, clipreel.pipeline.data.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pandas as pd
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, default_collate
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.data.augment import AugmentConfig, augment_clip, stable_generator
@@ -40,6 +48,9 @@ from clipreel.pipeline.data.decode import (
 )
 from clipreel.pipeline.data.preprocess import preprocess
 from clipreel.pipeline.data.sampling import SamplingConfig, sample_indices, stable_seed
+
+# What a video that cannot be decoded does: stop the loader (naming its row), or leave it out of its batch.
+ON_BAD_VIDEO = ("stop", "skip")
 
 
 class RawFrameDataset(Dataset):
@@ -61,7 +72,9 @@ class RawFrameDataset(Dataset):
     Randomness (frame offsets and augmentation) is seeded by (seed, epoch, video_id): call
     `set_epoch` before each epoch. Items may also be asked for as (epoch, i) pairs, which is how the
     loaders (`clipreel.pipeline.data.frame_loaders`) pass the epoch to workers that hold their own copy of
-    the dataset. A file that cannot be decoded raises `DecodeError` naming the row.
+    the dataset. A file that cannot be decoded raises `DecodeError` naming the row (on_bad_video
+    "stop"), or its item is {"error": that message, "label", "row"} (on_bad_video "skip"), which
+    `collate` leaves out of the batch.
     """
 
     def __init__(
@@ -75,10 +88,13 @@ class RawFrameDataset(Dataset):
         decoder: str = "pyav",
         device: str = "cpu",
         short_side: int | None = None,
+        on_bad_video: str = "stop",
     ):
         missing = {"path", "label", "video_id"} - set(rows.columns)
         if missing:
             raise ClipreelError(f"the rows given to RawFrameDataset lack the columns {sorted(missing)}: pass manifest rows")
+        check_on_bad_video(on_bad_video)
+        self.on_bad_video = on_bad_video
         self.paths = rows["path"].astype(str).tolist()
         self.labels = rows["label"].astype(int).tolist()
         self.video_ids = rows["video_id"].astype(str).tolist()
@@ -103,10 +119,25 @@ class RawFrameDataset(Dataset):
         """Draw the frame offsets and augmentation of `epoch` (each epoch sees new ones)."""
         self.epoch = epoch
 
+    def item_shape(self) -> tuple[int, ...]:
+        """The shape of one item's frames: (T, 3, S, S) for training, (V * C, T, 3, S, S) otherwise."""
+        clip = (self.sampling.frames, 3, self.augment.image_size, self.augment.image_size)
+        return clip if self.train else (self.sampling.views * self.eval_preprocess.crops, *clip)
+
     def item_nbytes(self) -> int:
         """Bytes of one item's frames (float32)."""
-        clips = 1 if self.train else self.sampling.views * self.eval_preprocess.crops
-        return clips * self.sampling.frames * 3 * self.augment.image_size**2 * 4
+        return 4 * math.prod(self.item_shape())
+
+    def collate(self, items: list[dict]) -> dict:
+        """The batch of `items`: {"frames" (B, ...), "label" (B,), "row" (B,)} of the decoded ones, and
+        "skipped": [(row, error)] of those that could not be decoded (B may be 0)."""
+        decoded = [item for item in items if "error" not in item]
+        skipped = [(item["row"], item["error"]) for item in items if "error" in item]
+        if decoded:
+            return {**default_collate(decoded), "skipped": skipped}
+        nothing = torch.zeros(0, dtype=torch.int64)
+        return {"frames": torch.zeros((0, *self.item_shape()), device=self.device), "label": nothing,
+                "row": nothing.clone(), "skipped": skipped}
 
     @property
     def decoder(self):
@@ -124,7 +155,10 @@ class RawFrameDataset(Dataset):
             indices = sample_indices(info.num_frames, sampling, video_id)  # (V, T)
             frames = self.decoder.read(path, indices.reshape(-1), info)  # (V * T, H, W, 3) uint8
         except DecodeError as error:
-            raise DecodeError(error.path, f"{where}: {error.problem}", error.fix) from error
+            located = DecodeError(error.path, f"{where}: {error.problem}", error.fix)
+            if self.on_bad_video == "stop":
+                raise located from error
+            return {"error": str(located), "label": self.labels[index], "row": self.manifest_rows[index]}
         views, length = indices.shape
         if self.train:
             generator = stable_generator("augment", self.seed, epoch, video_id)
@@ -140,6 +174,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return stable_seed("frames", seed, epoch) >> 1
 
 
+def check_on_bad_video(on_bad_video: str) -> None:
+    if on_bad_video not in ON_BAD_VIDEO:
+        raise ClipreelError(f"--on-bad-video {on_bad_video!r}: choose {' or '.join(ON_BAD_VIDEO)}")
+
+
 def labelled_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     """The labelled videos of `split` that are not known to be broken (rows keep their manifest index)."""
     if split is None:
@@ -150,10 +189,8 @@ def labelled_rows(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
 
 def augment_config(image_size: int, norm: str, settings: dict | None = None) -> AugmentConfig:
     """The training augmentation of a run (and, through its preprocess_config, its evaluation transform),
-    with the user's `--augment` settings."""
-    try:
-        return AugmentConfig(**{**(settings or {}), "image_size": image_size, "norm": norm})
-    except TypeError as error:  # a setting AugmentConfig does not have
-        raise ClipreelError(f"--augment: {error}; the settings are the fields of clipreel.pipeline.data.augment."
-                            "AugmentConfig (crop, scales, flip, color_jitter, grayscale, ...)") from None
+    with the user's `--augment` settings (names, types and ranges checked)."""
+    settings = AugmentConfig.checked_options(settings or {}, "the training augmentation", flag="--augment",
+                                             not_options=("image_size", "norm"))
+    return AugmentConfig(**settings, image_size=image_size, norm=norm)
 

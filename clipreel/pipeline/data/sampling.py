@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipreel.config import JsonConfig
+from clipreel.config import SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
 
 POLICIES = ("tsn", "dense", "uniform")
@@ -35,23 +35,18 @@ class SamplingConfig(JsonConfig):
     """How to pick frames: policy, T frames per view, stride (dense only), V views, randomness."""
 
     policy: str = "tsn"
-    frames: int = 8
-    stride: int = 16
-    views: int = 1
+    frames: int = ranged(8, SIZE)
+    stride: int = ranged(16, SIZE)
+    views: int = ranged(1, SIZE)
     random: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.policy not in POLICIES:
             raise ClipreelError(
                 f"sampling policy {self.policy!r} is unknown: choose one of {', '.join(POLICIES)}"
             )
-        for name in ("frames", "stride", "views"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ClipreelError(
-                    f"sampling {name} must be an integer >= 1 (got {value!r}): set it to 1 or more"
-                )
 
 
 

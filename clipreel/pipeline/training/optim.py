@@ -27,11 +27,17 @@ def resolved_recipe(default: Recipe, *, lr: float | None, weight_decay: float | 
 
 
 def check_settings(command: str, checks: dict[str, bool], values: dict, rules: str) -> None:
-    """Refuse the settings whose check is False, naming each with its value and the rules."""
-    bad = [name for name, ok in checks.items() if not ok]
+    """Refuse the settings whose check is False, and every checked number that is not finite (inf or
+    nan: a learning rate of inf passes `lr > 0`, and trains nothing but NaN), naming each with its
+    value and the rules."""
+    bad = [name for name, ok in checks.items() if not ok or not _finite_or_absent(values[name])]
     if bad:
         listed = ", ".join(f"{name}={values[name]!r}" for name in bad)
-        raise ClipreelError(f"{command} settings out of range: {listed} ({rules})")
+        raise ClipreelError(f"{command} settings out of range: {listed} ({rules}; every number finite)")
+
+
+def _finite_or_absent(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def recipe_dict(recipe: Recipe) -> dict:
@@ -82,8 +88,12 @@ def adamw_with_schedule(groups: list[dict], recipe: Recipe, steps_per_epoch: int
     schedule = warmup_cosine(recipe.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ClipreelError(f"the checkpoint's optimizer state does not fit this model ({error}): it belongs to "
+                                "another run. Choose a new --out.") from None
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * schedule(scheduler.last_epoch)
     return optimizer, scheduler
