@@ -19,6 +19,7 @@ starts an S3 server (moto) on 127.0.0.1 for the run.
 
     python bench/extract.py                      # ViT-B-16 at 224, 8 frames, 32 videos
     python bench/extract.py --model clipreel-tiny --videos 40   # a quick run
+    python bench/extract.py --videos 10 --runner ray             # a small job through Ray all the same
     python bench/extract.py --url moto --videos 16              # local folder vs S3 on loopback
 """
 
@@ -64,11 +65,12 @@ def backbone_alone(videos_csv: Path, model: str, frames: int, threads: int) -> f
     return len(clips) / (time.perf_counter() - started)
 
 
-def run_extract(videos_csv: Path, store: Path, model: str, frames: int, workers: int | None, batch_size: int) -> dict:
+def run_extract(videos_csv: Path, store: Path, model: str, frames: int, workers: int | None, batch_size: int,
+                runner: str = "auto", dtype: str = "float16") -> dict:
     """Run `clipreel extract` as a user would; completion times come from the done chunks' mtimes."""
     command = [sys.executable, "-m", "clipreel", "extract", "--videos", str(videos_csv), "--out", str(store),
                "--model", model, "--pretrained", "none", "--frames", str(frames), "--batch-size", str(batch_size),
-               "--no-progress"]
+               "--runner", runner, "--dtype", dtype, "--no-progress"]
     if workers:
         command += ["--workers", str(workers)]
     started = time.time()
@@ -81,7 +83,8 @@ def run_extract(videos_csv: Path, store: Path, model: str, frames: int, workers:
     first = done_times[0]
     after_first_batch = [t for t in done_times if t > first + 0.5]
     steady = (len(after_first_batch) / (after_first_batch[-1] - first)) if len(after_first_batch) >= 2 else float("nan")
-    data_bytes = sum(p.stat().st_size for name in ("tokens", "embeds", "attention", "frame_indices")
+    data_bytes = sum(p.stat().st_size for name in ("tokens", "embeds", "attention", "frame_indices", "tokens_scale",
+                                                   "attention_scale") if (store / name).exists()
                      for p in (store / name).rglob("*") if p.is_file() and p.name != "zarr.json")
     return {
         "videos": len(done_times),
@@ -158,6 +161,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="synthetic video side in pixels")
     parser.add_argument("--workers", type=int, default=None, help="extract --workers (default: its own)")
+    parser.add_argument("--runner", default="auto", help="extract --runner: auto, process or ray")
+    parser.add_argument("--dtype", default="float16", help="extract --dtype: float16, int8 or float8")
     parser.add_argument("--url", default=None, help="also extract into this object-store URL prefix ('moto': an S3 "
                                                     "server started on 127.0.0.1), against a local folder")
     parser.add_argument("--storage-option", action="append", default=[], help="key=value for --url, repeatable")
@@ -170,8 +175,11 @@ def main() -> None:
     server = None
     try:
         classes = 4
-        videos_csv = make_world(work / "world", SynthConfig(
-            classes=classes, videos_per_class=max(1, args.videos // classes), frames=32, size=args.size))
+        world_csv = make_world(work / "world", SynthConfig(
+            classes=classes, videos_per_class=-(-args.videos // classes), frames=32, size=args.size))
+        header, *rows = world_csv.read_text().splitlines()
+        videos_csv = world_csv.with_name("bench-videos.csv")  # exactly --videos of them (paths relative to it)
+        videos_csv.write_text("\n".join([header, *rows[: args.videos]]) + "\n")
         if args.url:  # only the local-versus-remote comparison
             url = args.url
             if url == "moto":
@@ -181,7 +189,8 @@ def main() -> None:
             return
         alone_all_cores = backbone_alone(videos_csv, args.model, args.frames, threads=cores)
         alone_one_thread = backbone_alone(videos_csv, args.model, args.frames, threads=1)
-        extract = run_extract(videos_csv, work / "f.zarr", args.model, args.frames, args.workers, args.batch_size)
+        extract = run_extract(videos_csv, work / "f.zarr", args.model, args.frames, args.workers, args.batch_size,
+                              args.runner, args.dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if server is not None:
@@ -190,7 +199,8 @@ def main() -> None:
 
     best_alone = max(alone_all_cores, alone_one_thread)
     efficiency = extract["steady_videos_per_s"] / best_alone
-    print(f"model {args.model}, {args.frames} frames, {extract['videos']} videos of {args.size} px")
+    print(f"model {args.model}, {args.frames} frames, {extract['videos']} videos of {args.size} px, "
+          f"--runner {args.runner}, --dtype {args.dtype}")
     print(f"backbone alone, {cores} threads   : {alone_all_cores:8.3f} videos/s")
     print(f"backbone alone, 1 thread    : {alone_one_thread:8.3f} videos/s")
     print(f"extract steady state        : {extract['steady_videos_per_s']:8.3f} videos/s")

@@ -1,7 +1,7 @@
-"""Random mini-batch reads from the feature store, against a raw numpy memmap of the same bytes,
-and (with --url) from the same store on object storage.
+"""Random mini-batch reads from the feature store, against a raw numpy memmap of the same bytes; 8-bit
+stores of the same tokens against the float16 one; and (with --url) the store on object storage.
 
-    python bench/store_read.py                 # ViT-B/16 shapes: 8 frames x 5 layers x 197 x 768 fp16
+    python bench/store_read.py                 # ViT-B/16 shapes: 8 frames x 4 layers x 197 x 768
     python bench/store_read.py --small         # a quick run with small videos
     python bench/store_read.py --url moto      # also from an S3 server (moto) started on 127.0.0.1
     python bench/store_read.py --url s3://bucket/prefix --storage-option endpoint_url=http://127.0.0.1:9000
@@ -14,6 +14,11 @@ that machine noise hits all of them alike:
     memmap       np.load(mmap_mode="r")[sorted rows]  (a fancy-indexed copy: the bar to reach)
     store.read   FeatureStore.read(rows, fields=("tokens",))
     stock zarr   a per-row loop over zarr's own array (faster than arr.oindex[rows] here)
+    int8 read    FeatureStore.read of an int8 store of the same tokens: codes + scales, decoded to
+                 float16 in numpy (what a CPU reader gets)
+    int8 codes   the same with decode_codes=False: codes + scales as stored (what the training loader
+                 hands a GPU, which decodes them itself)
+    float8 read  FeatureStore.read of a float8 store, decoded to float16
 
 With --url the store is copied there (`clipreel copy`) and three more readers join the rotation:
 
@@ -30,6 +35,7 @@ It ends with RESULT lines for scripts to grep, and removes its temporary files (
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import socket
@@ -39,12 +45,14 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from clipreel.stores import fastread, objectread
+from clipreel.stores.encoding import STORE_DTYPES as DTYPES
 from clipreel.stores.copy import copy_store
 from clipreel.stores.features import FeatureStore, StoreLayout
 from clipreel.stores.location import apply_storage_option_items, filesystem, store_location
@@ -86,25 +94,29 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return server, "s3://clipreel-bench"
 
 
-def build(folder: Path, layout: StoreLayout, seed: int) -> tuple[Path, Path]:
-    """A store and a .npy holding the same random tokens (N, V, T, K, L, D) float16."""
-    store_path, npy_path = folder / "bench.zarr", folder / "tokens.npy"
+def build(folder: Path, layout: StoreLayout, seed: int) -> tuple[dict[str, Path], Path]:
+    """A store of each dtype and a .npy, all of the same random tokens (N, V, T, K, L, D) (float16 in
+    the .npy and the float16 store, encoded in the others)."""
+    paths, npy_path = {dtype: folder / f"bench-{dtype}.zarr" for dtype in DTYPES}, folder / "tokens.npy"
     manifest = new_manifest([{"video_id": f"v{row}", "path": f"v{row}.mp4"} for row in range(layout.videos)])
-    store = FeatureStore.create(store_path, layout, {"bench": "store_read"}, manifest)
+    stores = {dtype: FeatureStore.create(path, replace(layout, dtype=dtype), {"bench": "store_read", "dtype": dtype},
+                                         manifest)
+              for dtype, path in paths.items()}
     tokens_shape = (layout.videos, *layout.row_shape("tokens"))
     memmap = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.float16, shape=tokens_shape)
     rng = np.random.default_rng(seed)
     embeds = np.zeros(layout.row_shape("embeds"), dtype=np.float32)
     frame_indices = np.zeros(layout.row_shape("frame_indices"), dtype=np.int32)
-    attention = np.zeros(layout.row_shape("attention"), dtype=np.float16)  # not timed: tokens are
+    attention = np.full(layout.row_shape("attention"), 1 / (layout.tokens - 1), dtype=np.float16)  # not timed
     for row in range(layout.videos):
         tokens = rng.standard_normal(layout.row_shape("tokens"), dtype=np.float32).astype(np.float16)
-        store.write_video(row, tokens, embeds, frame_indices, attention)
+        for store in stores.values():
+            store.write_video(row, tokens, embeds, frame_indices, attention)
         memmap[row] = tokens
     memmap.flush()
     del memmap
     os.sync()  # no dirty pages left to be flushed while we time
-    return store_path, npy_path
+    return paths, npy_path
 
 
 def main() -> None:
@@ -123,17 +135,27 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="clipreel-bench-", dir=args.dir))
     try:
         started = time.perf_counter()
-        store_path, npy_path = build(folder, layout, args.seed)
-        print(f"built {layout.videos} videos of {video_mb:.1f} MB (tokens) in {time.perf_counter() - started:.1f} s")
+        paths, npy_path = build(folder, layout, args.seed)
+        store_path = paths["float16"]
+        print(f"built {layout.videos} videos of {video_mb:.1f} MB (float16 tokens), each dtype, "
+              f"in {time.perf_counter() - started:.1f} s")
 
         memmap = np.load(npy_path, mmap_mode="r")
         store = FeatureStore.open(store_path)
+        int8, float8 = FeatureStore.open(paths["int8"]), FeatureStore.open(paths["float8"])
         stock = zarr.open_array(str(store_path / "tokens"), mode="r")
         readers = {
             "memmap": lambda rows: memmap[np.sort(rows)],
             "store.read": lambda rows: store.read(rows, fields=("tokens",))["tokens"],
             "stock zarr": lambda rows: np.stack([stock[int(row)] for row in rows]),
+            "int8 read": lambda rows: int8.read(rows, fields=("tokens",))["tokens"],
+            "int8 codes": lambda rows: int8.read(rows, fields=("tokens",), decode_codes=False),
+            "float8 read": lambda rows: float8.read(rows, fields=("tokens",))["tokens"],
         }
+        # Bytes each reader takes from storage per video: tokens (and their scales).
+        read_bytes = {name: 2 * math.prod(layout.row_shape("tokens")) for name in readers}
+        for name in ("int8 read", "int8 codes", "float8 read"):
+            read_bytes[name] = math.prod(layout.row_shape("tokens")) + 2 * math.prod(int8.layout.row_shape("tokens_scale"))
         if args.url:
             remote_url = f"{remote_prefix}/bench-{uuid.uuid4().hex[:8]}.zarr"
             started = time.perf_counter()
@@ -150,17 +172,22 @@ def main() -> None:
                 "remote zarr": lambda rows: remote_zarr.read(rows, fields=("tokens",))["tokens"],
             })
         everything = np.arange(layout.videos)
-        for start in range(0, layout.videos, 16):  # warm the page cache with both copies
-            readers["memmap"](everything[start : start + 16])
-            readers["store.read"](everything[start : start + 16])
+        for start in range(0, layout.videos, 16):  # warm the page cache with every copy
+            for name in ("memmap", "store.read", "int8 codes", "float8 read"):
+                readers[name](everything[start : start + 16])
 
         rng = np.random.default_rng(args.seed + 1)
         batches = [rng.choice(layout.videos, size=args.batch, replace=False) for _ in range(args.batches)]
         order = np.argsort(batches[0])
         same = np.array_equal(readers["store.read"](batches[0])[order], readers["memmap"](batches[0]))
         reference = readers["store.read"](batches[0])
-        if not same or any(not np.array_equal(readers[name](batches[0]), reference) for name in readers if name != "memmap"):
+        exact = [name for name in readers if name not in ("memmap", "int8 read", "int8 codes", "float8 read")]
+        if not same or any(not np.array_equal(readers[name](batches[0]), reference) for name in exact):
             raise SystemExit("the readers disagree: not timing")
+        for name, tolerance in (("int8 read", 0.01), ("float8 read", 0.05)):
+            error = np.linalg.norm(readers[name](batches[0]).astype(np.float32) - reference)
+            if error > tolerance * np.linalg.norm(reference.astype(np.float32)):
+                raise SystemExit(f"{name} is far from the float16 tokens: not timing")
 
         seconds = {name: [] for name in readers}
         names = list(readers)
@@ -174,12 +201,17 @@ def main() -> None:
         videos_per_s = {name: args.batch * len(batches) / sum(times) for name, times in seconds.items()}
         print(f"\n{args.batches} random batches of {args.batch} from {layout.videos} videos, "
               f"{args.threads} store reader threads")
-        print(f"{'reader':<14} {'videos/s':>9} {'GB/s':>6} {'median batch ms':>16}")
+        print(f"{'reader':<14} {'videos/s':>9} {'MB/video':>9} {'GB/s read':>10} {'median batch ms':>16}")
         for name, times in seconds.items():
             rate = videos_per_s[name]
-            print(f"{name:<14} {rate:9.1f} {rate * video_mb / 1e3:6.2f} {statistics.median(times) * 1e3:16.1f}")
+            print(f"{name:<14} {rate:9.1f} {read_bytes[name] / 1e6:9.2f} {rate * read_bytes[name] / 1e9:10.2f} "
+                  f"{statistics.median(times) * 1e3:16.1f}")
         print()
         print(f"RESULT store_read_vs_memmap {videos_per_s['store.read'] / videos_per_s['memmap']:.3f}")
+        print(f"RESULT int8_read_vs_float16_read {videos_per_s['int8 read'] / videos_per_s['store.read']:.3f}")
+        print(f"RESULT int8_codes_vs_float16_read {videos_per_s['int8 codes'] / videos_per_s['store.read']:.3f}")
+        print(f"RESULT float8_read_vs_float16_read {videos_per_s['float8 read'] / videos_per_s['store.read']:.3f}")
+        print(f"RESULT int8_bytes_ratio {read_bytes['int8 codes'] / read_bytes['store.read']:.3f}")
         print(f"RESULT store_read_videos_per_s {videos_per_s['store.read']:.1f}")
         print(f"RESULT memmap_videos_per_s {videos_per_s['memmap']:.1f}")
         print(f"RESULT stock_zarr_videos_per_s {videos_per_s['stock zarr']:.1f}")

@@ -67,7 +67,9 @@ def extract(
     seed: int = typer.Option(0, help="Seed of the frame sampling."),
     decoder: str = typer.Option("auto", help="auto (DALI on GPU, else PyAV), pyav, or dali (DALI-CPU: VP8/VP9/MJPEG only)."),
     batch_size: int = typer.Option(4, help="Videos per backbone batch."),
-    workers: Optional[int] = typer.Option(None, help="Backbone actors (default: one per GPU, else one per CPU)."),
+    dtype: str = typer.Option("float16", help="How the store keeps tokens and attention maps: float16, int8 (half the bytes; 8-bit codes with float16 scales) or float8 (E4M3 codes). Fixed per store."),
+    runner: str = typer.Option("auto", help="Where the backbone runs: process (this one, no Ray), ray (a Ray Data job: actors, a cluster with --address), or auto (this process for up to 32 videos to compute without --address, else Ray)."),
+    workers: Optional[int] = typer.Option(None, help="Backbone actors of a Ray job (default: one per GPU, else one per CPU)."),
     address: Optional[str] = typer.Option(None, help=options.ADDRESS_HELP),
     root: Optional[Path] = typer.Option(None, help="Folder that relative paths in the list are under (default: the list's folder)."),
     labels: Optional[Path] = typer.Option(None, help="Label map: one class name per line (line i = label i)."),
@@ -89,7 +91,7 @@ def extract(
         views=views, sampling=sampling, stride=stride, crops=crops, seed=seed, decoder=decoder, batch_size=batch_size,
         workers=workers, address=address, root=str(root) if root else None, labels=str(labels) if labels else None,
         skip_missing=skip_missing, wait=wait, force=force, recheck=recheck, repair=repair,
-        trust_checkpoint_code=trust_checkpoint_code,
+        trust_checkpoint_code=trust_checkpoint_code, dtype=dtype, runner=runner,
     )
     summary = run_extract(cfg, progress=progress)
     for change in summary.repairs:
@@ -97,7 +99,8 @@ def extract(
     startup = f" ({summary.startup_seconds:.1f} to the first stored video)" if summary.startup_seconds else ""
     console.print(f"extract → {summary.store}", highlight=False)
     console.print(f"  videos   {summary.total}", highlight=False)
-    console.print(f"  done     {summary.done} ({summary.computed_now} computed now)", highlight=False)
+    where = {"process": "in this process", "ray": "by a Ray job"}[summary.runner]
+    console.print(f"  done     {summary.done} ({summary.computed_now} computed now, {where})", highlight=False)
     console.print(f"  failed   {summary.failed}", highlight=False)
     console.print(f"  seconds  {summary.seconds:.1f}{startup}", highlight=False)
     if summary.orphaned:

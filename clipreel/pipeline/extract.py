@@ -1,6 +1,6 @@
 """The extraction job: a video list -> decoded frames -> frozen backbone -> Zarr feature store.
 
-It is a Ray Data pipeline:
+A large job is a Ray Data pipeline:
 
     manifest rows (pending) --map--> probe + sample (tasks), and decode there with PyAV ahead of
                                      GPU actors
@@ -10,6 +10,14 @@ It is a Ray Data pipeline:
                                              each video's chunks into the store
                             --> the driver: progress bar, manifest status, summary
 
+A small job (`runner="auto"`: at most IN_PROCESS_VIDEOS videos to compute, no cluster) skips Ray,
+whose start costs far more than such a job's work: the driver decodes the next batch on a thread
+while its own backbone computes this one, and writes through the same VideoFeatureWriter as the
+actors, under the same lease, into the same store.
+
+The store keeps tokens and attention maps as float16 or as 8-bit codes with scales (`dtype`,
+stores/encoding.py); the writers encode them on the model's device.
+
 Each video owns its chunks in the store and its `done` flag is written last, so a crash (even a
 SIGKILL of the whole job) never leaves a half-written video marked done, and re-running the same
 command only computes what is missing. Bad files never stop the job: their errors travel as rows
@@ -17,8 +25,8 @@ and end up in the manifest with status `failed`.
 
 Every setting is checked before anything happens (no store created, no lease taken, no Ray
 started): the numbers, the list, the sampling, the decoder, and the backbone itself (model, weights,
-tapped blocks, normalisation, crops), which the driver builds once on the CPU for the shapes and
-provenance the store records.
+tapped blocks, normalisation, crops), which the driver builds once for the shapes and provenance
+the store records (on the CPU, or on the GPU of a job it computes in this process).
 
 The driver holds the store's writer lease for the whole run (a second extract on the same store
 waits or is refused), and merges statuses into the manifest in storage rather than overwriting
@@ -43,6 +51,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from clipreel import __version__
@@ -53,6 +62,7 @@ from clipreel.pipeline.extract_workers import decode_video
 from clipreel.pipeline.progress import progress_bar
 from clipreel.pipeline.raycluster import ensure_ray, quiet_ray_data
 from clipreel.stores.audit import EXTRACT_LOG_FOLDER
+from clipreel.stores.encoding import DEFAULT_DTYPE, checked_dtype, provenance_entries
 from clipreel.stores.features import FeatureStore, StoreLayout, provenance_diff
 from clipreel.stores.lease import WriterLease
 from clipreel.stores.location import StoreAccess, is_remote, store_location
@@ -67,6 +77,13 @@ from clipreel.stores.repair import (
 
 MANIFEST_FLUSH_SECONDS = 5.0
 RESULT_COLUMNS = ("status", "error", "num_frames", "fps")  # what a finished video sets in the manifest
+RUNNERS = ("auto", "process", "ray")
+# runner "auto" computes at most this many videos in this process, more in a Ray Data job. A Ray
+# job spends its first 30-80 s starting (Ray, then actors that import torch and load the model
+# each) on the 2-core dev VM; this process starts computing within seconds but uses one
+# process: measured in docs/store.md ("Extraction start-up").
+IN_PROCESS_VIDEOS = 32
+IN_PROCESS_NODE = "in-process"  # the extract log's name for the driver writing the store itself
 
 
 @dataclass
@@ -97,6 +114,8 @@ class ExtractConfig:
     force: bool = False  # take over an expired writer lease
     recheck: bool = False  # clear the done flags of videos that verify rejects, so they are computed again
     repair: bool = False  # repair_store first (includes recheck)
+    dtype: str = DEFAULT_DTYPE  # how the store keeps tokens and attention maps: float16, int8 or float8
+    runner: str = "auto"  # where the backbone runs: "process" (this one), "ray" (a Ray Data job), "auto"
 
     def sampling_config(self) -> SamplingConfig:
         return SamplingConfig(
@@ -120,6 +139,7 @@ class ExtractSummary:
     repairs: list[str] = field(default_factory=list)  # what repair, recheck or append completion changed
     orphaned: int = 0  # orphan placeholder rows still waiting for a video
     writers: dict[str, dict] = field(default_factory=dict)  # Ray node id -> {"host", "pids", "rows"} this run
+    runner: str = "ray"  # where the videos were computed: "process" (this one) or "ray"
 
 
 class WriterLog:
@@ -148,12 +168,19 @@ class WriterLog:
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every not-yet-done video of `cfg.videos` into the store `cfg.out`, holding its writer lease."""
     started = time.perf_counter()
+    import torch
+
     from clipreel.heads.clip import register_builtin_models
     from clipreel.heads.taps import Backbone, BackboneConfig
     from clipreel.pipeline.data.preprocess import PreprocessConfig
     from clipreel.pipeline.data.sources import read_sources
 
     _check_numbers(cfg)
+    checked_dtype(cfg.dtype)
+    if cfg.runner not in RUNNERS:
+        raise ClipreelError(f"--runner {cfg.runner!r}: choose one of {', '.join(RUNNERS)}")
+    if cfg.runner == "process" and cfg.address is not None:
+        raise ClipreelError("--runner process computes on this machine alone: drop --address, or use --runner ray")
     sampling = cfg.sampling_config()
     choose_decoder(cfg.decoder)  # refuses an unknown or uninstalled decoder
     sources = read_sources(
@@ -162,13 +189,16 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         label_map=Path(cfg.labels) if cfg.labels else None,
         skip_missing=cfg.skip_missing,
     )
+    in_process = _runs_in_process(cfg, _videos_to_compute(cfg.out, sources))
     register_builtin_models()
-    # The driver builds the backbone once on the CPU: it refuses a bad model, weights, blocks or norm,
-    # and gives the shapes and provenance the store records.
+    # The driver builds the backbone once: it refuses a bad model, weights, blocks or norm, gives the
+    # shapes and provenance the store records, and computes the videos itself when it runs them in
+    # this process (on the GPU if there is one; the Ray actors build their own).
+    device = "cuda" if in_process and torch.cuda.is_available() else "cpu"
     backbone = Backbone(BackboneConfig(model=cfg.model, pretrained=cfg.pretrained, layers=cfg.layers, norm=cfg.norm,
-                                       trust_checkpoint_code=cfg.trust_checkpoint_code))
+                                       trust_checkpoint_code=cfg.trust_checkpoint_code, device=device))
     preprocess = PreprocessConfig(image_size=backbone.image_size, mean=backbone.mean, std=backbone.std, crops=cfg.crops)
-    provenance = _provenance(backbone, sampling, preprocess)
+    provenance = _provenance(backbone, sampling, preprocess, cfg.dtype)
     if FeatureStore.exists(cfg.out):  # checked again under the lease, where the store is opened for writing
         _refuse_other_settings(cfg.out, FeatureStore.open(cfg.out).provenance, provenance)
     location = store_location(cfg.out)
@@ -181,7 +211,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             check_every_node_sees(location)
         with WriterLease.acquire(cfg.out, "clipreel extract", wait_seconds=cfg.wait, force=cfg.force) as lease:
             return _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started,
-                                          progress)
+                                          progress, in_process)
     finally:
         if started_ray:
             import ray
@@ -204,11 +234,12 @@ def _check_numbers(cfg: ExtractConfig) -> None:
 
 
 def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provenance, lease, started: float,
-                           progress: bool) -> ExtractSummary:
+                           progress: bool, in_process: bool) -> ExtractSummary:
     """run_extract's work, while this process holds the store's writer lease."""
-    started_ray = ensure_ray(cfg.address) if _has_work(cfg.out, sources) else False
+    has_work = _videos_to_compute(cfg.out, sources) > 0
+    started_ray = ensure_ray(cfg.address) if has_work and not in_process else False
     try:
-        store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess)
+        store = _open_or_create_store(cfg.out, backbone, provenance, sources, sampling, preprocess, cfg.dtype)
         repairs = _make_consistent(store, cfg)
         _add_new_videos(store, sources)
         manifest, _ = reconcile_statuses(store)
@@ -219,11 +250,14 @@ def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provena
         finished: dict[str, dict] = {}  # video_id -> its RESULT_COLUMNS, until merged into storage
         writer_log = WriterLog(cfg.out)
         if len(todo):
-            import ray
+            if in_process:
+                results = _results_in_process(store, manifest, todo, cfg, backbone, preprocess, sampling)
+            else:
+                import ray
 
-            started_ray = ensure_ray(cfg.address) or started_ray
-            try:
+                started_ray = ensure_ray(cfg.address) or started_ray
                 results = _stream_results(store, manifest, todo, cfg, backbone, preprocess, sampling, ray)
+            try:
                 last_flush, flush_every = time.perf_counter(), MANIFEST_FLUSH_SECONDS
                 with progress_bar("extract", len(todo), progress) as advance:
                     for result in results:
@@ -269,22 +303,31 @@ def _extract_holding_lease(cfg, sources, sampling, backbone, preprocess, provena
         repairs=repairs,
         orphaned=int(orphan_mask(manifest).sum()),
         writers=writer_log.writers,
+        runner="process" if in_process else "ray",
     )
 
 
-def _has_work(path, sources: pd.DataFrame) -> bool:
-    """Whether the store at `path` lacks any video of `sources` (cheap: no model, no Ray)."""
+def _runs_in_process(cfg: ExtractConfig, videos: int) -> bool:
+    """Whether this run computes its videos in this process rather than in a Ray Data job."""
+    if cfg.runner != "auto":
+        return cfg.runner == "process"
+    return cfg.address is None and videos <= IN_PROCESS_VIDEOS
+
+
+def _videos_to_compute(path, sources: pd.DataFrame) -> int:
+    """How many videos this run computes, known before any model or Ray starts (cheap): the store's
+    videos without a done flag, and the videos of `sources` it lacks."""
     if not FeatureStore.exists(path):
-        return True
+        return len(sources)
     store = FeatureStore.open(path)
     manifest, done = store.manifest(), store.done_mask()
+    new = int((~sources["video_id"].isin(set(manifest["video_id"]))).sum())
     if len(manifest) != len(done):  # an inconsistent store: this run completes or repairs it first
-        return True
-    done_ids = set(manifest["video_id"][done])
-    return not set(sources["video_id"]) <= done_ids
+        return len(manifest) + new
+    return int((~done & ~orphan_mask(manifest)).sum()) + new
 
 
-def _provenance(backbone, sampling: SamplingConfig, preprocess) -> dict:
+def _provenance(backbone, sampling: SamplingConfig, preprocess, dtype: str) -> dict:
     """The store's provenance: everything that decides what the stored numbers mean."""
     return {
         **backbone.provenance(),
@@ -296,12 +339,11 @@ def _provenance(backbone, sampling: SamplingConfig, preprocess) -> dict:
         "sampling": sampling.to_dict(),
         "preprocess": preprocess.to_dict(),
         "view_order": "view = temporal_view * crops + crop",
-        "tokens_dtype": "float16",
-        "embeds_dtype": "float32",
+        **provenance_entries(dtype, backbone.width),  # dtype, tokens_dtype, attention_dtype, ...
     }
 
 
-def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sampling, preprocess):
+def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sampling, preprocess, dtype: str):
     """Open the store at `path` (refusing different settings), or create it with `sources` as its videos."""
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
@@ -315,6 +357,7 @@ def _open_or_create_store(path, backbone, provenance, sources: pd.DataFrame, sam
         tokens=backbone.tokens,
         width=backbone.width,
         embed_dim=backbone.embed_dim,
+        dtype=dtype,
     )
     return FeatureStore.create(path, layout, provenance, sources)
 
@@ -362,6 +405,51 @@ def _save_results(store: FeatureStore, lease: WriterLease, finished: dict[str, d
     lease.ensure_held()
     store.update_manifest(pd.DataFrame([{"video_id": video_id, **columns} for video_id, columns in finished.items()]))
     finished.clear()
+
+
+def _results_in_process(store, manifest, todo, cfg, backbone, preprocess, sampling):
+    """Compute the rows in `todo` in this process with the driver's backbone and yield one status
+    dict per video, as the Ray job does: a background thread decodes the next batch (PyAV releases
+    the GIL) while the backbone runs on this one; the same writer as the actors' writes each video's
+    chunks, done flag last."""
+    from clipreel.pipeline.data.decode import make_decoder
+    from clipreel.pipeline.data.prefetch import read_ahead
+    from clipreel.pipeline.extract_workers import VideoFeatureWriter
+
+    decoder = choose_decoder(cfg.decoder, backbone.device.type)
+    decode_in_writer = decoder == "dali"  # DALI decodes on the model's device, in the writer
+    writer = VideoFeatureWriter(
+        backbone, preprocess, store, make_decoder(decoder, device=backbone.device.type) if decode_in_writer else None,
+        writer={"writer_node": IN_PROCESS_NODE, "writer_host": socket.gethostname(), "writer_pid": os.getpid()},
+    )
+    items = [
+        {"row": int(row), "path": manifest.at[row, "path"], "video_id": manifest.at[row, "video_id"],
+         "start": float(manifest.at[row, "start"]), "end": float(manifest.at[row, "end"])}
+        for row in todo
+    ]
+    # The first batch is one video: its result is stored after one video's forward, not a batch's.
+    starts = [0, *range(1, len(items), cfg.batch_size)]
+    batches = (items[start : start + (1 if start == 0 else cfg.batch_size)] for start in starts)
+    decoded = (_numpy_batch([decode_video(item, sampling=sampling.to_dict(), decode=not decode_in_writer)
+                             for item in batch]) for batch in batches)
+    for batch in read_ahead(decoded, depth=1, name="clipreel-decode"):
+        written = writer(batch)
+        for i in range(len(written["row"])):
+            yield {key: values[i] for key, values in written.items()}
+
+
+def _numpy_batch(items: list[dict]) -> dict:
+    """decode_video's results as one batch of numpy columns, as Ray Data hands them to the actors
+    (the frames, whose shapes differ between videos, in an object array)."""
+    batch = {}
+    for key in items[0]:
+        if key == "frames":
+            batch[key] = np.empty(len(items), dtype=object)
+            for i, item in enumerate(items):
+                batch[key][i] = item[key]
+        else:
+            batch[key] = np.array([item[key] for item in items])
+    return batch
 
 
 # How often a backbone actor of a multi-node extraction is started again after its node is lost.

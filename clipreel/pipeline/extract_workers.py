@@ -1,8 +1,9 @@
-"""What runs on Ray workers during extraction: the decode task and the backbone actor.
+"""What runs on Ray workers during extraction: the decode task and the backbone actor; and the
+writer of a batch of videos that both the actor and the driver (a small job, in its own process) run.
 
-Kept apart from `extract.py`, and torch is imported only inside the actor, so that a decode
-worker starts with numpy and PyAV alone (worker start-up dominates small jobs on few cores).
-Neither stage raises for a bad video: the error travels on as that video's row.
+Kept apart from `extract.py`, and torch is imported only inside the writer and the actor, so that
+a decode worker starts with numpy and PyAV alone (worker start-up dominates small jobs on few
+cores). Neither stage raises for a bad video: the error travels on as that video's row.
 """
 
 from __future__ import annotations
@@ -50,40 +51,17 @@ def decode_video(item: dict, *, sampling: dict, decode: bool) -> dict:
     return result
 
 
-class ExtractActor:
-    """One backbone on one device: preprocess, forward, and write each video's chunks.
+class VideoFeatureWriter:
+    """One backbone on one device: preprocess a batch of decoded videos, run the backbone, encode the
+    features as the store keeps them, and write each video's chunks (done flag last).
 
-    It opens the store itself, on whichever node it runs, with the driver's `store_access`
-    (storage options and variables: this node's environment need not have them).
+    The work of a backbone actor (ExtractActor), and of the driver itself for a small job
+    (extract.py runs it in its own process). `writer` names who writes: {"writer_node",
+    "writer_host", "writer_pid"}, returned with every row for the store's extract log.
     """
 
-    def __init__(self, store_access, backbone: dict, preprocess: dict, decoder: str | None):
-        import os
-        import socket
-
-        import ray
-        import torch
-
-        from clipreel.heads.clip import register_builtin_models
-        from clipreel.heads.taps import Backbone, BackboneConfig
-        from clipreel.pipeline.data.preprocess import PreprocessConfig
-        from clipreel.stores.features import FeatureStore
-
-        gpu = torch.cuda.is_available()
-        if not gpu:
-            torch.set_num_threads(1)
-        register_builtin_models()
-        self.backbone = Backbone(BackboneConfig(**{**backbone, "device": "cuda" if gpu else "cpu"}))
-        self.preprocess = PreprocessConfig.from_dict(preprocess)
-        store_access.apply()
-        self.store = FeatureStore.open(store_access.location, mode="r+")
-        self.writer = {"writer_node": ray.get_runtime_context().get_node_id(), "writer_host": socket.gethostname(),
-                       "writer_pid": os.getpid()}
-        self.decoder = None
-        if decoder is not None:
-            from clipreel.pipeline.data.decode import make_decoder
-
-            self.decoder = make_decoder(decoder, device="cuda" if gpu else "cpu")
+    def __init__(self, backbone, preprocess, store, decoder, writer: dict):
+        self.backbone, self.preprocess, self.store, self.decoder, self.writer = backbone, preprocess, store, decoder, writer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -110,13 +88,7 @@ class ExtractActor:
             frames = frames_per_video // views
             pixels = torch.cat([clip.unflatten(1, (views, frames)).flatten(0, 1) for clip in clips.values()])
             features = self.backbone.forward_clips(pixels)  # clips (n*C*V, T, 3, S, S) in (video, crop, view) order
-            stored = {
-                "tokens": features.tokens.to(torch.float16),  # (n*C*V, T, K, L, D)
-                "embeds": features.embeds.to(torch.float32),  # (n*C*V, T, E)
-            }
-            if features.attention is not None:
-                stored["attention"] = features.attention.to(torch.float16)  # (n*C*V, 2, T-1, K, P, P)
-            stored = {name: values.cpu().numpy() for name, values in stored.items()}
+            stored = {name: values.cpu().numpy() for name, values in self._as_stored(features).items()}
             per_video = crops * views
             for n, i in enumerate(clips):
                 video = {name: _views_first(values[n * per_video : (n + 1) * per_video], crops, views)
@@ -135,6 +107,64 @@ class ExtractActor:
             "fps": batch["fps"],
             **{name: np.array([value] * len(rows)) for name, value in self.writer.items()},
         }
+
+    def _as_stored(self, features) -> dict:
+        """The backbone's features as the store keeps them, still on the model's device: float16, or
+        8-bit codes with their scales (encoded there: a GPU sends a quarter of the float32 bytes)."""
+        import torch
+
+        from clipreel.pipeline.data.store_codes import encode_field
+        from clipreel.stores.encoding import SCALE_SUFFIX
+
+        dtype = self.store.layout.dtype
+        fields = {"tokens": features.tokens}  # (n*C*V, T, K, L, D)
+        if features.attention is not None:
+            fields["attention"] = features.attention  # (n*C*V, 2, T-1, K, P, P)
+        stored = {"embeds": features.embeds.to(torch.float32)}  # (n*C*V, T, E)
+        for field, values in fields.items():
+            if field in self.store.layout.encoded_fields:
+                stored[field], stored[field + SCALE_SUFFIX] = encode_field(field, values, dtype)
+            else:
+                stored[field] = values.to(torch.float16)
+        return stored
+
+
+class ExtractActor(VideoFeatureWriter):
+    """A VideoFeatureWriter in a Ray actor: it builds its backbone on its own device (one GPU, or the
+    CPU) and opens the store itself, on whichever node it runs, with the driver's `store_access`
+    (storage options and variables: this node's environment need not have them).
+    """
+
+    def __init__(self, store_access, backbone: dict, preprocess: dict, decoder: str | None):
+        import os
+        import socket
+
+        import ray
+        import torch
+
+        from clipreel.heads.clip import register_builtin_models
+        from clipreel.heads.taps import Backbone, BackboneConfig
+        from clipreel.pipeline.data.preprocess import PreprocessConfig
+        from clipreel.stores.features import FeatureStore
+
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            torch.set_num_threads(1)
+        register_builtin_models()
+        store_access.apply()
+        frame_decoder = None
+        if decoder is not None:
+            from clipreel.pipeline.data.decode import make_decoder
+
+            frame_decoder = make_decoder(decoder, device="cuda" if gpu else "cpu")
+        super().__init__(
+            backbone=Backbone(BackboneConfig(**{**backbone, "device": "cuda" if gpu else "cpu"})),
+            preprocess=PreprocessConfig.from_dict(preprocess),
+            store=FeatureStore.open(store_access.location, mode="r+"),
+            decoder=frame_decoder,
+            writer={"writer_node": ray.get_runtime_context().get_node_id(), "writer_host": socket.gethostname(),
+                    "writer_pid": os.getpid()},
+        )
 
 
 def _views_first(values: np.ndarray, crops: int, views: int) -> np.ndarray:

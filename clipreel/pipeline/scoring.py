@@ -6,7 +6,8 @@ softmax", the multi-view testing of EVL's `main.py: evaluate`, X-CLIP's and ViFi
 The same functions score validation during training and held-out splits in `pipeline.evaluate`.
 The metrics are top-1, top-5, mean class accuracy, per-class accuracy and the confusion matrix.
 
-May import: torch, numpy, clipreel.errors, clipreel.heads.registry, clipreel.pipeline.training.
+May import: torch, numpy, clipreel.errors, clipreel.heads.registry, clipreel.pipeline.training,
+clipreel.stores.encoding.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from clipreel.errors import ClipreelError
 from clipreel.heads.registry import head_entry
 from clipreel.pipeline.training.loop import mixed_precision
+from clipreel.stores.encoding import SCALE_SUFFIX
 
 TOP_K = 5
 
@@ -36,7 +38,8 @@ def view_averaged_probabilities(
     each view goes through the head on its own, then the mean over views of their softmax."""
     fields = head_entry(name).reads
     count, views = batch[fields[0]].shape[:2]
-    one_view_each = {field: batch[field].flatten(0, 1).to(device) for field in fields}  # (B*V, ...)
+    one_view_each = {key: values.flatten(0, 1).to(device) for key, values in batch.items()
+                     if key.removesuffix(SCALE_SUFFIX) in fields}  # (B*V, ...): values, or 8-bit codes and scales
     logits = head(one_view_each).unflatten(0, (count, views))  # (B, V, K)
     return mean_softmax_over_views(logits)
 

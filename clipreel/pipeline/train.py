@@ -274,7 +274,7 @@ def _train(cfg: TrainConfig, recipe, *, rank: int, world_size: int, device: torc
     optimizer, scheduler = adamw_with_schedule(groups, recipe, steps_per_epoch, cfg.epochs, checkpoint)
 
     def step(batch: dict, index: int):
-        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}  # 8-bit: codes
         logits = model(batch)  # (B, K)
         return classification_loss(logits, batch["labels"], cfg.label_smoothing), logits, batch["labels"]
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clipreel.errors import ClipreelError
+from clipreel.stores.encoding import DEFAULT_DTYPE, SCALE_SUFFIX, code_problems
 from clipreel.stores.lease import lease_status
 from clipreel.stores.manifest import orphan_mask
 from clipreel.stores.objects import StoreObjects
@@ -42,7 +43,10 @@ APPEND_KEYS = (
     "sampling",
     "preprocess",  # also interpolation, which changes the pixels the model sees
     "feature_blocks",
+    "dtype",  # float16, int8 or float8: how tokens and attention maps are kept
 )
+# What a store that does not record a key has: stores written before 8-bit storage are float16.
+RECORD_DEFAULTS = {"dtype": DEFAULT_DTYPE}
 
 _ABSENT = object()
 # The sampling policies that use the frame stride (`pipeline.data.sampling`: dense clips take T frames
@@ -57,7 +61,8 @@ def provenance_diff(old: dict, new: dict, keys: Sequence[str] = APPEND_KEYS) -> 
     Tuples and lists compare equal."""
     lines: list[str] = []
     for key in keys:
-        old_value, new_value = _plain(old.get(key, _ABSENT)), _plain(new.get(key, _ABSENT))
+        default = RECORD_DEFAULTS.get(key, _ABSENT)
+        old_value, new_value = _plain(old.get(key, default)), _plain(new.get(key, default))
         if key == "sampling" and not (_uses_stride(old_value) or _uses_stride(new_value)):
             old_value, new_value = _without_stride(old_value), _without_stride(new_value)
         _compare(key, old_value, new_value, lines)
@@ -120,6 +125,7 @@ def summarize(store: "FeatureStore") -> dict:
         "manifest_rows": len(manifest),
         "orphaned": int(orphan_mask(manifest).sum()),
         "writer_lease": lease_status(store.path),
+        "dtype": store.layout.dtype,
         "layout": asdict(store.layout),
         "arrays": arrays,
         "bytes_on_disk": _bytes_on_disk(store.path),
@@ -179,8 +185,8 @@ def verify(store: "FeatureStore", check_values: bool = True) -> list[str]:
     Checks: every array and the manifest have the same number of rows; provenance
     frames/views/feature_blocks agree with the shapes; manifest status agrees with the done flags;
     failed rows carry an error message; and `rejected_videos`: every done video has all its chunk
-    files at the right size and (check_values) finite tokens, embeds and attention maps, and frame
-    indices in [0, num_frames).
+    files at the right size and (check_values) finite tokens, embeds and attention maps (8-bit
+    stores: finite, positive scales and no float8 NaN codes), and frame indices in [0, num_frames).
     """
     layout = store.layout
     manifest = store.manifest()
@@ -275,16 +281,21 @@ def _video_problems(
             problems.append(f"{name} chunk file has {os.path.getsize(path)} bytes, expected {expected} ({path})")
     if problems or not check_values:
         return problems
+    fields = [name for name in data_arrays if not name.endswith(SCALE_SUFFIX)]
     try:
-        values = store.read([row], fields=data_arrays)
+        values = store.read([row], fields=fields, decode_codes=False)  # codes and scales as stored
     except ClipreelError as error:
         return [str(error)]
     except Exception as error:  # e.g. a truncated chunk read through zarr from an fsspec URL
         return [f"unreadable: {type(error).__name__}: {error}"]
-    for name in data_arrays:
-        bad = int((~np.isfinite(values[name])).sum())
+    for field in fields:
+        code = store.layout.code(field)
+        if code.scaled:
+            problems += code_problems(field, values[field], values[field + SCALE_SUFFIX], code)
+            continue
+        bad = int((~np.isfinite(values[field])).sum())
         if bad:
-            problems.append(f"{name} has {bad} non-finite values (NaN/inf; or a missing chunk read as NaN)")
+            problems.append(f"{field} has {bad} non-finite values (NaN/inf; or a missing chunk read as NaN)")
     indices = values["frame_indices"][0]  # (V, T)
     if indices.min() < 0:
         problems.append(f"frame_indices has negative values (min {indices.min()}; -1 = never written)")

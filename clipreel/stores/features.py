@@ -12,6 +12,10 @@ Layout (documented field by field in docs/store.md):
       frame_indices/        (N, V, T)                   int32    the frame numbers actually sampled
       done/                 (N,)                        uint8    1 once all of a video's data is written
 
+An 8-bit store (provenance dtype int8 or float8, schema_version 2) keeps tokens and attention as
+int8/uint8 codes with float16 scales of their own, tokens_scale (N, V, T, K, L, D/32) and
+attention_scale (N, V, 2, T-1, K, P) (encoding.py); `read` returns float16 values all the same.
+
 `attention` holds, per feature block, the head-averaged softmax attention of each frame's patch
 queries over the previous frame's (index 0) and the next frame's (index 1) patch keys: exactly
 what EVL's temporal cross-attention consumes. It depends only on frozen weights, so extraction
@@ -41,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +58,18 @@ from clipreel import __version__
 from clipreel.errors import ClipreelError
 from clipreel.stores import fastread, objectread
 from clipreel.stores.audit import provenance_diff, summarize, verify
+from clipreel.stores.encoding import (
+    DEFAULT_DTYPE,
+    SCALE_SUFFIX,
+    FieldCode,
+    checked_dtype,
+    code_problems,
+    decode,
+    encode,
+    field_code,
+    provenance_entries,
+    scale_shape,
+)
 from clipreel.stores.lease import LEASE_FOLDER
 from clipreel.stores.location import StoreAccess, is_remote, store_location
 from clipreel.stores.manifest import (
@@ -74,17 +90,22 @@ __all__ = [
     "verify",
 ]
 
-SCHEMA_VERSION = 1
+# The newest layout this clipreel writes and reads: 2 adds 8-bit tokens and attention maps with
+# their scale arrays. float16 stores are written as 1, the layout they have always had, so that
+# earlier clipreel versions read them; those versions refuse 8-bit stores instead of misreading them.
+SCHEMA_VERSION = 2
+FLOAT16_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
 LINK_FILE = "linked_arrays.json"  # a linked store: {"arrays": location of the store whose arrays it reads}
 READABLE_FIELDS = ("tokens", "embeds", "attention", "frame_indices")
 # Where the layer axis K sits within one video's slice of each array that has one.
-LAYER_AXIS = {"tokens": 2, "attention": 3}
+LAYER_AXIS = {"tokens": 2, "tokens_scale": 2, "attention": 3, "attention_scale": 3}
 
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """The sizes of a store: N videos, V views, T frames, K feature blocks, L tokens, D width, E."""
+    """The sizes of a store: N videos, V views, T frames, K feature blocks, L tokens, D width, E;
+    and how it keeps tokens and attention maps (`dtype`: float16, int8 or float8, see encoding.py)."""
 
     videos: int
     views: int
@@ -93,9 +114,16 @@ class StoreLayout:
     tokens: int
     width: int
     embed_dim: int
+    dtype: str = DEFAULT_DTYPE
+
+    def __post_init__(self) -> None:
+        checked_dtype(self.dtype, "StoreLayout dtype")
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         """The shape of one video's slice of the array `name`."""
+        if name.endswith(SCALE_SUFFIX):
+            field = name.removesuffix(SCALE_SUFFIX)
+            return scale_shape(field, self.row_shape(field))
         return {
             "tokens": (self.views, self.frames, self.layers, self.tokens, self.width),
             "embeds": (self.views, self.frames, self.embed_dim),
@@ -104,15 +132,40 @@ class StoreLayout:
             "done": (),
         }[name]
 
+    def code(self, field: str) -> FieldCode:
+        """How this store keeps `field` (float16 values, or 8-bit codes with scales)."""
+        return field_code(self.dtype, field)
+
+    def spec(self, name: str) -> "ArraySpec":
+        """How the array `name` of this store is created: ARRAYS, with the codes' dtype for 8-bit fields."""
+        spec = ARRAYS[name]
+        if self.code(name).scaled:
+            return replace(spec, dtype=self.code(name).storage_dtype, fill_value=0,
+                           description=f"{spec.description}; {self.code(name).kind} codes, "
+                                       f"value = code / {self.code(name).top:g} * {name}{SCALE_SUFFIX}")
+        return spec
+
     @property
     def array_names(self) -> tuple[str, ...]:
-        """The per-video arrays of a store of this layout (no attention maps for single frames)."""
-        return tuple(name for name in ARRAYS if name != "attention" or self.frames >= 2)
+        """The per-video arrays of a store of this layout: no attention maps for single frames, scales
+        only for 8-bit fields."""
+        def kept(name: str) -> bool:
+            field = name.removesuffix(SCALE_SUFFIX)
+            if field == "attention" and self.frames < 2:
+                return False
+            return not name.endswith(SCALE_SUFFIX) or self.code(field).scaled
+
+        return tuple(name for name in ARRAYS if kept(name))
+
+    @property
+    def encoded_fields(self) -> tuple[str, ...]:
+        """The fields kept as codes + scales (none in a float16 store)."""
+        return tuple(name for name in self.array_names if name + SCALE_SUFFIX in self.array_names)
 
     def bytes_per_video(self) -> int:
         """Bytes one video occupies on disk (all its chunks, uncompressed)."""
         return sum(
-            math.prod(self.row_shape(name)) * np.dtype(ARRAYS[name].dtype).itemsize for name in self.array_names
+            math.prod(self.row_shape(name)) * np.dtype(self.spec(name).dtype).itemsize for name in self.array_names
         )
 
 
@@ -137,6 +190,13 @@ ARRAYS = {
         write_empty_chunks=True,
         description="outputs of the feature blocks (provenance feature_blocks), CLS first then patches row-major",
     ),
+    "tokens_scale": ArraySpec(
+        dtype="float16",
+        fill_value=float("nan"),
+        dimension_names=("video", "view", "frame", "layer", "token", "channel_block"),
+        write_empty_chunks=True,
+        description="8-bit stores: each token's largest magnitude per block of provenance scale_block channels",
+    ),
     "embeds": ArraySpec(
         dtype="float32",
         fill_value=float("nan"),
@@ -151,6 +211,13 @@ ARRAYS = {
         write_empty_chunks=True,
         description="head-averaged softmax attention of frame t's patches over frame t-1's (direction 0, "
         "t = 1..T-1) and frame t+1's (direction 1, t = 0..T-2) patches, per feature block",
+    ),
+    "attention_scale": ArraySpec(
+        dtype="float16",
+        fill_value=float("nan"),
+        dimension_names=("video", "view", "direction", "frame_pair", "layer", "query_patch"),
+        write_empty_chunks=True,
+        description="8-bit stores: the largest value of each attention map row",
     ),
     "frame_indices": ArraySpec(
         dtype="int32",
@@ -188,9 +255,19 @@ class FeatureStore:
         self._load_arrays()
 
     def _load_arrays(self) -> None:
-        """Read the arrays' metadata from storage: the layout (N from tokens) and the readers."""
+        """Read the arrays' metadata from storage: the layout (N from tokens, the dtype from the
+        provenance) and the readers."""
         videos, views, frames, layers, tokens, width = self._group["tokens"].shape
-        self.layout = StoreLayout(videos, views, frames, layers, tokens, width, self._group["embeds"].shape[-1])
+        dtype = checked_dtype(self.provenance.get("dtype", DEFAULT_DTYPE), f"{self.path}: provenance dtype")
+        self.layout = StoreLayout(videos, views, frames, layers, tokens, width, self._group["embeds"].shape[-1], dtype)
+        for name in self.layout.array_names:
+            stored, expected = self._group[name].dtype, np.dtype(self.layout.spec(name).dtype)
+            if stored != expected or tuple(self._group[name].shape[1:]) != self.layout.row_shape(name):
+                raise ClipreelError(
+                    f"{self.path}: its provenance says dtype {dtype}, so {name} should be {expected} of "
+                    f"{self.layout.row_shape(name)} per video, but the array holds {stored} of "
+                    f"{tuple(self._group[name].shape[1:])}. The store is inconsistent: extract it again."
+                )
         self._arrays = {
             name: self._group[name].with_config({"write_empty_chunks": ARRAYS[name].write_empty_chunks})
             for name in self.layout.array_names
@@ -236,6 +313,10 @@ class FeatureStore:
             json.dumps(provenance, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ClipreelError(f"store provenance must be plain JSON (lists, numbers, strings): {exc}") from None
+        if provenance.get("dtype", DEFAULT_DTYPE) != layout.dtype:
+            raise ValueError(f"provenance dtype {provenance.get('dtype')!r} differs from the layout's {layout.dtype!r}")
+        if layout.dtype != DEFAULT_DTYPE:  # readers learn the encoding from the provenance
+            provenance = {**provenance, **provenance_entries(layout.dtype, layout.width)}
         manifest = new_manifest(manifest)
         if len(manifest) != layout.videos:
             raise ClipreelError(
@@ -247,7 +328,7 @@ class FeatureStore:
                 str(location),
                 zarr_format=3,
                 attributes={
-                    "schema_version": SCHEMA_VERSION,
+                    "schema_version": FLOAT16_SCHEMA_VERSION if layout.dtype == DEFAULT_DTYPE else SCHEMA_VERSION,
                     "clipreel_version": __version__,
                     "provenance": provenance,
                 },
@@ -255,7 +336,7 @@ class FeatureStore:
         except zarr.errors.BaseZarrError as exc:  # e.g. a group or array already there (URLs)
             raise ClipreelError(f"cannot create a store at {location}: {exc}. Choose a new path.") from None
         for name in layout.array_names:
-            spec = ARRAYS[name]
+            spec = layout.spec(name)
             row_shape = layout.row_shape(name)
             group.create_array(
                 name,
@@ -328,15 +409,15 @@ class FeatureStore:
                 f"{location} is a Zarr group but not a clipreel feature store: its root has no "
                 "'schema_version' attribute. Point to a store written by `clipreel extract`."
             )
-        if attributes["schema_version"] != SCHEMA_VERSION:
+        if attributes["schema_version"] not in range(FLOAT16_SCHEMA_VERSION, SCHEMA_VERSION + 1):
             raise ClipreelError(
                 f"{location} has store schema_version {attributes['schema_version']!r}; this clipreel "
-                f"({__version__}) reads schema_version {SCHEMA_VERSION}. Use the clipreel version that "
-                f"wrote it ({attributes.get('clipreel_version')}) or extract again."
+                f"({__version__}) reads schema_versions {FLOAT16_SCHEMA_VERSION} to {SCHEMA_VERSION}. Use the "
+                f"clipreel version that wrote it ({attributes.get('clipreel_version')}) or extract again."
             )
-        required = [name for name in ARRAYS if name != "attention"]
-        if _has_member(group, "tokens") and group["tokens"].shape[2] >= 2:
-            required.append("attention")
+        dtype = checked_dtype(attributes.get("provenance", {}).get("dtype", DEFAULT_DTYPE), f"{location}: provenance dtype")
+        frames = group["tokens"].shape[2] if _has_member(group, "tokens") else 2
+        required = StoreLayout(0, 1, frames, 1, 2, 1, 1, dtype).array_names  # the arrays of such a store
         missing = [name for name in required if not _has_member(group, name)]
         if not StoreObjects(location).exists(MANIFEST_FILE):
             missing.append(MANIFEST_FILE)
@@ -458,27 +539,32 @@ class FeatureStore:
         embeds: np.ndarray,
         frame_indices: np.ndarray,
         attention: np.ndarray | None = None,
+        *,
+        tokens_scale: np.ndarray | None = None,
+        attention_scale: np.ndarray | None = None,
     ) -> None:
         """Write one video's data, then its done flag.
 
-        tokens (V, T, K, L, D) float16, embeds (V, T, E) float32, frame_indices (V, T) integers,
-        attention (V, 2, T-1, K, P, P) float16 (required when T >= 2, absent when T == 1).
-        Rewriting a done video first clears its flag, so a crash mid-rewrite leaves it not done.
+        tokens (V, T, K, L, D), embeds (V, T, E) float32, frame_indices (V, T) integers, attention
+        (V, 2, T-1, K, P, P) (required when T >= 2, absent when T == 1). A float16 store takes tokens
+        and attention as float16. An 8-bit store takes them as float16 or float32 values, which it
+        encodes (encoding.encode), or as the codes with their scales (`tokens_scale`,
+        `attention_scale`), encoded elsewhere as encoding.encode does (the extraction actors encode
+        on their device). Rewriting a done video first clears its flag, so a crash mid-rewrite
+        leaves it not done.
         """
         self._require_writable("write videos")
         row = self._checked_rows([row])[0]
         values = {
-            "tokens": _checked_values("tokens", tokens, self.layout.row_shape("tokens"), np.float16, row),
             "embeds": _checked_values("embeds", embeds, self.layout.row_shape("embeds"), np.float32, row),
             "frame_indices": _checked_indices(frame_indices, self.layout.row_shape("frame_indices"), row),
+            **self._checked_field("tokens", tokens, tokens_scale, row),
         }
         if "attention" in self._arrays:
             if attention is None:
                 raise ClipreelError(f"write_video row {row}: this store keeps cross-frame attention maps; pass attention")
-            values["attention"] = _checked_values(
-                "attention", attention, self.layout.row_shape("attention"), np.float16, row
-            )
-        elif attention is not None:
+            values.update(self._checked_field("attention", attention, attention_scale, row))
+        elif attention is not None or attention_scale is not None:
             raise ClipreelError(f"write_video row {row}: a single-frame store keeps no attention maps")
         done = self._arrays["done"]
         if self._done_rows_among(np.array([row])).any():
@@ -486,6 +572,41 @@ class FeatureStore:
         for name, array_values in values.items():
             self._arrays[name][row] = array_values
         done[row] = 1
+
+    def _checked_field(self, field: str, given, scales, row: int) -> dict[str, np.ndarray]:
+        """{array name: what to write} for tokens or attention: float16 values, or 8-bit codes and
+        their scales (encoded here from float values, or checked as given)."""
+        code, shape = self.layout.code(field), self.layout.row_shape(field)
+        if not code.scaled:
+            if scales is not None:
+                raise ClipreelError(f"write_video row {row}: a float16 store keeps no {field}{SCALE_SUFFIX}")
+            return {field: _checked_values(field, given, shape, np.float16, row)}
+        given = np.asarray(given)
+        if given.shape != shape:
+            raise ClipreelError(f"write_video row {row}: {field} has shape {given.shape}, the store expects {shape}")
+        if scales is None:
+            if given.dtype not in (np.float16, np.float32):
+                raise ClipreelError(
+                    f"write_video row {row}: {field} is {given.dtype}; this {self.layout.dtype} store encodes float16 "
+                    f"or float32 values, or takes {code.storage_dtype} codes with {field}{SCALE_SUFFIX}"
+                )
+            try:
+                codes, scales = encode(field, given, code)
+            except ClipreelError as error:
+                raise ClipreelError(f"write_video row {row}: {error}") from None
+            return {field: codes, field + SCALE_SUFFIX: scales}
+        scales = np.asarray(scales)
+        expected_scales = scale_shape(field, shape)
+        if given.dtype != np.dtype(code.storage_dtype) or scales.dtype != np.float16 or scales.shape != expected_scales:
+            raise ClipreelError(
+                f"write_video row {row}: {field} codes {given.dtype} {given.shape} with scales {scales.dtype} "
+                f"{scales.shape}; this {self.layout.dtype} store keeps {code.storage_dtype} {shape} with float16 "
+                f"{expected_scales}"
+            )
+        problems = code_problems(field, given, scales, code)
+        if problems:
+            raise ClipreelError(f"write_video row {row}: " + "; ".join(problems))
+        return {field: given, field + SCALE_SUFFIX: scales}
 
     # ------------------------------------------------------------------ reading
 
@@ -508,13 +629,17 @@ class FeatureStore:
         rows: Sequence[int],
         fields: Sequence[str] = ("tokens", "embeds"),
         layers: Sequence[int] | None = None,
+        decode_codes: bool = True,
     ) -> dict[str, np.ndarray]:
         """Read `fields` of the videos `rows`, stacked in the given row order.
 
         tokens (B, V, T, K', L, D) float16, embeds (B, V, T, E) float32, attention
-        (B, V, 2, T-1, K', P, P) float16, frame_indices (B, V, T) int32. `layers` keeps those
-        positions along the feature-block axis K of tokens and attention (None = all).
-        Every row must be done; a not-done row is an error naming it.
+        (B, V, 2, T-1, K', P, P) float16, frame_indices (B, V, T) int32, whatever the store's dtype:
+        8-bit tokens and attention maps are decoded. decode_codes=False returns them as stored
+        instead, their codes under the field's name and their scales under `FIELD_scale` (for a
+        reader that decodes elsewhere, e.g. on the training device). `layers` keeps those positions
+        along the feature-block axis K of tokens and attention (None = all). Every row must be
+        done; a not-done row is an error naming it.
         """
         rows = self._checked_rows(rows)
         readable = [field for field in READABLE_FIELDS if field in self._arrays]
@@ -532,21 +657,28 @@ class FeatureStore:
             )
         result = {}
         for field in fields:
-            axis = LAYER_AXIS.get(field) if keep is not None else None
-            files = self._files[field] if self._fast_read else None
-            if files is None:
-                result[field] = self._read_with_zarr(field, rows, axis, keep)
-                continue
-            try:
-                result[field] = fastread.read_rows(files, rows, axis, keep)
-            except fastread.ChunkFileError as error:
-                raise ClipreelError(
-                    f"{self.path}: {self._describe_rows([error.row])} is marked done but its {field} "
-                    f"{error.problem} ({error.path}). The store is damaged: `clipreel verify --repair "
-                    f"{self.path}` marks such videos not done, and the same `clipreel extract` command "
-                    "then computes them again (or run that command with --recheck)."
-                ) from None
+            names = [field, field + SCALE_SUFFIX] if field in self.layout.encoded_fields else [field]
+            stored = {name: self._read_array(name, rows, keep) for name in names}
+            if decode_codes and len(names) == 2:
+                stored = {field: decode(field, stored[field], stored[field + SCALE_SUFFIX], self.layout.code(field))}
+            result.update(stored)
         return result
+
+    def _read_array(self, name: str, rows: np.ndarray, keep: list[int] | None) -> np.ndarray:
+        """Rows `rows` of the array `name` as stored, keeping positions `keep` along K (None = all)."""
+        axis = LAYER_AXIS.get(name) if keep is not None else None
+        files = self._files[name] if self._fast_read else None
+        if files is None:
+            return self._read_with_zarr(name, rows, axis, keep)
+        try:
+            return fastread.read_rows(files, rows, axis, keep)
+        except fastread.ChunkFileError as error:
+            raise ClipreelError(
+                f"{self.path}: {self._describe_rows([error.row])} is marked done but its {name} "
+                f"{error.problem} ({error.path}). The store is damaged: `clipreel verify --repair "
+                f"{self.path}` marks such videos not done, and the same `clipreel extract` command "
+                "then computes them again (or run that command with --recheck)."
+            ) from None
 
     def array(self, name: str):
         """The underlying zarr array `name` (for inspection tools; write through write_video)."""

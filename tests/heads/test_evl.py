@@ -21,6 +21,7 @@ from clipreel.heads.cache.evl import (
     convolve_along_frames,
     load_reference_state_dict,
 )
+from clipreel.heads.cache.inputs import decode_field
 from clipreel.heads.layers import trainable_parameter_count
 from clipreel.heads.taps import (
     adjacent_frame_attention,
@@ -28,6 +29,7 @@ from clipreel.heads.taps import (
     qk_from_block_inputs,
     qk_weights_from_open_clip_blocks,
 )
+from clipreel.pipeline.data.store_codes import as_code_tensor, encode_field
 
 WIDTH, HEADS, LAYERS, FRAMES, GRID, CLASSES = 64, 2, 3, 4, 7, 5
 PATCHES = GRID * GRID
@@ -180,6 +182,24 @@ def test_forward_shapes_dtype_and_inputs_untouched():
     kept = features.clone(), attention.clone()
     head({"tokens": features, "attention": attention})  # fp32 input: no cast copy shields it
     assert torch.equal(features, kept[0]) and torch.equal(attention, kept[1])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8"])
+def test_a_batch_of_8bit_codes_gives_the_logits_of_its_values(dtype):
+    head = tiny_head().eval()
+    features, attention = tiny_inputs(batch=3)
+    attention = attention / attention.sum(-1, keepdim=True)  # softmax rows, as stored
+    batch, values = {}, {}
+    for field, tensor in (("tokens", features), ("attention", attention)):
+        codes, scales = encode_field(field, tensor, dtype)
+        batch[field], batch[f"{field}_scale"] = as_code_tensor(codes, dtype, field), scales
+        values[field] = decode_field(field, batch[field], scales, torch.float32)
+    kept = {name: tensor.clone() for name, tensor in batch.items()}
+    from_codes = head(batch)
+    torch.testing.assert_close(from_codes, head(values), rtol=0, atol=0)  # the head decodes exactly this
+    assert all(torch.equal(batch[name].view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else batch[name],
+                           tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor)
+               for name, tensor in kept.items())  # the codes are read, never changed
 
 
 def test_wrong_inputs_raise_clear_errors():

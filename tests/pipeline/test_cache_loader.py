@@ -1,15 +1,19 @@
-"""CacheLoader on real Zarr stores on disk: order, views, layers, sharding, bounded prefetch, errors."""
+"""CacheLoader on real Zarr stores on disk: order, views, layers, sharding, bounded prefetch, errors;
+float16 and 8-bit stores alike (8-bit fields handed on as codes with their scales)."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from clipreel.errors import ClipreelError
+from clipreel.heads.cache.inputs import decode_field
 from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.stores.features import FeatureStore, StoreLayout
 from clipreel.stores.manifest import new_manifest
@@ -19,14 +23,16 @@ FIELDS = ("tokens", "embeds", "attention", "frame_indices")
 
 
 def _code(row: int, view: int, layer: int = 0) -> float:
-    """The value every element of (row, view, layer) holds, exact in float16."""
+    """The value every element of (row, view, layer) holds, exact in float16 (and through 8-bit
+    codes: a group of equal values is its scale times the top code)."""
     return row * 100 + view * 10 + layer
 
 
-def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None) -> FeatureStore:
+def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None, dtype: str = "float16") -> FeatureStore:
     """A store whose every value says which row, view and feature block it belongs to."""
     manifest = new_manifest([{"video_id": f"v{row}", "path": f"v{row}.mp4"} for row in range(layout.videos)])
-    store = FeatureStore.create(path, layout, {"test": "loader"}, manifest)
+    layout = replace(layout, dtype=dtype)
+    store = FeatureStore.create(path, layout, {"test": "loader", "dtype": dtype}, manifest)
     for row in done_rows if done_rows is not None else range(layout.videos):
         tokens = np.empty(layout.row_shape("tokens"), dtype=np.float16)  # (V, T, K, L, D)
         attention = np.empty(layout.row_shape("attention"), dtype=np.float16)  # (V, 2, T-1, K, P, P)
@@ -41,9 +47,9 @@ def _make_store(path, layout: StoreLayout = LAYOUT, done_rows=None) -> FeatureSt
     return FeatureStore.open(path)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> FeatureStore:
-    return _make_store(tmp_path_factory.mktemp("loader") / "s.zarr")
+@pytest.fixture(scope="module", params=["float16", "int8", "float8"])
+def store(tmp_path_factory, request) -> FeatureStore:
+    return _make_store(tmp_path_factory.mktemp("loader") / "s.zarr", dtype=request.param)
 
 
 def _loader(store, **overrides) -> CacheLoader:
@@ -51,6 +57,16 @@ def _loader(store, **overrides) -> CacheLoader:
     arguments = {"fields": FIELDS, "layers": "all", "batch_size": 4, "shuffle": True, "seed": 0, "views": "random"}
     arguments.update(overrides)
     return CacheLoader(store, rows, labels=rows % 3, **arguments)
+
+
+def _values(batch: dict) -> dict:
+    """The batch with 8-bit fields decoded to float16 (what a float16 store's batch holds)."""
+    values = {name: tensor for name, tensor in batch.items() if not name.endswith("_scale")}
+    for name in batch:
+        if name.endswith("_scale"):
+            field = name.removesuffix("_scale")
+            values[field] = decode_field(field, batch[field], batch[name])
+    return values
 
 
 def _rows_of_epoch(loader: CacheLoader, epoch: int) -> list[int]:
@@ -64,10 +80,10 @@ def test_batches_hold_one_consistent_view_and_the_requested_layers(store, fast_r
     loader = _loader(store, layers=layers)
     kept = [0, 1] if layers == "all" else [1]
     seen = []
-    for batch in loader.epoch(0):
+    for batch in map(_values, loader.epoch(0)):
         size = len(batch["rows"])
-        assert batch["tokens"].shape == (size, 4, len(kept), 5, 8)
-        assert batch["attention"].shape == (size, 2, 3, len(kept), 4, 4)
+        assert batch["tokens"].shape == (size, 4, len(kept), 5, 8) and batch["tokens"].dtype == torch.float16
+        assert batch["attention"].shape == (size, 2, 3, len(kept), 4, 4) and batch["attention"].dtype == torch.float16
         assert batch["embeds"].shape == (size, 4, 4)
         np.testing.assert_array_equal(batch["labels"].numpy(), batch["rows"].numpy() % 3)
         for i, row in enumerate(batch["rows"].tolist()):
@@ -85,9 +101,12 @@ def test_both_read_paths_give_identical_batches(store):
     direct = _loader(FeatureStore.open(store.path, fast_read=True), layers="last")
     through_zarr = _loader(FeatureStore.open(store.path, fast_read=False), layers="last")
     for a, b in zip(direct.epoch(5), through_zarr.epoch(5), strict=True):
-        for field in (*FIELDS, "labels", "rows"):
+        assert set(a) == set(b)
+        for field in a:  # float8 codes compared by their bits (numpy has no float8)
             assert a[field].dtype == b[field].dtype
-            np.testing.assert_array_equal(a[field].numpy(), b[field].numpy())
+            bits = [batch[field].view(torch.uint8) if batch[field].dtype == torch.float8_e4m3fn else batch[field]
+                    for batch in (a, b)]
+            assert torch.equal(*bits), field
 
 
 def test_order_is_a_seeded_permutation_that_changes_every_epoch(store):
@@ -110,7 +129,7 @@ def test_random_views_change_across_epochs_and_all_views_keep_the_view_axis(stor
     assert sum(len(views) > 1 for views in views_by_row.values()) >= 8
 
     every_view = _loader(store, views="all", shuffle=False, layers="last")
-    batch = next(iter(every_view.epoch(0)))
+    batch = _values(next(iter(every_view.epoch(0))))
     assert batch["tokens"].shape == (4, 3, 4, 1, 5, 8)  # (B, V, T, K, L, D)
     assert batch["embeds"].shape == (4, 3, 4, 4)
     for view in range(3):
@@ -170,3 +189,20 @@ def test_rows_that_are_not_done_are_refused(tmp_path):
     store = _make_store(tmp_path / "partial.zarr", done_rows=[0, 1, 2])
     with pytest.raises(ClipreelError, match=r"\[3, 4\].*not done"):
         CacheLoader(store, [0, 3, 4], [0, 0, 0], ("embeds",), "all", 2, shuffle=False, seed=0, views="all")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8"])
+@pytest.mark.parametrize("views", ["random", "all"])
+def test_8bit_batches_hold_codes_and_scales_that_decode_to_the_float16_batches(tmp_path, dtype, views):
+    float16 = _loader(_make_store(tmp_path / "f16.zarr"), views=views, layers="last")
+    eight_bit = _loader(_make_store(tmp_path / "8bit.zarr", dtype=dtype), views=views, layers="last")
+    codes = {"int8": (torch.int8, torch.uint8), "float8": (torch.float8_e4m3fn, torch.float8_e4m3fn)}[dtype]
+    for expected, encoded in zip(float16.epoch(2), eight_bit.epoch(2), strict=True):
+        assert (encoded["tokens"].dtype, encoded["attention"].dtype) == codes
+        assert encoded["tokens_scale"].shape == (*expected["tokens"].shape[:-1], 1)  # width 8: one scale per token
+        assert encoded["attention_scale"].shape == expected["attention"].shape[:-1]
+        decoded = _values(encoded)
+        assert set(decoded) == set(expected) == {*FIELDS, "labels", "rows"}
+        for name, values in expected.items():
+            assert decoded[name].dtype == values.dtype
+            np.testing.assert_array_equal(decoded[name].numpy(), values.numpy())

@@ -260,3 +260,37 @@ def test_extract_repair_puts_back_the_videos_a_stale_manifest_lost(ray_local, wo
     manifest = store.manifest()
     assert manifest["video_id"].tolist() == full["video_id"].tolist() and not orphan_mask(manifest).any()
     assert store.done_mask().all() and verify(store) == []
+
+
+def test_8bit_stores_from_this_process_and_from_ray_match_float16_and_refuse_another_dtype(
+        ray_local, world, tiny_weights, tmp_path):
+    listing = tmp_path / "six.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},0\n" for p in sorted((world.parent / "videos").rglob("*.mp4"))[:6]))
+    common = ("--videos", str(listing), "--pretrained", str(tiny_weights), "--frames", "4", "--decoder", "pyav")
+    paths = {dtype: tmp_path / f"{dtype}.zarr" for dtype in ("float16", "int8", "float8")}
+    runs = {"float16": (), "int8": (), "float8": ("--runner", "ray", "--workers", "1")}  # a small job: this process
+    for dtype, options in runs.items():
+        result = _extract(*common, "--out", str(paths[dtype]), "--dtype", dtype, *options)
+        assert result.exit_code == 0, result.output
+        assert ("by a Ray job" if options else "in this process") in result.output
+
+    fields = ("tokens", "embeds", "attention", "frame_indices")
+    reference = FeatureStore.open(paths["float16"]).read(range(6), fields=fields)
+    for dtype, tolerance in (("int8", 0.01), ("float8", 0.05)):
+        store = FeatureStore.open(paths[dtype])
+        assert store.layout.dtype == store.provenance["dtype"] == dtype and verify(store) == []
+        got = store.read(range(6), fields=fields)
+        for field in fields:
+            assert (got[field].dtype, got[field].shape) == (reference[field].dtype, reference[field].shape)
+        np.testing.assert_array_equal(got["frame_indices"], reference["frame_indices"])
+        np.testing.assert_allclose(got["embeds"], reference["embeds"], rtol=1e-4, atol=1e-5)  # float32 in every store
+        for field in ("tokens", "attention"):
+            error = np.linalg.norm(got[field].astype(np.float32) - reference[field].astype(np.float32))
+            assert error < tolerance * np.linalg.norm(reference[field].astype(np.float32)), (dtype, field)
+        writers = runner.invoke(app, ["info", str(paths[dtype]), "--json"])
+        nodes = set(json.loads(writers.output)["extract_runs"][0]["writers"])
+        assert (nodes == {"in-process"}) == (dtype == "int8"), nodes
+
+    refused = _extract(*common, "--out", str(paths["int8"]), "--dtype", "float16")
+    assert refused.exit_code != 0
+    assert "dtype: store has 'int8', this run asks for 'float16'" in str(refused.exception) + refused.output

@@ -54,7 +54,7 @@ def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_ki
     def command(listing: Path, *options: str) -> list[str]:
         return [sys.executable, "-m", "clipreel", "extract", "--videos", str(listing), "--out", str(store_path),
                 "--model", "clipreel-tiny", "--pretrained", "none", "--frames", "4", "--batch-size", "1",
-                "--workers", "1", "--no-progress", *options]
+                "--workers", "1", "--no-progress", "--runner", "ray", *options]  # Ray's start: time to act
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     first = subprocess.Popen(command(first_list), env=env, start_new_session=True,

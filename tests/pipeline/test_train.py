@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -24,6 +25,7 @@ from clipreel.pipeline.data.decode import PyAVDecoder
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.pipeline.scoring import view_averaged_probabilities
+from clipreel.pipeline.evaluate import evaluate_store_run
 from clipreel.pipeline.extract import ExtractConfig, run_extract
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import FeatureStore
@@ -140,6 +142,34 @@ def test_logits_from_the_cache_equal_logits_from_a_live_backbone(store_path, kin
     scale = live_logits.abs().max().item()
     assert scale > 0.1  # the logits are not trivially equal
     torch.testing.assert_close(cache_logits, live_logits, rtol=0.0, atol=5e-3 * scale)
+
+
+# --------------------------------------------------------------------------- 8-bit stores
+
+
+def _int8_copy(store_path, out) -> str:
+    """The store's videos encoded into an int8 store (same manifest; provenance dtype int8)."""
+    source = FeatureStore.open(store_path)
+    copy = FeatureStore.create(out, replace(source.layout, dtype="int8"), {**source.provenance, "dtype": "int8"},
+                               source.manifest())
+    for row in np.flatnonzero(source.done_mask()):
+        values = source.read([row], fields=("tokens", "embeds", "attention", "frame_indices"))
+        copy.write_video(int(row), **{name: value[0] for name, value in values.items()})
+    return str(out)
+
+
+def test_an_int8_store_trains_like_float16_and_a_float16_run_evaluates_on_it(store_path, tmp_path):
+    int8 = _int8_copy(store_path, tmp_path / "int8.zarr")
+    runs = {name: run_training(_config(path, tmp_path / name, "evl"), progress=False)
+            for name, path in (("float16", store_path), ("int8", int8))}
+    for epoch in range(2):  # the same seed on nearly the same features: nearly the same losses
+        losses = [runs[name].history[epoch]["train_loss"] for name in ("float16", "int8")]
+        assert losses[1] == pytest.approx(losses[0], rel=0.02)
+
+    report = evaluate_store_run(tmp_path / "float16", int8, "val")  # a float16 run reads an int8 store
+    assert report["n"] == 24 and report["top1"] == pytest.approx(runs["float16"].val_top1, abs=1 / 24 + 1e-9)
+    with pytest.raises(ClipreelError, match="dtype"):  # resuming it on the int8 store is another run
+        run_training(_config(int8, tmp_path / "float16", "evl", epochs=3), progress=False)
 
 
 # --------------------------------------------------------------------------- the headline claim

@@ -34,7 +34,7 @@ table row of a (query patch, key patch) pair is
     (q_row - k_row + g - 1) * (2g - 1) + (q_col - k_col + g - 1)
 i.e. query minus key.
 
-May import: torch, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
+May import: torch, clipreel.errors, clipreel.config, clipreel.heads (layers, registry, cache.inputs).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from torch import nn
 
 from clipreel.config import POSITIVE, PROBABILITY, SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
+from clipreel.heads.cache.inputs import block_values
 from clipreel.heads.layers import check_class_count
 from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
@@ -315,14 +316,15 @@ class EVLDecoder(nn.Module):
             )
         self.cls_token = nn.Parameter(torch.zeros(width))
 
-    def forward(self, features: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """features (B, T, K, L, D); attention (B, 2, T-1, K, P, P) or None without cross-attention
-        -> (B, D). Each layer's slice is cast to the decoder's dtype as it is used."""
-        batch, frames, _, tokens, width = features.shape
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch["tokens"] (B, T, K, L, D), batch["attention"] (B, 2, T-1, K, P, P) (with cross-attention)
+        -> (B, D). Each feature block is read as it is used, in the decoder's dtype: cast, or decoded
+        from a store's 8-bit codes where the batch carries their scales (inputs.block_values)."""
+        count, frames, _, tokens, width = batch["tokens"].shape
         dtype = self.cls_token.dtype
-        x = self.cls_token.view(1, 1, width).expand(batch, 1, width)  # (B, 1, D)
+        x = self.cls_token.view(1, 1, width).expand(count, 1, width)  # (B, 1, D)
         for i, layer in enumerate(self.decoder_layers):
-            frame_features = features[:, :, i].to(dtype)  # (B, T, L, D); never modified in place
+            frame_features = block_values(batch, "tokens", i, dtype)  # (B, T, L, D); never modified in place
             if self.cfg.temporal_conv:
                 frame_features = frame_features + convolve_along_frames(self.temporal_conv[i], frame_features)
             if self.cfg.temporal_pos_embed:
@@ -332,7 +334,7 @@ class EVLDecoder(nn.Module):
                 position = self.temporal_pos_embed[i].view(frames, 1, width).expand(frames, tokens, width)
                 frame_features = frame_features + position
             if self.cfg.temporal_cross_attention:
-                maps = attention[:, :, :, i].to(dtype)  # (B, 2, T-1, P, P)
+                maps = block_values(batch, "attention", i, dtype)  # (B, 2, T-1, P, P)
                 frame_features = frame_features + self.cross_attention[i](maps)
             x = layer(x, frame_features.flatten(1, 2))  # memory (B, T*L, D)
         return x[:, 0]
@@ -366,9 +368,10 @@ class EVLHead(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """batch["tokens"] (B, T, K, L, D), batch["attention"] (B, 2, T-1, K, P, P) -> logits (B, num_classes).
 
-        Any float dtype is accepted (the cache stores fp16); inputs are cast to the head's dtype
-        and never modified. The attention maps (see `cross_frame_attention_from_inputs`) are
-        required with the temporal cross-attention and ignored without it.
+        Any float dtype is accepted (the cache stores fp16), and a store's 8-bit codes with their
+        `tokens_scale`/`attention_scale`; inputs are cast or decoded to the head's dtype and never
+        modified. The attention maps (see `cross_frame_attention_from_inputs`) are required with
+        the temporal cross-attention and ignored without it.
         """
         cfg = self.cfg
         features, attention = batch["tokens"], batch.get("attention")
@@ -377,7 +380,7 @@ class EVLHead(nn.Module):
             (cfg.frames, cfg.layers, cfg.tokens, cfg.width), "frames, layers, 1 + grid^2, width",
         )
         if not cfg.temporal_cross_attention:
-            return self.proj(self.decoder(features))
+            return self.proj(self.decoder(batch))
         if attention is None:
             raise ClipreelError(
                 "the EVL head with temporal cross-attention needs the adjacent-frame attention maps "
@@ -388,7 +391,7 @@ class EVLHead(nn.Module):
             attention, "attention", "(B, 2, T-1, K, P, P)",
             (2, cfg.frames - 1, cfg.layers, cfg.patches, cfg.patches), "2, frames - 1, layers, grid^2, grid^2",
         )
-        return self.proj(self.decoder(features, attention))  # (B, num_classes)
+        return self.proj(self.decoder(batch))  # (B, num_classes)
 
 
 # --------------------------------------------------------------------------- reference checkpoints

@@ -17,7 +17,7 @@ Module and parameter names follow the released X-CLIP checkpoints (`models/xclip
 `models/prompt.py`: ``mit.*``, ``prompts_visual_ln``, ``prompts_visual_proj``,
 ``prompts_generator.*``), so their weights load into these heads without renaming.
 
-May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.heads (layers, registry).
+May import: torch, open_clip, clipreel.errors, clipreel.config, clipreel.heads (layers, registry, cache.inputs).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import nn
 
 from clipreel.config import POSITIVE, SIZE, JsonConfig, ranged
 from clipreel.errors import ClipreelError
+from clipreel.heads.cache.inputs import block_values
 from clipreel.heads.layers import FrozenCLIP, cosine_logits, logit_scale_of, readable_classname
 from clipreel.heads.registry import HeadEntry, Recipe, register_head
 
@@ -317,8 +318,10 @@ class XCLIPHead(nn.Module):
         return cosine_logits(video, text, self.logit_scale), video
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """batch["embeds"] (B, T, E), batch["tokens"] (B, T, 1, L, D) of the last feature block -> logits (B, K)."""
-        patch_tokens = batch["tokens"][:, :, -1, 1:]  # (B, T, L-1, D): the last block, no CLS
+        """batch["embeds"] (B, T, E), batch["tokens"] (B, T, 1, L, D) of the last feature block (or a
+        store's 8-bit codes with tokens_scale) -> logits (B, K)."""
+        last_block = block_values(batch, "tokens", -1, self.prompts_visual_proj.dtype)  # (B, T, L, D)
+        patch_tokens = last_block[:, :, 1:]  # (B, T, L-1, D): no CLS
         return self.score(batch["embeds"], patch_tokens)[0]
 
 

@@ -6,7 +6,7 @@
                          batch_size=16, shuffle=True, seed=0, views="random")
     for batch in loader.epoch(3):
         batch["tokens"]     # (B, T, K, L, D) float16   (views="all": (B, V, T, K, L, D))
-        batch["attention"]  # (B, 2, T-1, K, P, P) float16
+        batch["attention"]  # (B, 2, T-1, K, P, P) float16   (8-bit stores: codes + FIELD_scale)
         batch["labels"], batch["rows"]   # (B,) int64
 
 - Order: a fresh permutation every epoch, seeded by (seed, epoch), so any epoch can be replayed
@@ -19,6 +19,10 @@
 - Prefetch: a background thread reads the next batches into a queue of at most `prefetch`
   batches, so memory is bounded by (prefetch + 2) batches, never by the dataset. An error in that
   thread is raised in the consumer.
+- 8-bit stores: tokens and attention maps come out as they are stored, code tensors with their
+  `FIELD_scale` tensors (half the bytes of float16 to read and to send to a GPU); the heads decode
+  what they use, on their device and into their dtype (heads/cache/inputs.py: `decode_field` gives
+  float values to any other reader).
 
 Only the requested fields and feature blocks are read, and with views="random" only the chosen
 view's bytes: when the store's chunks can be read directly (local files, or objects behind a URL
@@ -40,7 +44,9 @@ import torch
 
 from clipreel.errors import ClipreelError
 from clipreel.pipeline.data.prefetch import read_ahead
+from clipreel.pipeline.data.store_codes import as_code_tensor
 from clipreel.stores import fastread
+from clipreel.stores.encoding import SCALE_SUFFIX
 from clipreel.stores.features import LAYER_AXIS, READABLE_FIELDS, FeatureStore
 
 VIEW_MODES = ("random", "all")
@@ -80,8 +86,11 @@ class CacheLoader:
         self.prefetch, self.drop_last = int(prefetch), drop_last
         self.rank, self.world_size = int(rank), int(world_size)
         self._check_arguments()
-        # Per field, the chunk files to read single views from (None: read rows through the store).
-        self._view_files = {field: self._direct_view_files(field) for field in self.fields}
+        # The arrays behind the fields: an 8-bit field's codes and its scales.
+        self._arrays = [name for field in self.fields
+                        for name in ([field, field + SCALE_SUFFIX] if field in store.layout.encoded_fields else [field])]
+        # Per array, the chunk files to read single views from (None: read rows through the store).
+        self._view_files = {name: self._direct_view_files(name) for name in self._arrays}
         self.batches_read = 0  # batches the background thread has finished reading (all epochs)
 
     # ------------------------------------------------------------------ public
@@ -126,36 +135,41 @@ class CacheLoader:
     def _read_batch(self, positions: np.ndarray, chosen_views: np.ndarray) -> dict[str, torch.Tensor]:
         rows = self.rows[positions]
         arrays = {}
-        whole_rows = [field for field in self.fields if self.views == "all" or self._view_files[field] is None]
-        if whole_rows:
-            arrays = self.store.read(rows, fields=whole_rows, layers=self.layers)  # (B, V, ...)
+        whole_rows = [field for field in self.fields
+                      if self.views == "all" or self._view_files[field] is None]
+        if whole_rows:  # as stored: 8-bit fields as codes + scales
+            arrays = self.store.read(rows, fields=whole_rows, layers=self.layers, decode_codes=False)  # (B, V, ...)
             if self.views == "random":
-                arrays = {field: _pick_views(values, chosen_views) for field, values in arrays.items()}  # (B, ...)
-        for field in self.fields:
-            if field not in arrays:
-                arrays[field] = self._read_single_views(field, rows, chosen_views)  # (B, ...)
-        batch = {field: torch.from_numpy(np.ascontiguousarray(arrays[field])) for field in self.fields}
+                arrays = {name: _pick_views(values, chosen_views) for name, values in arrays.items()}  # (B, ...)
+        for name in self._arrays:
+            if name not in arrays:
+                arrays[name] = self._read_single_views(name, rows, chosen_views)  # (B, ...)
+        batch = {name: torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in self._arrays}
+        for field in self.store.layout.encoded_fields:
+            if field in batch:
+                batch[field] = as_code_tensor(batch[field], self.store.layout.dtype, field)
         batch["labels"] = torch.from_numpy(self.labels[positions])
         batch["rows"] = torch.from_numpy(rows)
         self.batches_read += 1
         return batch
 
-    def _direct_view_files(self, field: str):
-        """The raw chunk reader of `field` (local files or remote objects), when one view of a row
-        can be read from it alone.
+    def _direct_view_files(self, name: str):
+        """The raw chunk reader of array `name` (local files or remote objects), when one view of a
+        row can be read from it alone.
 
         Only worth it with several views and views="random": otherwise the store reads whole rows.
         """
         if self.views != "random" or self.store.layout.views == 1 or not self.store.uses_direct_read:
             return None
-        return self.store.chunk_reader(field)
+        return self.store.chunk_reader(name)
 
-    def _read_single_views(self, field: str, rows: np.ndarray, chosen_views: np.ndarray) -> np.ndarray:
-        """(B, ...) one view per row, copying only that view's bytes (and kept layers) from each file."""
-        files = self._view_files[field]
+    def _read_single_views(self, name: str, rows: np.ndarray, chosen_views: np.ndarray) -> np.ndarray:
+        """(B, ...) one view per row of array `name`, copying only that view's bytes (and kept
+        layers) from each file."""
+        files = self._view_files[name]
         view_shape = files.row_shape[1:]  # a row is (V, ...)
         view_nbytes = math.prod(view_shape) * files.dtype.itemsize
-        axis = LAYER_AXIS[field] - 1 if field in LAYER_AXIS and self.layers is not None else None
+        axis = LAYER_AXIS[name] - 1 if name in LAYER_AXIS and self.layers is not None else None
         segments = fastread.selection_segments(view_shape, files.dtype.itemsize, axis, self.layers)
         out_shape = list(view_shape)
         if axis is not None:
@@ -172,7 +186,7 @@ class CacheLoader:
             files.read_into(rows, slots, shifted)
         except fastread.ChunkFileError as error:
             raise ClipreelError(
-                f"{self.store.path}: row {error.row} is marked done but its {field} {error.problem} "
+                f"{self.store.path}: row {error.row} is marked done but its {name} {error.problem} "
                 f"({error.path}). The store is damaged: run `clipreel verify`, then extract that video again."
             ) from None
         return out
