@@ -26,7 +26,6 @@ starts an S3 server (moto) on 127.0.0.1 for the run.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from moto_server import start_moto
 
 
 def backbone_alone(videos_csv: Path, model: str, frames: int, threads: int) -> float:
@@ -128,29 +128,6 @@ def compare_remote(videos_csv: Path, work: Path, url: str, args, storage_options
     print(f"RESULT extract_remote_vs_local {remote / local:.3f}")
     print(f"RESULT extract_local_videos_per_s {local:.3f}")
     print(f"RESULT extract_remote_videos_per_s {remote:.3f}")
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server in its own process on 127.0.0.1 with a bucket; (process, s3:// prefix)."""
-    import socket
-
-    import fsspec
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
-    fsspec.filesystem("s3").mkdir("clipreel-bench")
-    return server, "s3://clipreel-bench"
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ SHARED_MEMORY = "/dev/shm"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loader", default="workers", choices=("workers", "ray", "device"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--videos", type=int, default=16, help="videos in the synthetic world")

@@ -44,7 +44,7 @@ FIELDS = ("tokens", "attention")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=64)
     parser.add_argument("--views", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)

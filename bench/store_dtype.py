@@ -36,7 +36,7 @@ DTYPES = ("float16", "int8", "float8")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=None, help="EVL epochs (default: the demo's)")
     parser.add_argument("--dir", default=None, help="parent folder for the temporary files")
     return parser.parse_args()

@@ -38,10 +38,7 @@ import argparse
 import math
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -50,17 +47,22 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from moto_server import start_moto
 
 from clipreel.stores import fastread, objectread
-from clipreel.stores.encoding import STORE_DTYPES as DTYPES
 from clipreel.stores.copy import copy_store
+from clipreel.stores.encoding import STORE_DTYPES as DTYPES
 from clipreel.stores.features import FeatureStore, StoreLayout
-from clipreel.stores.location import apply_storage_option_items, filesystem, store_location
+from clipreel.stores.location import (
+    apply_storage_option_items,
+    filesystem,
+    store_location,
+)
 from clipreel.stores.manifest import new_manifest
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=40)
@@ -73,25 +75,6 @@ def parse_args() -> argparse.Namespace:
                              "an S3 server started on 127.0.0.1 for the run")
     parser.add_argument("--storage-option", action="append", default=[], help="key=value for --url, repeatable")
     return parser.parse_args()
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server in its own process on 127.0.0.1, with a bucket; (process, s3:// prefix)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
-    filesystem("s3://clipreel-bench")[0].mkdir("clipreel-bench")
-    return server, "s3://clipreel-bench"
 
 
 def build(folder: Path, layout: StoreLayout, seed: int) -> tuple[dict[str, Path], Path]:
@@ -152,10 +135,6 @@ def main() -> None:
             "int8 codes": lambda rows: int8.read(rows, fields=("tokens",), decode_codes=False),
             "float8 read": lambda rows: float8.read(rows, fields=("tokens",))["tokens"],
         }
-        # Bytes each reader takes from storage per video: tokens (and their scales).
-        read_bytes = {name: 2 * math.prod(layout.row_shape("tokens")) for name in readers}
-        for name in ("int8 read", "int8 codes", "float8 read"):
-            read_bytes[name] = math.prod(layout.row_shape("tokens")) + 2 * math.prod(int8.layout.row_shape("tokens_scale"))
         if args.url:
             remote_url = f"{remote_prefix}/bench-{uuid.uuid4().hex[:8]}.zarr"
             started = time.perf_counter()
@@ -171,6 +150,10 @@ def main() -> None:
                 "remote fsspec": lambda rows: fastread.read_rows(fsspec_tokens, rows),
                 "remote zarr": lambda rows: remote_zarr.read(rows, fields=("tokens",))["tokens"],
             })
+        # Bytes each reader takes from storage per video: tokens (and their scales).
+        read_bytes = {name: 2 * math.prod(layout.row_shape("tokens")) for name in readers}
+        for name in ("int8 read", "int8 codes", "float8 read"):
+            read_bytes[name] = math.prod(layout.row_shape("tokens")) + 2 * math.prod(int8.layout.row_shape("tokens_scale"))
         everything = np.arange(layout.videos)
         for start in range(0, layout.videos, 16):  # warm the page cache with every copy
             for name in ("memmap", "store.read", "int8 codes", "float8 read"):

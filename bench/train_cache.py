@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +52,7 @@ STORES = {"cache": "features.zarr", "int8": "features-int8.zarr", "memory": "fea
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, default=8)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from raynodes import node_environment, session_pids, start_two_node_cluster
+from raynodes import node_environment, start_two_node_cluster
+from sessions import session_pids
 
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 

@@ -4,33 +4,15 @@ the re-run finishes it and nothing is done twice."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from sessions import done_chunks, kill_session
 
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.stores.features import FeatureStore, verify
-
-
-def _kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session: the driver, its local Ray (GCS, raylet) and every
-    worker (Ray puts each worker in its own process group, but they stay in the session)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session_id:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _done_chunks(store_path: Path) -> list[Path]:
-    done_dir = store_path / "done"
-    return [p for p in done_dir.rglob("*") if p.is_file() and p.name != "zarr.json"] if done_dir.exists() else []
 
 
 @pytest.mark.slow
@@ -49,12 +31,12 @@ def test_sigkill_mid_run_then_rerun_completes_exactly_once(tmp_path, runner, vid
     job = subprocess.Popen(command, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while len(_done_chunks(store_path)) < 3 and job.poll() is None and time.monotonic() < deadline:
+    while len(done_chunks(store_path)) < 3 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert job.poll() is None, "the job finished before it could be killed; make it longer"
-    _kill_session(job.pid)
+    kill_session(job.pid)
     job.wait()
-    done_before = {p: p.stat().st_mtime_ns for p in _done_chunks(store_path)}
+    done_before = {p: p.stat().st_mtime_ns for p in done_chunks(store_path)}
     total = 4 * videos_per_class
     assert 3 <= len(done_before) < total
 

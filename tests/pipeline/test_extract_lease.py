@@ -5,34 +5,18 @@ its videos and finishes, and the manifest and the arrays agree, every video done
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sessions import done_chunks, kill_session
 
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.stores.features import FeatureStore, verify
 from clipreel.stores.lease import LEASE_FOLDER
-
-
-def _kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session: the driver, its local Ray and every worker."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session_id:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _done_chunks(store_path: Path) -> list[Path]:
-    done_dir = store_path / "done"
-    return [p for p in done_dir.rglob("*") if p.is_file() and p.name != "zarr.json"] if done_dir.exists() else []
 
 
 def _wait_for(condition, job: subprocess.Popen, seconds: float) -> None:
@@ -68,17 +52,17 @@ def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_ki
 
         second = subprocess.Popen(command(second_list, "--wait", "600"), env=env, start_new_session=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: len(_done_chunks(store_path)) >= 3, first, 240)
-        _kill_session(first.pid)
+        _wait_for(lambda: len(done_chunks(store_path)) >= 3, first, 240)
+        kill_session(first.pid)
         first.wait()
-        done_before = {path: path.stat().st_mtime_ns for path in _done_chunks(store_path)}
+        done_before = {path: path.stat().st_mtime_ns for path in done_chunks(store_path)}
         assert 3 <= len(done_before) < 16
 
         output, errors = second.communicate(timeout=600)
     finally:
         for job in (first, second):
             if job is not None and job.poll() is None:
-                _kill_session(job.pid)
+                kill_session(job.pid)
                 job.wait()
 
     assert second.returncode == 0, output + errors

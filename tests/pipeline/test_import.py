@@ -27,7 +27,6 @@ from clipreel.heads.cache.evl import EVLConfig, EVLHead
 from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
 from clipreel.heads.clip import register_builtin_models
 from clipreel.heads.convert.xclip_hf import hf_sources
-from clipreel.heads.layers import FrozenCLIP
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.decode import PyAVDecoder, probe
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess

@@ -24,9 +24,9 @@ from clipreel.pipeline.data.cache_loader import CacheLoader
 from clipreel.pipeline.data.decode import PyAVDecoder
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-from clipreel.pipeline.scoring import view_averaged_probabilities
 from clipreel.pipeline.evaluate import evaluate_store_run
 from clipreel.pipeline.extract import ExtractConfig, run_extract
+from clipreel.pipeline.scoring import view_averaged_probabilities
 from clipreel.pipeline.train import TrainConfig, run_training
 from clipreel.stores.features import FeatureStore
 from clipreel.stores.runs import load_run, provenance_mismatch, save_run
