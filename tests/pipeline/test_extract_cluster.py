@@ -126,7 +126,7 @@ def extracted(cluster, world, s3):
 def test_actors_on_both_nodes_write_into_s3_and_a_killed_actor_is_replaced(extracted, cluster, s3):
     assert extracted["returncode"] == 0, extracted["output"]
     assert extracted["killed"] is not None, "no actor of the second node to kill before the job ended"
-    assert f"done     {VIDEOS} ({VIDEOS} computed now)" in extracted["output"]
+    assert f"done     {VIDEOS} ({VIDEOS} computed now, by a Ray job)" in extracted["output"]
 
     summary = info(extracted["url"], s3)
     assert summary["done"] == VIDEOS and summary["pending"] == 0 and summary["failed"] == 0
@@ -171,7 +171,7 @@ def test_sigkill_of_the_driver_mid_extraction_into_s3_then_rerun_finishes_every_
 
     rerun = clipreel(*command)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"done     {VIDEOS} ({VIDEOS - len(before)} computed now)" in rerun.stdout
+    assert f"done     {VIDEOS} ({VIDEOS - len(before)} computed now, by a Ray job)" in rerun.stdout
     after = done_objects(s3, prefix)
     assert len(after) == VIDEOS
     assert all(after[name] == modified for name, modified in before.items())  # nothing done was redone
