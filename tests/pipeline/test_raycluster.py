@@ -168,7 +168,7 @@ def test_sigkill_of_extract_leaves_no_ray_process(videos, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "known race: in one full run of four the Ctrl-C, sent as the first Ray process appeared, was not acted on "
+    "known race: in two of three full runs the Ctrl-C, sent as the first Ray process appeared, was not acted on "
     "(extract finished with exit 0 and printed nothing); the cause is not found yet"))
 def test_first_ctrl_c_while_ray_starts_stops_extract(videos, tmp_path):
     process = subprocess.Popen(extract_command(videos, tmp_path / "store.zarr"), env=environment(),
