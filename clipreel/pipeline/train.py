@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +135,26 @@ def run_training(
     if cfg.workers > 1 and head_entry(cfg.kind).trains:
         started = time.perf_counter()
         # The workers may run on other nodes: they get the store's storage options and variables.
-        train_with_ray(_ray_worker, {"cfg": asdict(cfg), "store_access": StoreAccess.of(store_location(cfg.store))},
+        train_with_ray(_ray_worker, {"cfg": asdict(_with_absolute_paths(cfg)),
+                                     "store_access": StoreAccess.of(store_location(cfg.store))},
                        cfg.workers, cfg.address)
         return _summary_from_run_dir(cfg, time.perf_counter() - started)
     return _train(cfg, recipe, rank=0, world_size=1, device=resolve_device(cfg.device), progress=progress,
                   on_epoch_end=on_epoch_end)
+
+
+def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its local paths made absolute: Ray Train starts every worker in a folder of its
+    own (its trial directory, ray.train's RAY_CHDIR_TO_TRIAL_DIR), where a relative path names
+    nothing. URLs are left as they are."""
+
+    def absolute(path: str | os.PathLike | None) -> str | None:
+        if path is None or "://" in os.fspath(path):
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    return replace(cfg, store=absolute(cfg.store), out=absolute(cfg.out), classes=absolute(cfg.classes),
+                   store_checkpoint=absolute(cfg.store_checkpoint), start=absolute(cfg.start))
 
 
 def checked_recipe(cfg: TrainConfig):

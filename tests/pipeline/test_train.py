@@ -7,6 +7,7 @@ per clip (TSN), 2 cached views per video.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 
@@ -297,9 +298,12 @@ def test_a_run_dir_made_differently_is_refused(store_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_with_two_cpu_workers_writes_one_run(store_path, tmp_path):
+def test_ray_train_with_two_cpu_workers_writes_one_run(store_path, tmp_path, monkeypatch):
     out = tmp_path / "ray-run"
-    summary = run_training(_config(store_path, out, "evl", workers=2, batch_size=8), progress=False)
+    # Relative paths, as typed in a shell: Ray Train runs each worker in a folder of its own.
+    monkeypatch.chdir(tmp_path)
+    relative_store = os.path.relpath(store_path, tmp_path)
+    summary = run_training(_config(relative_store, "ray-run", "evl", workers=2, batch_size=8), progress=False)
     assert summary.epochs == 2 and summary.val_top1 is not None
     run = load_run(out)
     assert run.train_config["workers"] == 2
