@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -141,20 +140,18 @@ class CliResult:
 def clipreel_cli(capsys, monkeypatch):
     """Runs `clipreel ARGS...` in this process through the command's own entry point
     (`clipreel.cli.main`: a ClipreelError prints one message and exits 2) -> CliResult."""
+    from cli_runs import run_in_this_process
+
     from clipreel import cli
 
     monkeypatch.setenv("COLUMNS", "100000")  # rich wraps long paths only at this width: they stay whole
     monkeypatch.setattr(cli.console, "width", 100000)
 
     def run(*args) -> CliResult:
-        monkeypatch.setattr(sys, "argv", ["clipreel", *(str(arg) for arg in args)])
         capsys.readouterr()
         uncaught = ""
         try:
-            cli.main()
-            exit_code = 0
-        except SystemExit as stop:
-            exit_code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            exit_code = run_in_this_process(*args)
         except Exception:  # what the interpreter would print and exit 1 with
             exit_code, uncaught = 1, traceback.format_exc()
         printed = capsys.readouterr()
