@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -107,10 +106,11 @@ class SynthStore:
 
 
 @pytest.fixture(scope="session")
-def synth_store(ray_local, tmp_path_factory) -> SynthStore:
-    """The synthetic world extracted like a user would (`clipreel extract`, in this process, on the
-    session's Ray) with clipreel-synth: 32 classes x 8 videos (4 train, 2 val, 2 test each), TSN
-    8 frames x 2 views. Built once per session."""
+def synth_store(tmp_path_factory) -> SynthStore:
+    """The synthetic world extracted like a user would (`clipreel extract`, in this process) with
+    clipreel-synth: 32 classes x 8 videos (4 train, 2 val, 2 test each), TSN 8 frames x 2 views.
+    Built once per session. Its backbone runs in this process (--runner process): a Ray Data job
+    stores the same features (tests/pipeline/test_extract.py) after half a minute of start-up."""
     from typer.testing import CliRunner
 
     from clipreel.cli import app
@@ -122,7 +122,7 @@ def synth_store(ray_local, tmp_path_factory) -> SynthStore:
     result = CliRunner().invoke(app, [
         "extract", "--videos", str(videos), "--out", str(store.path), "--model", store.model,
         "--pretrained", "default", "--frames", "8", "--views", "2", "--sampling", "tsn", "--layers", "2",
-        "--no-progress",
+        "--runner", "process", "--no-progress",
     ])
     assert result.exit_code == 0, result.output
     return store
@@ -131,34 +131,34 @@ def synth_store(ray_local, tmp_path_factory) -> SynthStore:
 @dataclass
 class CliResult:
     """What a `clipreel` command did: its exit code and everything it printed (and, for an uncaught
-    exception, the traceback Python would print), whitespace runs as single spaces."""
+    exception, the traceback Python would print), whitespace runs as single spaces; and its standard
+    output as printed (for --json)."""
 
     exit_code: int
     output: str
+    stdout: str
 
 
 @pytest.fixture
 def clipreel_cli(capsys, monkeypatch):
     """Runs `clipreel ARGS...` in this process through the command's own entry point
     (`clipreel.cli.main`: a ClipreelError prints one message and exits 2) -> CliResult."""
+    from cli_runs import run_in_this_process
+
     from clipreel import cli
 
     monkeypatch.setenv("COLUMNS", "100000")  # rich wraps long paths only at this width: they stay whole
     monkeypatch.setattr(cli.console, "width", 100000)
 
     def run(*args) -> CliResult:
-        monkeypatch.setattr(sys, "argv", ["clipreel", *(str(arg) for arg in args)])
         capsys.readouterr()
         uncaught = ""
         try:
-            cli.main()
-            exit_code = 0
-        except SystemExit as stop:
-            exit_code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            exit_code = run_in_this_process(*args)
         except Exception:  # what the interpreter would print and exit 1 with
             exit_code, uncaught = 1, traceback.format_exc()
         printed = capsys.readouterr()
-        return CliResult(exit_code, " ".join((printed.out + printed.err + uncaught).split()))
+        return CliResult(exit_code, " ".join((printed.out + printed.err + uncaught).split()), printed.out)
 
     return run
 
@@ -176,21 +176,30 @@ def moto_endpoint() -> str:
 
 
 @pytest.fixture
-def s3_endpoint(moto_endpoint, monkeypatch) -> str:
-    """A fresh bucket on the moto endpoint, reached through the standard AWS variables (as a user
-    reaches AWS); returns "s3://BUCKET". fsspec's configuration is restored afterwards."""
+def storage_settings_restored():
+    """fsspec's configuration (where `--storage-option` items go) and s3fs's cached filesystems are
+    put back as they were after the test."""
     import fsspec.config
 
     s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (the test extra has it)")
+    saved = copy.deepcopy(fsspec.config.conf)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(saved)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_endpoint(moto_endpoint, monkeypatch, storage_settings_restored) -> str:
+    """A fresh bucket on the moto endpoint, reached through the standard AWS variables (as a user
+    reaches AWS); returns "s3://BUCKET". fsspec's configuration is restored afterwards."""
+    import s3fs
+
     for name, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test",
                         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                         "AWS_ALLOW_HTTP": "true"}.items():
         monkeypatch.setenv(name, value)
-    saved = copy.deepcopy(fsspec.config.conf)
-    s3fs.S3FileSystem.clear_instance_cache()
     bucket = f"clipreel-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem().mkdir(bucket)
     yield f"s3://{bucket}"
-    fsspec.config.conf.clear()
-    fsspec.config.conf.update(saved)
-    s3fs.S3FileSystem.clear_instance_cache()

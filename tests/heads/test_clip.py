@@ -18,9 +18,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import run_in_this_process
 from safetensors.torch import save_file
 
-from clipreel.cli import main
 from clipreel.errors import ClipreelError
 from clipreel.heads.checkpoints import read_state_dict
 from clipreel.heads.clip import (
@@ -36,19 +36,6 @@ TINY = "clipreel-tiny"
 TINY_BLOCKS = 6
 TINY_SIZE = 112
 TINY_TOKENS = (112 // 16) ** 2 + 1  # 49 patches + CLS
-
-
-def run_cli(argv: list[str]) -> int:
-    """Run the `clipreel` entry point in this process; returns its exit code."""
-    old_argv = sys.argv
-    sys.argv = ["clipreel", *argv]
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = old_argv
-    return 0
 
 
 def tiny_backbone(**overrides) -> Backbone:
@@ -305,8 +292,8 @@ def test_cli_refuses_the_archive_with_exit_2_and_runs_nothing(tmp_path, capsys):
     videos.write_text("path,label_name,split\na.mp4,one,test\nb.mp4,two,test\n")
     for name in ("a.mp4", "b.mp4"):  # the checkpoint is refused before any video is opened
         (tmp_path / name).touch()
-    code = run_cli(["zeroshot", "--videos", str(videos), "--method", "vifi", "--model", TINY,
-                    "--pretrained", str(path)])
+    code = run_in_this_process("zeroshot", "--videos", videos, "--method", "vifi", "--model", TINY,
+                               "--pretrained", path)
     assert code == 2
     err = capsys.readouterr().err
     assert "--trust-checkpoint-code" in err and "Traceback" not in err
@@ -594,6 +581,6 @@ def test_cli_exits_2_for_a_bad_or_missing_config_file(tmp_path, capsys):
     broken = tmp_path / "Broken.json"
     broken.write_text('{"embed_dim": 64}')
     for model, message in ((broken, "not an open_clip model config"), (tmp_path / "Missing.json", "no such file")):
-        code = run_cli(["zeroshot", "--videos", str(videos), "--method", "vifi", "--model", str(model)])
+        code = run_in_this_process("zeroshot", "--videos", videos, "--method", "vifi", "--model", model)
         err = capsys.readouterr().err
         assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err

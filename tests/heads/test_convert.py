@@ -14,10 +14,16 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_checkpoints import (
+    openai_state_dict,
+    randomise,
+    vifi_official,
+    xclip_hf_layout,
+    xclip_official,
+)
 
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.evl import EVLConfig, EVLHead
-from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
 from clipreel.heads.convert.clip_layout import build_clip
 from clipreel.heads.convert.common import Imported, UserChoices
 from clipreel.heads.convert.evl import convert_evl
@@ -25,7 +31,7 @@ from clipreel.heads.convert.export import export_open_clip
 from clipreel.heads.convert.ezclip import convert_ezclip
 from clipreel.heads.convert.vifi import convert_vifi
 from clipreel.heads.convert.xclip import convert_xclip
-from clipreel.heads.convert.xclip_hf import convert_xclip_hf, hf_sources
+from clipreel.heads.convert.xclip_hf import convert_xclip_hf
 from clipreel.heads.raw.xclip import XCLIP, XCLIPConfig
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.decode.probe import probe
@@ -101,16 +107,6 @@ def tiny_clip(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Non-trivial values for every saved float tensor (zeros-initialised ones included), in place;
-    rebuilt buffers such as the text attention mask are left alone."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():  # views of the parameters and persistent buffers
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
-
-
 def saved_and_loaded(obj, path):
     """Through a real file, as a user's checkpoint arrives (tensors and plain containers only)."""
     torch.save(obj, path)
@@ -128,9 +124,7 @@ def evl_source(configs, tmp_path_factory):
     included) and a random EVL head saved as the official checkpoint (`model`, `module.` keys)."""
     folder = tmp_path_factory.mktemp("evl")
     clip = tiny_clip(seed=1)
-    base = dict(clip.state_dict())
-    base.update({key: torch.tensor(value) for key, value in zip(OPENAI_ARCHIVE_BUFFERS, (64, 77, 49408))})
-    torch.save(base, folder / "base.pt")
+    torch.save(openai_state_dict(clip, image_size=64), folder / "base.pt")
     torch.manual_seed(2)
     head = EVLHead(EVLConfig(width=128, heads=2, layers=EVL_LAYERS, frames=EVL_FRAMES, grid=4, num_classes=EVL_CLASSES)).eval()
     randomise(head, seed=3)
@@ -215,14 +209,6 @@ def test_evl_refuses_a_base_clip_of_another_width(evl_source):
 XCLIP_FRAMES = 4
 
 
-def xclip_official(model: XCLIP, clip: torch.nn.Module) -> dict:
-    """X-CLIP's released layout (`{"model": ...}`, no `module.`) of a clipreel XCLIP and its text tower."""
-    weights = {key: value for key, value in clip.state_dict().items() if not key.startswith("visual.")}
-    for key, value in model.state_dict().items():
-        weights[key.removeprefix("head.")] = value
-    return {"model": weights, "epoch": 29, "max_accuracy": 0.5}
-
-
 @pytest.fixture(scope="module")
 def xclip_source(configs, tokenizer, tmp_path_factory):
     clip = tiny_clip(seed=4)
@@ -273,24 +259,10 @@ def test_xclip_refuses_contradictions_and_damage_naming_tensors(xclip_source):
 # ------------------------------------------------------------------------------------------- X-CLIP, transformers' layout
 
 
-def to_hf_layout(official: dict) -> dict:
-    """X-CLIP's layout -> transformers' (split q/k/v, Linear projections), along the documented mapping."""
-    weights = {}
-    for key, value in official.items():
-        kind, targets = hf_sources(key)
-        if kind == "transposed":
-            weights[targets[0]] = value.t().contiguous()
-        elif kind == "fused":
-            weights.update(zip(targets, value.chunk(3)))
-        else:
-            weights[targets[0]] = value
-    return weights
-
-
 def test_xclip_round_trip_through_transformers_key_names(xclip_source, tokenizer, video, tmp_path):
     path, source = xclip_source
     official = torch.load(path, weights_only=True)["model"]
-    hf_weights = to_hf_layout(official)
+    hf_weights = xclip_hf_layout(official)
     hf_weights["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # saved by older transformers
     imported = convert_xclip_hf(saved_and_loaded(hf_weights, tmp_path / "pytorch_model.bin"))
     assert imported.facts["layout"] == "transformers" and imported.facts["frames"] == XCLIP_FRAMES
@@ -300,7 +272,7 @@ def test_xclip_round_trip_through_transformers_key_names(xclip_source, tokenizer
 
 
 def test_xclip_hf_refusal_names_the_keys_of_the_file(xclip_source):
-    hf_weights = to_hf_layout(torch.load(xclip_source[0], weights_only=True)["model"])
+    hf_weights = xclip_hf_layout(torch.load(xclip_source[0], weights_only=True)["model"])
     del hf_weights["vision_model.encoder.layers.1.message_attn.k_proj.bias"]
     hf_weights["mit.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(128, 127)
     with pytest.raises(ClipreelError) as refusal:
@@ -344,22 +316,6 @@ def test_xclip_hf_import_matches_transformers_own_model(tokenizer, video, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- ViFi-CLIP
-
-VIFI_TEXT_KEYS = ("transformer.", "positional_embedding", "ln_final.", "text_projection")
-
-
-def vifi_official(clip: torch.nn.Module, extra: dict) -> dict:
-    """ViFi-CLIP's layout (`model`, `module.` keys) of a CLIP: image_encoder, text_encoder (no token table), logit_scale."""
-    weights = {}
-    for key, value in clip.state_dict().items():
-        if key.startswith("visual."):
-            weights["module.image_encoder." + key.removeprefix("visual.")] = value
-        elif key.startswith(VIFI_TEXT_KEYS):
-            weights["module.text_encoder." + key] = value
-    weights["module.logit_scale"] = clip.logit_scale.detach().clone()
-    weights.update({"module." + key: value for key, value in extra.items()})
-    return {"model": weights, "epoch": 10, "max_accuracy": 0.5}
-
 
 def fine_tuned_clip(seed: int, fp16_token_table: bool) -> torch.nn.Module:
     """A tiny CLIP whose weights all moved away from the base (as ViFi-CLIP fine-tunes both towers)."""

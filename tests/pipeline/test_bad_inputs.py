@@ -3,7 +3,9 @@ fix, never a traceback; and `extract` refuses before it creates anything.
 
 Each case runs the real `clipreel` command (its own entry point, in this process) on real files: the
 session's synthetic store (clipreel-synth, TSN 8 frames x 2 views) and its video list, runs trained
-on it, and run directories and stores damaged on purpose.
+on it, and run directories and stores damaged on purpose. The extract cases need only a list of real
+videos (the session's three encoded clips): every setting is checked before a model, a store or Ray
+is needed.
 """
 
 from __future__ import annotations
@@ -68,11 +70,6 @@ def inputs(synth_store, tmp_path_factory) -> Inputs:
                   truncated_checkpoint_run=truncated, foreign_checkpoint_run=foreign, out=folder / "new")
 
 
-def _extract(inputs: Inputs, *settings) -> list:
-    return ["extract", "--videos", inputs.videos, "--out", inputs.out, "--model", "clipreel-tiny", "--pretrained",
-            "none", "--no-progress", *settings]
-
-
 def _train(inputs: Inputs, *settings, head: str = "linear") -> list:
     return ["train", head, "--store", inputs.store, "--out", inputs.out, "--epochs", "2", "--no-progress", *settings]
 
@@ -82,19 +79,49 @@ def _finetune(inputs: Inputs, *settings, method: str = "vifi") -> list:
             "--epochs", "1", "--workers", "0", "--no-progress", *settings]
 
 
+# extract: every setting is checked before the store is created or Ray started.
+# (the settings, what the message must name)
+EXTRACT_CASES = {
+    "--batch-size 0": (["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
+    "--workers 0": (["--workers", "0"], ["--workers 0", "at least 1"]),
+    "--wait -1": (["--wait", "-1"], ["--wait -1", "0 or more"]),
+    "--frames 0": (["--frames", "0"], ["frames is 0", ">= 1"]),
+    "--sampling": (["--sampling", "nosuch"], ["'nosuch'", "tsn, dense, uniform"]),
+    "--crops 2": (["--crops", "2"], ["crops must be 1", "or 3"]),
+    "--layers 99": (["--layers", "99"], ["--layers '99'", "blocks"]),
+    "--norm": (["--norm", "nosuch"], ["'nosuch'", "clip"]),
+    "--decoder": (["--decoder", "nosuch"], ["'nosuch'", "pyav"]),
+    "--model": (["--model", "nosuch"], ["--model 'nosuch'", "clipreel-tiny"]),
+}
+
+
+@pytest.fixture(scope="module")
+def clips_list(encoded_videos, tmp_path_factory) -> Path:
+    """A CSV listing the session's three encoded clips."""
+    listing = tmp_path_factory.mktemp("clips") / "clips.csv"
+    listing.write_text("path,label\n" + "".join(f"{path},{label}\n" for label, path in enumerate(encoded_videos)))
+    return listing
+
+
+def _assert_one_clear_error(result, named: list[str]) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for words in named:
+        assert words in result.output, (words, result.output)
+
+
+@pytest.mark.parametrize("case", list(EXTRACT_CASES))
+def test_a_bad_extract_setting_is_one_clear_error(clips_list, clipreel_cli, tmp_path, case):
+    settings, named = EXTRACT_CASES[case]
+    out = tmp_path / "new.zarr"
+    result = clipreel_cli("extract", "--videos", clips_list, "--out", out, "--model", "clipreel-tiny", "--pretrained",
+                          "none", "--no-progress", *settings)
+    _assert_one_clear_error(result, named)
+    assert not out.exists()  # refused before anything was written
+
+
 # (the command, what its message must name)
 CASES = {
-    # extract: every setting is checked before the store is created or Ray started
-    "extract --batch-size 0": (lambda i: _extract(i, "--batch-size", "0"), ["--batch-size 0", "at least 1"]),
-    "extract --workers 0": (lambda i: _extract(i, "--workers", "0"), ["--workers 0", "at least 1"]),
-    "extract --wait -1": (lambda i: _extract(i, "--wait", "-1"), ["--wait -1", "0 or more"]),
-    "extract --frames 0": (lambda i: _extract(i, "--frames", "0"), ["frames is 0", ">= 1"]),
-    "extract --sampling": (lambda i: _extract(i, "--sampling", "nosuch"), ["'nosuch'", "tsn, dense, uniform"]),
-    "extract --crops 2": (lambda i: _extract(i, "--crops", "2"), ["crops must be 1", "or 3"]),
-    "extract --layers 99": (lambda i: _extract(i, "--layers", "99"), ["--layers '99'", "blocks"]),
-    "extract --norm": (lambda i: _extract(i, "--norm", "nosuch"), ["'nosuch'", "clip"]),
-    "extract --decoder": (lambda i: _extract(i, "--decoder", "nosuch"), ["'nosuch'", "pyav"]),
-    "extract --model": (lambda i: _extract(i, "--model", "nosuch"), ["--model 'nosuch'", "clipreel-tiny"]),
     # train: settings, options, the store, the run directory
     "train --lr inf": (lambda i: _train(i, "--lr", "inf"), ["lr=inf", "finite"]),
     "train --lr nan": (lambda i: _train(i, "--lr", "nan"), ["lr=nan", "finite"]),
@@ -152,10 +179,7 @@ CASES = {
 def test_a_bad_input_is_one_clear_error(inputs, clipreel_cli, case):
     command, named = CASES[case]
     result = clipreel_cli(*command(inputs))
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for words in named:
-        assert words in result.output, (words, result.output)
+    _assert_one_clear_error(result, named)
     assert not inputs.out.exists()  # refused before anything was written
 
 

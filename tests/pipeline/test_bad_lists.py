@@ -3,28 +3,14 @@ file and what is wrong, never a traceback. Real files in tmp_path, the real entr
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_in_this_process
 
-from clipreel.cli import main
 from clipreel.pipeline.data.sources import read_sources
 
 TOO_BIG = str(2**63)  # one past the largest int64
-
-
-def run_manifest(args: list[str], out: Path) -> int:
-    """`clipreel manifest ARGS... OUT` in this process; returns the exit code."""
-    old_argv = sys.argv
-    sys.argv = ["clipreel", "manifest", *args, str(out)]
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = old_argv
-    return 0
 
 
 def write(folder: Path, name: str, content: str | bytes) -> Path:
@@ -106,7 +92,7 @@ CASES = [
 @pytest.mark.parametrize("setup, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_list_exits_2_with_a_clear_message(tmp_path, capsys, setup, expected):
     args = setup(tmp_path)
-    code = run_manifest(args, tmp_path / "out.parquet")
+    code = run_in_this_process("manifest", *args, tmp_path / "out.parquet")
     captured = capsys.readouterr()
     message = " ".join(captured.err.split())  # the console wraps long lines
     assert code == 2, captured

@@ -1,9 +1,11 @@
 """Extraction on a real two-node Ray cluster (`ray start --head` + `ray start --address`, started
 here on loopback) into a real S3 endpoint (moto's server), and training straight from it.
 
-Every clipreel command runs as a user would run it: a subprocess joining the cluster with
---address, reaching S3 only through --storage-option (neither the nodes nor the commands have
-AWS variables, so the actors on the second node reach the store with what the driver hands them).
+Every clipreel command reaches S3 only through --storage-option: neither the nodes nor the commands
+have AWS variables, so the actors on the second node reach the store with what the driver hands
+them. The commands that join the cluster (--address) run as a user would run them, each in a
+process of its own; the others (info, verify, copy, train and eval on one machine) run in this
+process, without AWS variables, and fsspec's settings are put back after each test.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import checkout_environment, clipreel_command, run_in_new_process
 from raynodes import node_environment, start_two_node_cluster
 from sessions import session_pids
 
@@ -44,6 +47,14 @@ def s3(moto_endpoint):
     return {"filesystem": filesystem, "bucket": bucket, "options": options}
 
 
+@pytest.fixture(autouse=True)
+def no_storage_variables(monkeypatch, storage_settings_restored):
+    """The commands run in this process see no storage variables, as the nodes see none."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "FSSPEC_")):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
@@ -63,14 +74,18 @@ def world(tmp_path_factory) -> Path:
 DRIVER_ENVIRONMENT = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
 
 
-def clipreel(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipreel", *args], env=node_environment() | DRIVER_ENVIRONMENT,
-                          capture_output=True, text=True, timeout=timeout)
+def driver_environment() -> dict[str, str]:
+    return checkout_environment(node_environment() | DRIVER_ENVIRONMENT)
+
+
+def clipreel(*args: str) -> subprocess.CompletedProcess:
+    """`clipreel ARGS...` in a process of its own, as a driver joining the cluster."""
+    return run_in_new_process(*args, environment=driver_environment())
 
 
 def start_clipreel(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clipreel", *args], env=node_environment() | DRIVER_ENVIRONMENT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(clipreel_command(*args), env=driver_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def done_objects(s3, prefix: str) -> dict[str, str]:
@@ -85,9 +100,9 @@ def done_objects(s3, prefix: str) -> dict[str, str]:
     return {name: str(info["LastModified"]) for name, info in found.items() if info["type"] == "file"}
 
 
-def info(url: str, s3) -> dict:
-    result = clipreel("info", url, "--json", *s3["options"])
-    assert result.returncode == 0, result.stdout + result.stderr
+def info(clipreel_cli, url: str, s3) -> dict:
+    result = clipreel_cli("info", url, "--json", *s3["options"])
+    assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
 
@@ -123,12 +138,12 @@ def extracted(cluster, world, s3):
     return {"url": url, "killed": killed, "returncode": job.returncode, "output": output}
 
 
-def test_actors_on_both_nodes_write_into_s3_and_a_killed_actor_is_replaced(extracted, cluster, s3):
+def test_actors_on_both_nodes_write_into_s3_and_a_killed_actor_is_replaced(extracted, cluster, s3, clipreel_cli):
     assert extracted["returncode"] == 0, extracted["output"]
     assert extracted["killed"] is not None, "no actor of the second node to kill before the job ended"
     assert f"done     {VIDEOS} ({VIDEOS} computed now, by a Ray job)" in extracted["output"]
 
-    summary = info(extracted["url"], s3)
+    summary = info(clipreel_cli, extracted["url"], s3)
     assert summary["done"] == VIDEOS and summary["pending"] == 0 and summary["failed"] == 0
     (run,) = summary["extract_runs"]
     writers = run["writers"]  # Ray node id -> host, pids, videos: as each actor asked Ray where it runs
@@ -136,8 +151,8 @@ def test_actors_on_both_nodes_write_into_s3_and_a_killed_actor_is_replaced(extra
     assert all(writer["videos"] > 0 for writer in writers.values())
     assert sum(writer["videos"] for writer in writers.values()) == VIDEOS  # every video stored once
 
-    verified = clipreel("verify", extracted["url"], *s3["options"])
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verified = clipreel_cli("verify", extracted["url"], *s3["options"])
+    assert verified.exit_code == 0, verified.output
 
     # The storage options never reach the store, and the driver's output does not show them.
     assert SECRET not in extracted["output"]
@@ -149,7 +164,8 @@ def test_actors_on_both_nodes_write_into_s3_and_a_killed_actor_is_replaced(extra
         assert SECRET.encode() not in filesystem.cat_file(path), path
 
 
-def test_sigkill_of_the_driver_mid_extraction_into_s3_then_rerun_finishes_every_video_once(cluster, world, s3):
+def test_sigkill_of_the_driver_mid_extraction_into_s3_then_rerun_finishes_every_video_once(cluster, world, s3,
+                                                                                            clipreel_cli):
     prefix = "driver-killed.zarr"
     url = f"s3://{s3['bucket']}/{prefix}"
     command = ["extract", "--videos", str(world), "--out", url, "--address", cluster.address, *EXTRACT_OPTIONS,
@@ -161,12 +177,13 @@ def test_sigkill_of_the_driver_mid_extraction_into_s3_then_rerun_finishes_every_
     assert job.poll() is None, "the job finished before it could be killed; make it longer"
     os.kill(job.pid, signal.SIGKILL)  # the driver alone: the cluster ends its actors
     job.communicate()
+    # A video in flight in an actor may still land until the cluster has ended the actors; then
+    # nothing moves.
+    deadline = time.monotonic() + 120
+    while any(actor_pids(session) for session in cluster.sessions) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(actor_pids(session) for session in cluster.sessions), "the cluster kept the job's actors"
     before = done_objects(s3, prefix)
-    while True:  # a video in flight in an actor may still land; wait until nothing moves
-        time.sleep(3)
-        if done_objects(s3, prefix) == before:
-            break
-        before = done_objects(s3, prefix)
     assert 3 <= len(before) < VIDEOS
 
     rerun = clipreel(*command)
@@ -176,12 +193,12 @@ def test_sigkill_of_the_driver_mid_extraction_into_s3_then_rerun_finishes_every_
     assert len(after) == VIDEOS
     assert all(after[name] == modified for name, modified in before.items())  # nothing done was redone
 
-    summary = info(url, s3)
+    summary = info(clipreel_cli, url, s3)
     assert summary["done"] == VIDEOS and (summary["pending"], summary["failed"]) == (0, 0)
     rerun_record = max(summary["extract_runs"], key=lambda run: run["record"])
     assert sum(writer["videos"] for writer in rerun_record["writers"].values()) == VIDEOS - len(before)
-    verified = clipreel("verify", url, *s3["options"])
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verified = clipreel_cli("verify", url, *s3["options"])
+    assert verified.exit_code == 0, verified.output
 
 
 _NODES_NOT_SEEING = """
@@ -207,31 +224,33 @@ def test_a_local_out_is_checked_on_every_node_and_refused_where_one_cannot_see_i
     assert not any(path.name.startswith(".clipreel-node-check") for path in cluster.hidden_from_second.iterdir())
 
     asked = subprocess.run([sys.executable, "-c", _NODES_NOT_SEEING, cluster.address, str(tmp_path / "f.zarr"),
-                            str(hidden_store)], env=node_environment(), capture_output=True, text=True, timeout=300)
+                            str(hidden_store)], env=checkout_environment(node_environment()), capture_output=True,
+                           text=True, timeout=300)
     assert asked.returncode == 0, asked.stderr
     seen_everywhere, hidden = json.loads(asked.stdout.strip().splitlines()[-1])
     assert seen_everywhere == [] and hidden == [cluster.second_node]
 
 
-def test_train_and_eval_straight_from_s3_equal_a_local_copy_and_copy_goes_both_ways(extracted, s3, tmp_path):
+def test_train_and_eval_straight_from_s3_equal_a_local_copy_and_copy_goes_both_ways(extracted, s3, tmp_path,
+                                                                                    clipreel_cli):
     from safetensors.numpy import load_file
 
     assert extracted["returncode"] == 0, extracted["output"]
     local = tmp_path / "local.zarr"
-    copied = clipreel("copy", extracted["url"], str(local), "--no-progress", *s3["options"])
-    assert copied.returncode == 0, copied.stdout + copied.stderr
+    copied = clipreel_cli("copy", extracted["url"], local, "--no-progress", *s3["options"])
+    assert copied.exit_code == 0, copied.output
     back = f"s3://{s3['bucket']}/copied-back.zarr"
-    copied_back = clipreel("copy", str(local), back, "--no-progress", "--check-values", *s3["options"])
-    assert copied_back.returncode == 0, copied_back.stdout + copied_back.stderr
+    copied_back = clipreel_cli("copy", local, back, "--no-progress", "--check-values", *s3["options"])
+    assert copied_back.exit_code == 0, copied_back.output
 
     reports = {}
     for name, store, options in (("s3", extracted["url"], s3["options"]), ("local", str(local), [])):
         run = tmp_path / f"run-{name}"
-        trained = clipreel("train", "linear", "--store", store, "--out", str(run), "--epochs", "3", "--seed", "4",
-                           "--batch-size", "4", "--no-progress", *options)
-        assert trained.returncode == 0, trained.stdout + trained.stderr
-        evaluated = clipreel("eval", str(run), "--store", store, "--split", "test", *options)
-        assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+        trained = clipreel_cli("train", "linear", "--store", store, "--out", run, "--epochs", "3", "--seed", "4",
+                               "--batch-size", "4", "--no-progress", *options)
+        assert trained.exit_code == 0, trained.output
+        evaluated = clipreel_cli("eval", run, "--store", store, "--split", "test", *options)
+        assert evaluated.exit_code == 0, evaluated.output
         reports[name] = (load_file(run / "weights.safetensors"), json.loads((run / "eval-test.json").read_text()))
 
     (weights_s3, report_s3), (weights_local, report_local) = reports["s3"], reports["local"]

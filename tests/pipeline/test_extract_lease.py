@@ -1,21 +1,24 @@
 """Two `clipreel extract` processes on one store: a second one with more videos is refused or
 waits for the first's writer lease; the first is SIGKILLed mid-run; the waiting one then appends
-its videos and finishes, and the manifest and the arrays agree, every video done exactly once."""
+its videos and finishes, and the manifest and the arrays agree, every video done exactly once.
+
+The first extract is a Ray job (Ray's start-up leaves the test time to act); the waiting second
+one computes its videos in its own process. The refusal and the final re-run, which only meet the
+lease and the store, run in this process."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_runs import checkout_environment, clipreel_command
 from sessions import done_chunks, kill_session
 
 from clipreel.pipeline.data.sources import read_sources
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
-from clipreel.stores.features import FeatureStore, verify
+from clipreel.stores.features import MANIFEST_FILE, FeatureStore, verify
 from clipreel.stores.lease import LEASE_FOLDER
 
 
@@ -27,7 +30,7 @@ def _wait_for(condition, job: subprocess.Popen, seconds: float) -> None:
 
 
 @pytest.mark.slow
-def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_killed(tmp_path):
+def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_killed(tmp_path, clipreel_cli):
     videos_csv = make_world(tmp_path / "w", SynthConfig(classes=4, videos_per_class=5, frames=16, size=64))
     header, *rows = videos_csv.read_text().splitlines()
     first_list, second_list = videos_csv.parent / "first.csv", videos_csv.parent / "second.csv"
@@ -35,24 +38,26 @@ def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_ki
     second_list.write_text("\n".join([header, *rows]) + "\n")  # the same 16 and 4 more
     store_path = tmp_path / "f.zarr"
 
-    def command(listing: Path, *options: str) -> list[str]:
-        return [sys.executable, "-m", "clipreel", "extract", "--videos", str(listing), "--out", str(store_path),
-                "--model", "clipreel-tiny", "--pretrained", "none", "--frames", "4", "--batch-size", "1",
-                "--workers", "1", "--no-progress", "--runner", "ray", *options]  # Ray's start: time to act
+    def command(listing: Path, runner: str, *options: str) -> list:
+        return ["extract", "--videos", listing, "--out", store_path, "--model", "clipreel-tiny", "--pretrained", "none",
+                "--frames", "4", "--batch-size", "1", "--workers", "1", "--no-progress", "--runner", runner, *options]
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    first = subprocess.Popen(command(first_list), env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(clipreel_command(*command(first_list, "ray")), env=checkout_environment(),
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = None
     try:
-        _wait_for(lambda: (store_path / LEASE_FOLDER).is_dir() and any((store_path / LEASE_FOLDER).iterdir()), first, 120)
-        refused = subprocess.run(command(second_list), env=env, capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert f"pid {first.pid}" in refused.stderr and "--wait SECONDS" in refused.stderr
+        # The first holds the lease and has made its store (whose manifest is written last).
+        _wait_for(lambda: (store_path / MANIFEST_FILE).is_file(), first, 120)
+        assert any((store_path / LEASE_FOLDER).iterdir())
+        refused = clipreel_cli(*command(second_list, "process"))
+        assert refused.exit_code == 2, refused.output
+        assert f"pid {first.pid}" in refused.output and "--wait SECONDS" in refused.output
 
-        second = subprocess.Popen(command(second_list, "--wait", "600"), env=env, start_new_session=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        second = subprocess.Popen(clipreel_command(*command(second_list, "process", "--wait", "600")),
+                                  env=checkout_environment(), start_new_session=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         _wait_for(lambda: len(done_chunks(store_path)) >= 3, first, 240)
+        assert second.poll() is None, second.communicate()  # still waiting for the lease
         kill_session(first.pid)
         first.wait()
         done_before = {path: path.stat().st_mtime_ns for path in done_chunks(store_path)}
@@ -77,5 +82,5 @@ def test_a_second_extract_waits_for_the_lease_then_appends_after_the_first_is_ki
     for path, mtime in done_before.items():
         assert path.stat().st_mtime_ns == mtime, f"{path}: a video done before the kill was computed again"
 
-    rerun = subprocess.run(command(second_list), env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and "0 computed now" in rerun.stdout, rerun.stdout + rerun.stderr
+    rerun = clipreel_cli(*command(second_list, "process"))
+    assert rerun.exit_code == 0 and "0 computed now" in rerun.output, rerun.output

@@ -18,15 +18,20 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_checkpoints import (
+    openai_state_dict,
+    randomise,
+    vifi_official,
+    xclip_hf_layout,
+    xclip_official,
+)
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from clipreel.cli import app
 from clipreel.errors import ClipreelError
 from clipreel.heads.cache.evl import EVLConfig, EVLHead
-from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
 from clipreel.heads.clip import register_builtin_models
-from clipreel.heads.convert.xclip_hf import hf_sources
 from clipreel.heads.taps import Backbone, BackboneConfig
 from clipreel.pipeline.data.decode import PyAVDecoder, probe
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
@@ -51,22 +56,6 @@ def tiny_clip(seed: int) -> torch.nn.Module:
     model = open_clip.create_model(MODEL, force_quick_gelu=True)
     model.requires_grad_(False)
     return model.eval()
-
-
-def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Non-trivial values for every saved float tensor (zeros-initialised ones included), in place."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
-
-
-def openai_state_dict(clip: torch.nn.Module) -> dict:
-    """The CLIP as OpenAI's archives hold it: the state dict plus the archive's metadata entries."""
-    weights = dict(clip.state_dict())
-    weights.update({key: torch.tensor(value) for key, value in zip(OPENAI_ARCHIVE_BUFFERS, (112, 77, 49408))})
-    return weights
 
 
 def clips_of(video, sampling: SamplingConfig, cfg: PreprocessConfig, first: int = 0, count: int | None = None) -> torch.Tensor:
@@ -120,7 +109,7 @@ def evl_files(tmp_path_factory):
     """The frozen CLIP as an OpenAI-layout state dict (with the archive's entries) and a random EVL
     decoder saved as EVL's checkpoint.py does: {"model": module.*, "optimizer", "next_step"}."""
     folder = tmp_path_factory.mktemp("evl")
-    torch.save(openai_state_dict(tiny_clip(seed=1)), folder / "ViT-tiny.pt")
+    torch.save(openai_state_dict(tiny_clip(seed=1), image_size=112), folder / "ViT-tiny.pt")
     torch.manual_seed(2)
     head = EVLHead(EVLConfig(width=64, heads=2, layers=2, frames=FRAMES, grid=7, num_classes=len(CLASSES))).eval()
     randomise(head, seed=3)
@@ -258,22 +247,11 @@ def xclip_files(tokenizer, tmp_path_factory):
     model = XCLIP(clip, tokenizer, CLASSES, XCLIPConfig(frames=XCLIP_FRAMES)).eval()
     randomise(model.visual, seed=6, scale=0.02)
     randomise(model.head, seed=7)
-    weights = {key: value for key, value in clip.state_dict().items() if not key.startswith("visual.")}
-    weights.update({key.removeprefix("head."): value for key, value in model.state_dict().items()})
-    torch.save({"model": weights, "epoch": 29, "max_accuracy": 0.5, "config": yacs_config({"DATA": {"NUM_FRAMES": 4}})},
-               folder / "k400_tiny_4.pth")
-    hf = {}
-    for key, value in weights.items():
-        kind, targets = hf_sources(key)
-        if kind == "transposed":
-            hf[targets[0]] = value.t().contiguous()
-        elif kind == "fused":
-            hf.update({target: part.contiguous() for target, part in zip(targets, value.chunk(3))})
-        else:
-            hf[targets[0]] = value.contiguous()
+    official = xclip_official(model, clip)
+    torch.save({**official, "config": yacs_config({"DATA": {"NUM_FRAMES": 4}})}, folder / "k400_tiny_4.pth")
     del sys.modules["yacs.config"], sys.modules["yacs"]  # nothing could import it when the file is read
     (folder / "xclip-tiny-hf").mkdir()
-    save_file(hf, str(folder / "xclip-tiny-hf" / "model.safetensors"))
+    save_file(xclip_hf_layout(official["model"]), str(folder / "xclip-tiny-hf" / "model.safetensors"))
     return folder, model
 
 
@@ -360,28 +338,12 @@ def test_xclip_refuses_frames_that_contradict_the_checkpoint(xclip_files, tmp_pa
 
 # ------------------------------------------------------------------------------------------- ViFi-CLIP
 
-VIFI_TEXT_KEYS = ("transformer.", "positional_embedding", "ln_final.", "text_projection")
-
-
-def vifi_official(clip: torch.nn.Module, extra: dict) -> dict:
-    """ViFi-CLIP's layout (`model`, `module.` keys): image_encoder, text_encoder (no token table), logit_scale."""
-    weights = {}
-    for key, value in clip.state_dict().items():
-        if key.startswith("visual."):
-            weights["module.image_encoder." + key.removeprefix("visual.")] = value
-        elif key.startswith(VIFI_TEXT_KEYS):
-            weights["module.text_encoder." + key] = value
-    weights["module.logit_scale"] = clip.logit_scale.detach().clone()
-    weights.update({"module." + key: value for key, value in extra.items()})
-    return {"model": weights, "epoch": 10, "max_accuracy": 0.5}
-
-
 @pytest.fixture(scope="module")
 def vifi_files(tokenizer, tmp_path_factory):
     """A ViFi-tuned CLIP saved as ViFi-CLIP's fine-tuned checkpoint; the base CLIP whose token table it lacks."""
     folder = tmp_path_factory.mktemp("vifi")
     base = tiny_clip(seed=8)
-    torch.save(openai_state_dict(base), folder / "ViT-tiny.pt")
+    torch.save(openai_state_dict(base, image_size=112), folder / "ViT-tiny.pt")
     tuned = tiny_clip(seed=8)
     randomise(tuned, seed=9, scale=0.02)
     with torch.no_grad():

@@ -4,38 +4,14 @@ the store and the run are reopened, in new processes, after the file is gone."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_in_new_process, run_in_this_process
 
-from clipreel.cli import main
 from clipreel.heads.clip import MODEL_CONFIG_DIR
 from clipreel.pipeline.data.synth.world import SynthConfig, make_world
 from clipreel.stores.features import FeatureStore
-
-
-def run_cli(argv: list[str]) -> int:
-    """The `clipreel` entry point in this process; returns its exit code."""
-    old_argv = sys.argv
-    sys.argv = ["clipreel", *argv]
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = old_argv
-    return 0
-
-
-def run_cli_elsewhere(argv: list[str]) -> subprocess.CompletedProcess:
-    """The `clipreel` entry point in a new process (nothing registered in it beforehand)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "clipreel", *argv], env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +30,18 @@ def write_config(folder: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_a_store_extracted_with_a_config_file_reopens_without_it(ray_local, world, tmp_path):
+def test_a_store_extracted_with_a_config_file_reopens_without_it(world, tmp_path):
     config_path, config = write_config(tmp_path)
     store_path = tmp_path / "features.zarr"
-    code = run_cli(["extract", "--videos", str(world), "--out", str(store_path), "--model", str(config_path),
-                    "--pretrained", "none", "--frames", "2", "--layers", "2", "--no-progress"])
+    code = run_in_this_process("extract", "--videos", world, "--out", store_path, "--model", config_path,
+                               "--pretrained", "none", "--frames", "2", "--layers", "2", "--no-progress")
     assert code == 0
     provenance = FeatureStore.open(store_path).provenance
     assert provenance["model"].startswith("MyViT-") and provenance["model_config"] == config
     assert provenance["num_blocks"] == 3
     config_path.unlink()
 
-    result = run_cli_elsewhere(["zeroshot", "--store", str(store_path), "--split", "test"])
+    result = run_in_new_process("zeroshot", "--store", store_path, "--split", "test")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "top-1" in result.stdout
 
@@ -74,14 +50,14 @@ def test_a_store_extracted_with_a_config_file_reopens_without_it(ray_local, worl
 def test_a_finetune_run_with_a_config_file_reopens_without_it(world, tmp_path):
     config_path, config = write_config(tmp_path)
     run_dir = tmp_path / "run"
-    code = run_cli(["finetune", "vifi", "--videos", str(world), "--out", str(run_dir), "--model", str(config_path),
-                    "--pretrained", "none", "--epochs", "1", "--batch-size", "4", "--frames", "2", "--workers", "0",
-                    "--no-progress"])
+    code = run_in_this_process("finetune", "vifi", "--videos", world, "--out", run_dir, "--model", config_path,
+                               "--pretrained", "none", "--epochs", "1", "--batch-size", "4", "--frames", "2",
+                               "--workers", "0", "--no-progress")
     assert code == 0
     head_config = json.loads((run_dir / "config.json").read_text())["head"]
     assert head_config["model"].startswith("MyViT-") and head_config["model_config"] == config
     config_path.unlink()
 
-    result = run_cli_elsewhere(["eval", str(run_dir), "--videos", str(world), "--split", "test"])
+    result = run_in_new_process("eval", run_dir, "--videos", world, "--split", "test")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "top-1" in result.stdout

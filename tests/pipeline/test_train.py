@@ -1,7 +1,8 @@
-"""Training from a real feature store: synthetic videos -> `extract` (clipreel-tiny, local Ray) -> heads.
+"""Training from a real feature store: synthetic videos -> `extract` (clipreel-tiny) -> heads.
 
 One module-scoped store serves every test: 4 classes (2 time-reversed pairs) x 30 videos, 8 frames
-per clip (TSN), 2 cached views per video.
+per clip (TSN), 2 cached views per video, extracted in this process (a Ray Data job stores the
+same features: tests/pipeline/test_extract.py). Ray Train runs on the session's local Ray.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from clipreel.stores.runs import load_run, provenance_mismatch, save_run
 
 
 @pytest.fixture(scope="module")
-def store_path(ray_local, tmp_path_factory) -> str:
+def store_path(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("train")
     videos = make_world(folder / "world", SynthConfig(classes=4, videos_per_class=30, frames=16, size=64, seed=3))
     out = folder / "features.zarr"
     summary = run_extract(
         ExtractConfig(videos=str(videos), out=str(out), model="clipreel-tiny", pretrained="none", frames=8,
-                      views=2, sampling="tsn", decoder="pyav", batch_size=8),
+                      views=2, sampling="tsn", decoder="pyav", batch_size=8, runner="process"),
         progress=False,
     )
     assert summary.failed == 0 and summary.done == 120
@@ -298,7 +299,7 @@ def test_a_run_dir_made_differently_is_refused(store_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_with_two_cpu_workers_writes_one_run(store_path, tmp_path, monkeypatch):
+def test_ray_train_with_two_cpu_workers_writes_one_run(ray_local, store_path, tmp_path, monkeypatch):
     out = tmp_path / "ray-run"
     # Relative paths, as typed in a shell: Ray Train runs each worker in a folder of its own.
     monkeypatch.chdir(tmp_path)
