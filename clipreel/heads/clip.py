@@ -322,20 +322,55 @@ def _model_from_file(name: str, path: Path, trust_code: bool) -> torch.nn.Module
     openai_format = OPENAI_ARCHIVE_BUFFERS[0] in state_dict
     for key in OPENAI_ARCHIVE_BUFFERS:
         state_dict.pop(key, None)
-    model = _untrained_model(name, force_quick_gelu=openai_format)
+    model = _model_without_weights(name, force_quick_gelu=openai_format)
     # TorchScript archives also hold non-persistent buffers (e.g. the text causal mask); the
     # model builds its own.
     rebuilt_buffers = {key for key, _ in model.named_buffers()} - set(model.state_dict())
     for key in rebuilt_buffers:
         state_dict.pop(key, None)
+    # The model takes copies of the checkpoint's tensors as its own (assign: it may be on the meta
+    # device), in its dtypes, contiguous and freshly allocated: the tensors safetensors reads are
+    # views into one buffer, not aligned as the CPU kernels expect, which then round differently.
+    declared = model.state_dict()
+    state_dict = {key: value.to(declared[key].dtype, copy=True, memory_format=torch.contiguous_format)
+                  if key in declared else value for key, value in state_dict.items()}
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
         details = "\n".join(str(exc).splitlines()[:6])
         raise ClipreelError(
             f"{path} does not hold weights for model {name}: check that --model matches the "
             f"checkpoint.\n{details}"
         ) from exc
+    return model
+
+
+def _model_without_weights(name: str, **options) -> torch.nn.Module:
+    """`name` built to receive a checkpoint: on the meta device (no memory, no random init, which
+    the checkpoint replaces anyway) with its non-persistent buffers rebuilt on the CPU. A model
+    with a tower from timm or Hugging Face, or with a non-persistent buffer of another kind, gets
+    open_clip's plain random build instead: clipreel cannot rebuild their buffers, and their
+    constructors may read tensor values.
+
+    open_clip's own towers keep one kind of non-persistent buffer: the causal mask of a text
+    transformer, `attn_mask` (L, L), -inf above the diagonal and 0 elsewhere (open_clip/transformer.py,
+    TextTransformer.build_causal_mask and MultimodalTransformer.build_attention_mask; CLIP keeps
+    its text tower's as its own `attn_mask`).
+    """
+    config = open_clip.get_model_config(name)
+    if "timm_model_name" in config["vision_cfg"] or "hf_model_name" in config["text_cfg"]:
+        return _untrained_model(name, **options)
+    with torch.device("meta"):
+        model = _untrained_model(name, device="meta", **options)
+    persistent = set(model.state_dict())
+    masks = {key: buffer for key, buffer in model.named_buffers() if key not in persistent}
+    if not all(key.rpartition(".")[2] == "attn_mask" and buffer.ndim == 2 and buffer.shape[0] == buffer.shape[1]
+               for key, buffer in masks.items()):
+        return _untrained_model(name, **options)
+    for key, buffer in masks.items():
+        owner, _, buffer_name = key.rpartition(".")
+        mask = torch.full(tuple(buffer.shape), float("-inf"), dtype=buffer.dtype).triu_(1)  # (L, L)
+        model.get_submodule(owner).register_buffer(buffer_name, mask, persistent=False)
     return model
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
@@ -177,13 +178,46 @@ def _supply_frozen_weights(module: FrozenCLIP, state_dict, prefix, *unused) -> N
 @torch.no_grad()
 def encode_texts(clip_model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str],
                  batch_size: int = 256) -> torch.Tensor:
-    """open_clip's `encode_text` of each text, in batches -> (len(texts), E) float32, not normalised."""
+    """open_clip's `encode_text` of each text, in batches -> (len(texts), E) float32, not normalised.
+
+    A CLIP whose text tower is causal and pools the end-of-text token (open_clip's CLIP class with
+    its `attn_mask` and "argmax" or "eos" pooling, as OpenAI's CLIP) runs each batch only up to its
+    last end-of-text token: no position after it changes the ones before it, and class texts fill a
+    few of the 77 positions. The embeddings equal `encode_text`'s up to float rounding; ViT-B/16
+    encodes 16 templates x 4 classes ~10x faster.
+    """
     device = clip_model.logit_scale.device
+    up_to_end = (isinstance(clip_model, open_clip.CLIP) and clip_model.attn_mask is not None
+                 and clip_model.text_pool_type in ("argmax", "eos"))
     chunks = []
     for start in range(0, len(texts), batch_size):
-        token_ids = tokenizer(list(texts[start : start + batch_size])).to(device)  # (b, C)
-        chunks.append(clip_model.encode_text(token_ids).float())  # (b, E)
+        token_ids = tokenizer(list(texts[start : start + batch_size]))  # (b, C), on the CPU
+        if up_to_end:
+            if clip_model.text_pool_type == "argmax":  # the end-of-text token has the largest id
+                ends = token_ids.argmax(dim=-1)  # (b,)
+            else:
+                ends = (token_ids == clip_model.text_eos_id).int().argmax(dim=-1)  # (b,)
+            prefix = token_ids[:, : int(ends.max()) + 1].to(device)  # (b, n)
+            chunks.append(_encode_text_prefix(clip_model, prefix).float())  # (b, E)
+        else:
+            chunks.append(clip_model.encode_text(token_ids.to(device)).float())  # (b, E)
     return torch.cat(chunks)
+
+
+def _encode_text_prefix(clip_model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's `CLIP.encode_text` (open_clip/model.py) on the first n positions only: token ids
+    (b, n), each text's end-of-text token among them -> embeddings (b, E)."""
+    length = token_ids.shape[1]
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(token_ids).to(cast_dtype) + clip_model.positional_embedding[:length].to(cast_dtype)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])  # (b, n, W)
+    x = clip_model.ln_final(x)
+    pooled = text_global_pool(x, token_ids, clip_model.text_pool_type, eos_token_id=clip_model.text_eos_id)  # (b, W)
+    if clip_model.text_projection is None:
+        return pooled
+    if isinstance(clip_model.text_projection, nn.Linear):
+        return clip_model.text_projection(pooled)
+    return pooled @ clip_model.text_projection  # (b, E)
 
 
 def readable_classname(name: str) -> str:

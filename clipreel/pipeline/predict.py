@@ -26,7 +26,9 @@ The result holds every class's probability and raw score per video, in class ord
 writes it. Nothing is printed here: the CLI prints the tables.
 
 May import: torch, numpy, open_clip, clipreel.errors, clipreel.devices, clipreel.heads, clipreel.stores,
-clipreel.pipeline (data, models, evaluate, training).
+clipreel.pipeline (data, models, evaluate, training). What only a run or a video list needs (stores.runs,
+models, evaluate, data.sources: they bring pandas and zarr) is imported inside the functions that read
+them, so that zero-shot CLIP on video files starts without it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -55,11 +58,10 @@ from clipreel.pipeline.data.decode import choose_decoder, make_decoder, probe
 from clipreel.pipeline.data.prefetch import read_ahead
 from clipreel.pipeline.data.preprocess import PreprocessConfig, preprocess
 from clipreel.pipeline.data.sampling import POLICIES, SamplingConfig, segment_indices
-from clipreel.pipeline.data.sources import read_sources
-from clipreel.pipeline.evaluate import run_clip_plan
-from clipreel.pipeline.models import RUN_KIND_PREFIX, trained_head, trained_method_model
 from clipreel.pipeline.training.loop import mixed_precision
-from clipreel.stores.runs import Run, load_run
+
+if TYPE_CHECKING:
+    from clipreel.stores.runs import Run
 
 DEFAULT_TOP = 5
 ZERO_SHOT_FRAMES = 8
@@ -177,6 +179,9 @@ def predictor_for(cfg: PredictConfig, device: torch.device) -> Predictor:
     classes = read_class_list(cfg.classes) if cfg.classes is not None else None
     if cfg.run is None:
         return _zero_shot_predictor(cfg, classes, device)
+    from clipreel.pipeline.models import RUN_KIND_PREFIX
+    from clipreel.stores.runs import load_run
+
     run = load_run(cfg.run)
     if run.kind.startswith(RUN_KIND_PREFIX):
         return _method_predictor(run, cfg, classes, device)
@@ -200,6 +205,9 @@ def _classes_for(run: Run, classes: ClassList | None, scores_text: bool) -> list
 
 def _method_predictor(run: Run, cfg: PredictConfig, classes: ClassList | None, device: torch.device) -> Predictor:
     """A raw-frame method run (trained or imported): decode -> its model."""
+    from clipreel.pipeline.evaluate import run_clip_plan
+    from clipreel.pipeline.models import trained_method_model
+
     model = trained_method_model(run.path, device, cfg.trust_checkpoint_code)
     classnames = _classes_for(run, classes, scores_text=True)
     if classnames != run.classnames:
@@ -221,6 +229,8 @@ def _method_predictor(run: Run, cfg: PredictConfig, classes: ClassList | None, d
 
 def _cache_head_predictor(run: Run, cfg: PredictConfig, classes: ClassList | None, device: torch.device) -> Predictor:
     """A cache-head run (trained or imported): decode -> the backbone's taps -> the head."""
+    from clipreel.pipeline.models import trained_head
+
     entry = head_entry(run.kind)
     provenance = run.provenance
     feature_blocks = list(provenance["feature_blocks"])
@@ -313,6 +323,8 @@ def videos_to_predict(cfg: PredictConfig) -> list[VideoJob]:
     """The videos of the command line and of --videos (a list's start,end columns give its segments)."""
     jobs = [VideoJob(str(path), cfg.start, cfg.end) for path in cfg.videos]
     if cfg.video_list is not None:
+        from clipreel.pipeline.data.sources import read_sources
+
         listed = read_sources(cfg.video_list, skip_missing=True)
         for row in listed.itertuples():
             start = cfg.start if math.isnan(row.start) else float(row.start)

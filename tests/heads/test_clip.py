@@ -202,6 +202,51 @@ def test_local_checkpoint_loads_identical_weights(tmp_path, kind):
     assert not backbone.clip.training
 
 
+def _text_config_variant(tmp_path, **text_cfg) -> str:
+    """A tiny model config with these text settings, as a config file; returns its registered name."""
+    config = json.loads((MODEL_CONFIG_DIR / f"{TINY}.json").read_text())
+    config["text_cfg"].update(text_cfg)
+    path = tmp_path / "TinyText.json"
+    path.write_text(json.dumps({**config, "custom_text": True}))  # CustomTextCLIP: the mask lives in .text
+    return resolve_model_name(str(path))
+
+
+@pytest.mark.parametrize("variant", ["clip", "custom_text", "fp16_checkpoint"])
+def test_checkpoint_loads_without_random_init_bit_identical_to_build_and_load(tmp_path, frames, variant):
+    """Loading a file builds the model on the meta device and takes the file's tensors: the weights,
+    every buffer (the causal text masks rebuilt) and the outputs equal open_clip's build + load, bit for bit."""
+    register_builtin_models()
+    name = _text_config_variant(tmp_path) if variant == "custom_text" else TINY
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        source = open_clip.create_model(name)
+    weights = {key: value.contiguous() for key, value in source.state_dict().items()}
+    if variant == "fp16_checkpoint":  # as OpenAI's releases keep them: the model stays float32
+        weights = {key: value.half() if value.is_floating_point() else value for key, value in weights.items()}
+    path = tmp_path / "weights.safetensors"
+    save_file(weights, path)
+
+    reference = open_clip.create_model(name).eval().requires_grad_(False)  # load_clip's model is frozen
+    reference.load_state_dict(weights)
+    rng_before = torch.random.get_rng_state()
+    loaded, _ = load_clip(name, str(path))
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # nothing was randomly initialised
+
+    expected_tensors = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    loaded_tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert loaded_tensors.keys() == expected_tensors.keys()
+    assert any(key.endswith("attn_mask") for key in loaded_tensors)  # non-persistent: not in the file
+    for key, expected in expected_tensors.items():
+        value = loaded_tensors[key]
+        assert value.device.type == "cpu" and value.dtype == expected.dtype and value.is_contiguous(), key
+        assert torch.equal(value, expected), key
+    text = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(frames), reference.encode_image(frames))
+        assert torch.equal(loaded.encode_text(text), reference.encode_text(text))
+    assert not loaded.training and not any(parameter.requires_grad for parameter in loaded.parameters())
+
+
 def openai_layout_archive(path, frames: torch.Tensor) -> torch.nn.Module:
     """Write a TorchScript archive laid out like OpenAI's CLIP releases: a traced QuickGELU CLIP
     whose top module also holds input_resolution, context_length and vocab_size buffers.

@@ -74,6 +74,41 @@ def test_encode_texts_batches_give_the_same_embeddings(tiny_clip):
     )
 
 
+def encoded_with_positions(model, tokenizer, texts) -> tuple[torch.Tensor, list[int]]:
+    """encode_texts of `texts`, and how many positions the text transformer ran on per call."""
+    positions = []
+    hook = model.transformer.register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1]))
+    try:
+        return encode_texts(model, tokenizer, texts), positions
+    finally:
+        hook.remove()
+
+
+def test_encode_texts_runs_up_to_the_last_end_of_text_and_equals_encode_text(tiny_clip, fresh_tiny_clip):
+    """Only the positions up to the batch's last end-of-text token run, and the embeddings are open_clip's
+    encode_text over all 77: short and long texts, token id 0 ("!") inside a text, "argmax" and "eos"
+    pooling; a CLIP pooling another way ("last") runs all 77."""
+    model, tokenizer = tiny_clip
+    short = ["a cat.", "wow! a video of a person playing guitar!"]
+    full = " ".join(["word"] * 90)  # fills all 77 positions
+    assert (tokenizer(short)[1] == 0).sum() > 2  # "!" is token 0, as the padding is
+    end_of_text = int(tokenizer(short).max())
+    last_end = int(tokenizer(short).argmax(dim=-1).max()) + 1
+    assert last_end < 20
+
+    eos_pooled = fresh_tiny_clip()
+    eos_pooled.text_pool_type, eos_pooled.text_eos_id = "eos", end_of_text
+    last_pooled = fresh_tiny_clip()
+    last_pooled.text_pool_type = "last"
+    cases = [(model, short, last_end), (model, [*short, full], 77), (eos_pooled, short, last_end), (last_pooled, short, 77)]
+    for clip_model, texts, positions_run in cases:
+        embeds, positions = encoded_with_positions(clip_model, tokenizer, texts)
+        with torch.no_grad():
+            expected = clip_model.encode_text(tokenizer(texts))
+        torch.testing.assert_close(embeds, expected, rtol=1e-5, atol=1e-6)
+        assert positions == [positions_run], clip_model.text_pool_type
+
+
 def test_zero_shot_logits_equal_a_direct_computation(tiny_clip):
     model, tokenizer = tiny_clip
     classifier = zero_shot_classifier(tiny_clip, CLASSNAMES, "photo")
