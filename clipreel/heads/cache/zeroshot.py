@@ -85,12 +85,9 @@ def class_text_embeddings(
     """
     if not classnames:
         raise ClipreelError("no class names given: pass the label map's class names.")
-    per_template = []
-    for template in templates:
-        texts = [template.format(readable_classname(name)) for name in classnames]
-        embeds = encode_texts(clip_model, tokenizer, texts)  # (K, E)
-        per_template.append(F.normalize(embeds, dim=-1))
-    mean = torch.stack(per_template).mean(dim=0)  # (K, E)
+    texts = [template.format(readable_classname(name)) for template in templates for name in classnames]
+    embeds = encode_texts(clip_model, tokenizer, texts).unflatten(0, (len(templates), len(classnames)))  # (T, K, E)
+    mean = F.normalize(embeds, dim=-1).mean(dim=0)  # (K, E)
     return F.normalize(mean, dim=-1)
 
 
