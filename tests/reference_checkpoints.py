@@ -1,6 +1,6 @@
 """Checkpoints in the layouts the reference repositories save, made from tiny models for the
 converter and import tests: OpenAI's CLIP archive, X-CLIP's training checkpoint (and its weights
-under transformers' names), ViFi-CLIP's training checkpoint; and random values for every saved tensor of a model, so that no zero-initialised weight hides a
+under transformers' names), ViFi-CLIP's and EZ-CLIP's training checkpoints; and random values for every saved tensor of a model, so that no zero-initialised weight hides a
 wrong key. Imports torch and clipreel.heads only."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from clipreel.heads.checkpoints import OPENAI_ARCHIVE_BUFFERS
 from clipreel.heads.convert.xclip_hf import hf_sources
+from clipreel.heads.raw.ezclip import reference_key
 
 # The CLIP keys of ViFi-CLIP's text_encoder (trainers/vificlip.py, TextEncoder): the text tower
 # without its token table, which the prompt learner holds.
@@ -67,3 +68,21 @@ def vifi_official(clip: torch.nn.Module, extra: dict) -> dict:
     weights["module.logit_scale"] = clip.logit_scale.detach().clone()
     weights.update({"module." + key: value for key, value in extra.items()})
     return {"model": weights, "epoch": 10, "max_accuracy": 0.5}
+
+
+def round_to_fp16(*modules: torch.nn.Module) -> None:
+    """Every float tensor of the modules' state dicts rounded to fp16 values, in place (the values a
+    checkpoint saved in fp16 holds exactly)."""
+    with torch.no_grad():
+        for module in modules:
+            for tensor in module.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
+
+
+def ezclip_official(clip: torch.nn.Module, model: torch.nn.Module) -> dict:
+    """EZ-CLIP's training dict of a clipreel EZCLIPClassifier and its CLIP: `model_state_dict` in fp16
+    under EZ-CLIP's key names, beside the epoch and an optimizer state."""
+    weights = {key: value.half() for key, value in clip.state_dict().items()}
+    weights.update({reference_key(key.removeprefix("ezclip.")): value.half() for key, value in model.state_dict().items()})
+    return {"epoch": 42, "model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []}}

@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference_checkpoints import (
+    ezclip_official,
     openai_state_dict,
     randomise,
+    round_to_fp16,
     vifi_official,
     xclip_hf_layout,
     xclip_official,
@@ -488,20 +490,15 @@ DESCRIPTIONS = ["a person strums a guitar", "a rider on a galloping horse", "som
 def ezclip_source(configs, tokenizer, tmp_path_factory):
     """EZ-CLIP over a tiny CLIP, trained prompts and adapters, every weight fp16-exact; saved as EZ-CLIP's
     training dict with fp16 tensors."""
-    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig, reference_key
+    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig
 
     clip = tiny_clip(seed=16)
     torch.manual_seed(17)
     model = EZCLIPClassifier(clip, tokenizer, DESCRIPTIONS, EZCLIPConfig(frames=EZ_FRAMES)).eval()
     randomise(model.ezclip, seed=18)
-    with torch.no_grad():
-        for tensor in [*clip.state_dict().values(), *model.state_dict().values()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
-    weights = {key: value.half() for key, value in clip.state_dict().items()}
-    weights.update({reference_key(key.removeprefix("ezclip.")): value.half() for key, value in model.state_dict().items()})
+    round_to_fp16(clip, model)
     path = tmp_path_factory.mktemp("ezclip") / "k400_ezclip.pt"
-    torch.save({"epoch": 42, "model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []}}, path)
+    torch.save(ezclip_official(clip, model), path)
     return path, model
 
 

@@ -19,8 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference_checkpoints import (
+    ezclip_official,
     openai_state_dict,
     randomise,
+    round_to_fp16,
     vifi_official,
     xclip_hf_layout,
     xclip_official,
@@ -481,7 +483,7 @@ DESCRIPTIONS = ["\n\nA person strums the strings of a guitar.", "A rider sits on
 def ezclip_files(tokenizer, tmp_path_factory):
     """EZ-CLIP over a tiny CLIP, every weight fp16-exact, saved as its training dict in fp16; its
     class-description CSV (GPT_discription/*.csv layout)."""
-    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig, reference_key
+    from clipreel.heads.raw.ezclip import EZCLIPClassifier, EZCLIPConfig
 
     folder = tmp_path_factory.mktemp("ezclip")
     clip = tiny_clip(seed=16)
@@ -490,14 +492,8 @@ def ezclip_files(tokenizer, tmp_path_factory):
     torch.manual_seed(17)
     model = EZCLIPClassifier(clip, tokenizer, CLASSES, config).eval()
     randomise(model.ezclip, seed=18)
-    with torch.no_grad():
-        for tensor in [*clip.state_dict().values(), *model.state_dict().values()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
-    weights = {key: value.half() for key, value in clip.state_dict().items()}
-    weights.update({reference_key(key.removeprefix("ezclip.")): value.half() for key, value in model.state_dict().items()})
-    torch.save({"epoch": 42, "model_state_dict": weights, "optimizer_state_dict": {"state": {}, "param_groups": []}},
-               folder / "ezclip_k400.pt")
+    round_to_fp16(clip, model)
+    torch.save(ezclip_official(clip, model), folder / "ezclip_k400.pt")
     with open(folder / "descriptions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["SNo", "Class Name", "GPT3 discription"])
