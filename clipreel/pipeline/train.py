@@ -65,7 +65,7 @@ from clipreel.pipeline.training.optim import (
 from clipreel.pipeline.training.ray_train import train_with_ray, worker_context
 from clipreel.stores.audit import require_done_videos
 from clipreel.stores.features import FeatureStore
-from clipreel.stores.location import StoreAccess, store_location
+from clipreel.stores.location import StoreAccess, is_remote, store_location
 from clipreel.stores.manifest import classnames_from_manifest, read_label_map
 from clipreel.stores.runs import METRICS_FILE, load_weights, save_run
 
@@ -149,9 +149,9 @@ def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     nothing. URLs are left as they are."""
 
     def absolute(path: str | os.PathLike | None) -> str | None:
-        if path is None or "://" in os.fspath(path):
+        if path is None or is_remote(store_location(path)):
             return path
-        return os.path.abspath(os.path.expanduser(path))
+        return os.path.abspath(store_location(path).expanduser())
 
     return replace(cfg, store=absolute(cfg.store), out=absolute(cfg.out), classes=absolute(cfg.classes),
                    store_checkpoint=absolute(cfg.store_checkpoint), start=absolute(cfg.start))

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import checkout_environment, clipreel_command
 
 from clipreel.pipeline.data.synth.videofile import write_video
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process trees with ps")
-
-CLIPREEL = [sys.executable, "-m", "clipreel"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +44,9 @@ def videos(tmp_path_factory) -> Path:
 
 
 def extract_command(videos: Path, out: Path, *extra: str) -> list[str]:
-    return [*CLIPREEL, "extract", "--videos", str(videos), "--out", str(out), "--model", "clipreel-tiny",
-            "--pretrained", "none", "--frames", "2", "--layers", "1", "--workers", "1", "--no-progress",
-            "--runner", "ray", *extra]  # these tests are about Ray: a job this small would run in this process
+    return clipreel_command("extract", "--videos", videos, "--out", out, "--model", "clipreel-tiny",
+                            "--pretrained", "none", "--frames", "2", "--layers", "1", "--workers", "1", "--no-progress",
+                            "--runner", "ray", *extra)  # these tests are about Ray: a job this small would run in this process
 
 
 def free_port() -> int:
@@ -59,9 +58,7 @@ def free_port() -> int:
 
 def environment(**extra: str) -> dict[str, str]:
     """This process's environment, with this checkout importable and RAY_ADDRESS unset."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    return {**env, **extra}
+    return checkout_environment({key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | extra)
 
 
 def ray_descendants(root: int) -> dict[int, str]:
